@@ -1,0 +1,1 @@
+"""kvcache: fast, exact KV caching for transformer decoding."""

@@ -1,0 +1,1 @@
+from .simple import KVCache, dense_causal_attention

@@ -1,0 +1,158 @@
+"""The multi-layer KV cache of a decoder: one contiguous buffer per K and V.
+
+Storage is two tensors shaped (layers, batch, kv_heads, capacity, head_dim),
+so MHA (kv_heads == heads), MQA (1) and GQA (in between) are one code path.
+``update`` writes new positions and returns views over the whole cached
+sequence, which attention reads in place (no copy per step).
+
+Growth policy: preallocate.  ``generate`` knows prompt + max_new_tokens and
+sizes the cache exactly, so decoding never reallocates; a caller that
+overruns the capacity gets geometric (doubling) growth, which keeps append
+amortised O(1).  Measured in docs/benchmarks.md: torch.cat per step
+(transformers' DynamicCache) copies O(T^2) bytes in total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..model.attention import attention
+
+
+class ContiguousKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        check_finite: bool = True,
+    ):
+        if min(num_layers, num_kv_heads, head_dim, batch, capacity) < 1:
+            raise ValueError("num_layers, num_kv_heads, head_dim, batch and capacity must all be >= 1")
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * num_layers  # per layer: a forward pass fills layers in order
+        self.check_finite = check_finite
+
+    @classmethod
+    def for_model(cls, model, batch: int = 1, capacity: int | None = None, **kwargs) -> "ContiguousKVCache":
+        cfg = model.config
+        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=batch,
+                   capacity=capacity or cfg.max_positions, dtype=model.dtype, **kwargs)
+
+    # --- shape -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[4]
+
+    def __len__(self) -> int:
+        """Positions cached in every layer (the sequence length seen by the next token)."""
+        return self.lengths[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved (capacity), not just used; see ``used_bytes``."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.nbytes * len(self) // self.capacity
+
+    # --- writes ------------------------------------------------------------
+    def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers")
+        for name, t in (("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be (batch, kv_heads, seq, head_dim), got shape {tuple(t.shape)}")
+            b, h, _, d = t.shape
+            if b != self.batch:
+                raise ValueError(f"{name} has batch {b} but the cache holds batch {self.batch}")
+            if h != self.num_kv_heads:
+                raise ValueError(f"{name} has {h} KV heads but the cache holds {self.num_kv_heads}")
+            if d != self.head_dim:
+                raise ValueError(f"{name} has head_dim {d} but the cache holds {self.head_dim}")
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the cache stores {self.k.dtype}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"key has {k.shape[2]} positions but value has {v.shape[2]}")
+        if self.check_finite and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise ValueError(f"non-finite values (nan/inf) in the keys or values for layer {layer}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v (batch, kv_heads, n, d) to ``layer``; return views of all its cached K and V."""
+        self._check(layer, k, v)
+        start = self.lengths[layer]
+        end = start + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.lengths[layer] = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k/v, then causal attention of q over the whole cached sequence."""
+        keys, values = self.update(layer, k, v)
+        return attention(q, keys, values)
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+    # --- edits -------------------------------------------------------------
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` positions (speculative decoding rejects drafts)."""
+        if not 0 <= length <= len(self):
+            raise ValueError(f"cannot crop to {length}: the cache holds {len(self)} positions")
+        self.lengths = [min(n, length) for n in self.lengths]
+
+    def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
+        """Keep/reorder/duplicate batch rows (beam search reorders beams each step)."""
+        idx = torch.as_tensor(batch_indices, dtype=torch.long)
+        if idx.dim() != 1 or idx.numel() == 0:
+            raise ValueError("batch_indices must be a non-empty 1-D sequence")
+        if (idx < 0).any() or (idx >= self.batch).any():
+            raise IndexError(f"batch_indices {idx.tolist()} out of range for batch {self.batch}")
+        self.k = self.k.index_select(1, idx)
+        self.v = self.v.index_select(1, idx)
+
+    reorder = select
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.num_layers
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.k[layer, :, :, : self.lengths[layer]]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.v[layer, :, :, : self.lengths[layer]]

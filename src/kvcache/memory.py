@@ -1,0 +1,548 @@
+"""KV-cache memory calculator.
+
+Pure Python (no torch needed): given a model's attention shape, a context
+length, a batch size and a storage dtype, compute how much memory the
+key/value cache takes.
+
+Formula
+-------
+::
+
+    KV bytes = 2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes/element
+
+``kv_heads`` is the number of *key/value* heads: equal to the number of query
+heads for classic multi-head attention (GPT-2, GPT-3, Llama-2-7B/13B), smaller
+for grouped-query attention (Llama-2-70B, Llama-3, Mistral, Qwen2.5), which is
+exactly why GQA models have much smaller caches.  For MHA,
+``kv_heads x head_dim == d_model``.
+
+Worked numbers (fp16, 2 bytes/element)
+--------------------------------------
+* Llama-2-7B (32 layers, 32 KV heads x 128): 2*32*4096*2 = 524,288 B/token
+  (512 KiB); one layer at 2,048 tokens = 2*4096*2048*2 = 33,554,432 B (32 MiB).
+* Llama-3-8B (32 layers, 8 KV heads x 128): 2*32*1024*2 = 131,072 B/token
+  (128 KiB) -- 4x smaller than Llama-2-7B because of GQA.
+* GPT-3 175B (96 layers, 96 heads x head_dim 128, d_model 12288, 2,048 ctx).
+
+Note on the GPT-3 "2*96*96*2048*64 ~ 2.4 G elements ~ 4.8 GB" figure
+--------------------------------------------------------------------
+The expression ``2 * 96 * 96 * 2048 * 64`` = 2,415,919,104 ~ 2.42 G elements
+(x 2 bytes = 4.83 GB = 4.50 GiB in fp16) plugs a head size of **64** into
+2 x layers(96) x heads(96) x tokens(2048) x head_dim.  GPT-3 175B's head size
+is **128** (96 x 128 = 12288 = d_model); 96 x 64 = 6144 is only *half* of
+d_model.  So that figure counts:
+
+* the K/V cache of a hypothetical 96-layer, 96-head model with 64-dim heads
+  (GPT-2's head size), or equivalently
+* only **one** of K or V for the real GPT-3 (96 * 96 * 2048 * 128 is the same
+  2.42 G elements), i.e. half the real cache.
+
+The real full-width GPT-3 175B cache for one 2,048-token sequence is::
+
+    2 * 96 layers * 12288 (= 96 heads * 128) * 2048 tokens = 4,831,838,208 elements
+    ~ 4.83 G elements  ->  9,663,676,416 B ~ 9.66 GB = 9.00 GiB in fp16
+
+(4.5 MiB per token).  Note the coincidence that trips people up: the *real*
+element count (4.83 G) has the same digits as the *halved* figure's fp16 byte
+count (4.83 GB); "4.8 GB" is the real cache only at 1 byte/element
+(fp8/int8), not fp16.
+
+Model shapes come from :data:`PRESETS` (published configs) or from a Hugging
+Face ``config.json`` via :func:`shape_from_config`.  The calculation ignores
+sliding-window attention (e.g. Mistral-7B's 4,096-token window, which lets a
+rolling cache cap at the window) and any allocator/paging overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "DTYPE_BYTES",
+    "MemoryReport",
+    "ModelShape",
+    "PRESETS",
+    "add_arguments",
+    "dtype_bytes",
+    "format_bytes",
+    "format_report",
+    "human_bytes",
+    "human_bytes_si",
+    "kv_cache_bytes",
+    "kv_cache_elements",
+    "memory_report",
+    "run",
+    "shape_from_config",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Model shapes
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention geometry that determines KV-cache size."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int | None
+
+    def __post_init__(self) -> None:
+        for attr in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelShape {self.name!r}: {attr} must be a positive int, got {value!r}")
+        if self.max_positions is not None and (
+            isinstance(self.max_positions, bool)
+            or not isinstance(self.max_positions, int)
+            or self.max_positions <= 0
+        ):
+            raise ValueError(
+                f"ModelShape {self.name!r}: max_positions must be a positive int or None, "
+                f"got {self.max_positions!r}"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of K (or V) per token per layer: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def elements_per_token(self) -> int:
+        """K+V elements per token over all layers (one sequence)."""
+        return 2 * self.num_layers * self.kv_dim
+
+
+def _preset(name, layers, heads, kv_heads, head_dim, hidden, ctx) -> ModelShape:
+    return ModelShape(name, layers, heads, kv_heads, head_dim, hidden, ctx)
+
+
+# Published configs (Hugging Face config.json / papers).
+PRESETS: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        # GPT-2 family (openai-community/gpt2*): head_dim 64, 1024 positions.
+        _preset("gpt2", 12, 12, 12, 64, 768, 1024),
+        _preset("gpt2-medium", 24, 16, 16, 64, 1024, 1024),
+        _preset("gpt2-large", 36, 20, 20, 64, 1280, 1024),
+        _preset("gpt2-xl", 48, 25, 25, 64, 1600, 1024),
+        # GPT-3 175B (Brown et al. 2020, Table 2.1): d_head 128, n_ctx 2048.
+        _preset("gpt3-175b", 96, 96, 96, 128, 12288, 2048),
+        # Llama 2 (meta-llama/Llama-2-*-hf): 4096 positions; 70B uses GQA.
+        _preset("llama-2-7b", 32, 32, 32, 128, 4096, 4096),
+        _preset("llama-2-13b", 40, 40, 40, 128, 5120, 4096),
+        _preset("llama-2-70b", 80, 64, 8, 128, 8192, 4096),
+        # Llama 3 (meta-llama/Meta-Llama-3-*): GQA with 8 KV heads, 8192 positions.
+        _preset("llama-3-8b", 32, 32, 8, 128, 4096, 8192),
+        _preset("llama-3-70b", 80, 64, 8, 128, 8192, 8192),
+        # Mistral-7B-v0.1: GQA 8 KV heads; max_position_embeddings 32768
+        # (sliding window 4096 is not modelled here).
+        _preset("mistral-7b", 32, 32, 8, 128, 4096, 32768),
+        # Qwen/Qwen2.5-0.5B: 14 query heads, 2 KV heads, head_dim 896/14 = 64.
+        _preset("qwen2.5-0.5b", 24, 14, 2, 64, 896, 32768),
+    )
+}
+
+
+def _as_positive_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value <= 0:
+        raise ValueError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _load_config_dict(config: str | Path) -> tuple[dict, str]:
+    path = Path(config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    default_name = path.parent.name if path.name == "config.json" else path.stem
+    return data, default_name or str(path)
+
+
+def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None = None) -> ModelShape:
+    """Build a :class:`ModelShape` from a Hugging Face ``config.json``.
+
+    ``config`` is the parsed dict, a path to the JSON file, or a path to a
+    folder containing ``config.json``.  Understands GPT-2 keys (``n_layer``,
+    ``n_head``, ``n_embd``, ``n_positions``/``n_ctx``) and Llama/Mistral/Qwen2
+    keys (``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads`` [default: ``num_attention_heads``],
+    ``hidden_size``, ``head_dim`` [default: hidden/heads],
+    ``max_position_embeddings``).  Raises ``ValueError`` naming missing keys.
+    """
+    if isinstance(config, (str, Path)):
+        data, default_name = _load_config_dict(config)
+        where = str(config)
+    elif isinstance(config, Mapping):
+        data, default_name, where = dict(config), None, "config"
+    else:
+        raise TypeError(f"config must be a dict or a path, got {type(config).__name__}")
+
+    # Multimodal wrappers (e.g. Llava) keep the language model under text_config.
+    if (
+        "text_config" in data
+        and isinstance(data["text_config"], Mapping)
+        and not any(k in data for k in ("num_hidden_layers", "n_layer"))
+    ):
+        data = {**data, **data["text_config"]}
+
+    def pick(*keys: str, required: bool = True) -> Any:
+        for key in keys:
+            if data.get(key) is not None:
+                return _as_positive_int(data[key], key, where)
+        if required:
+            raise ValueError(
+                f"{where}: missing required key {' / '.join(repr(k) for k in keys)} "
+                f"(have: {', '.join(sorted(data)) or 'nothing'})"
+            )
+        return None
+
+    layers = pick("num_hidden_layers", "n_layer", "num_layers")
+    heads = pick("num_attention_heads", "n_head", "num_heads")
+    hidden = pick("hidden_size", "n_embd", "d_model")
+    kv_heads = pick("num_key_value_heads", "n_head_kv", "num_kv_heads", required=False) or heads
+    head_dim = pick("head_dim", required=False)
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(
+                f"{where}: hidden size {hidden} is not divisible by {heads} heads and no 'head_dim' is given"
+            )
+        head_dim = hidden // heads
+    max_positions = pick("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", required=False)
+
+    if name is None:
+        name = data.get("_name_or_path") or default_name or data.get("model_type") or "custom"
+    return ModelShape(
+        name=str(name),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        max_positions=max_positions,
+    )
+
+
+def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelShape:
+    """Turn a preset name (case-insensitive), config path/folder, config dict
+    or :class:`ModelShape` into a :class:`ModelShape`."""
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, Mapping):
+        return shape_from_config(model)
+    if isinstance(model, Path):
+        return shape_from_config(model)
+    if isinstance(model, str):
+        key = model.strip().lower()
+        if key in PRESETS:
+            return PRESETS[key]
+        path = Path(model).expanduser()
+        if path.exists():
+            return shape_from_config(path)
+        raise ValueError(
+            f"unknown model {model!r}: not a preset and no such file or folder. "
+            f"Presets: {', '.join(PRESETS)}"
+        )
+    raise TypeError(f"model must be a preset name, path, dict or ModelShape, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------- #
+# Dtypes
+# --------------------------------------------------------------------------- #
+
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4,
+    "float32": 4,
+    "fp16": 2,
+    "float16": 2,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "int4": 0.5,
+}
+
+
+def _normalize_dtype(name: str) -> str:
+    if not isinstance(name, str):
+        name = str(name)  # e.g. torch.float16 -> "torch.float16"
+    key = name.strip().lower()
+    if key.startswith("torch."):
+        key = key[len("torch.") :]
+    return key
+
+
+def dtype_bytes(name: str) -> float:
+    """Bytes per element for a dtype name (``int4`` -> 0.5)."""
+    key = _normalize_dtype(name)
+    try:
+        return DTYPE_BYTES[key]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes: {', '.join(DTYPE_BYTES)}") from None
+
+
+# --------------------------------------------------------------------------- #
+# Core arithmetic
+# --------------------------------------------------------------------------- #
+
+
+def _check_count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _bytes_for(elements: int, per_element: float) -> int:
+    # Exact arithmetic (no float rounding for huge counts); round sub-byte up.
+    return math.ceil(Fraction(elements) * Fraction(per_element))
+
+
+def kv_cache_elements(shape: ModelShape, tokens: int, batch: int = 1) -> int:
+    """Total K+V element count: 2 * layers * kv_heads * head_dim * tokens * batch."""
+    _check_count(tokens, "tokens")
+    _check_count(batch, "batch")
+    return shape.elements_per_token * tokens * batch
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int = 1, dtype: str = "fp16") -> int:
+    """KV-cache size in bytes (int; sub-byte dtypes are rounded up to whole bytes)."""
+    per = dtype_bytes(dtype)
+    return _bytes_for(kv_cache_elements(shape, tokens, batch), per)
+
+
+# --------------------------------------------------------------------------- #
+# Report
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class MemoryReport:
+    model: str
+    dtype: str
+    tokens: int
+    batch: int
+    bytes_per_token: int  # all layers, one token, one sequence
+    bytes_per_layer: int  # one layer, `tokens` tokens, one sequence
+    bytes_per_sequence: int  # all layers, `tokens` tokens, one sequence
+    total_bytes: int  # bytes_per_sequence x batch
+    elements: int  # total K+V element count
+    bytes_per_element: float = 2
+    shape: ModelShape | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = asdict(self.shape) if self.shape is not None else None
+        d["total_human"] = format_bytes(self.total_bytes)
+        return d
+
+
+def memory_report(
+    model: str | Path | ModelShape | Mapping[str, Any],
+    tokens: int | None = None,
+    batch: int = 1,
+    dtype: str = "fp16",
+) -> MemoryReport:
+    """KV-cache memory for ``model`` at ``tokens`` context (default: the model's
+    max positions) and ``batch`` sequences stored as ``dtype``."""
+    shape = resolve_model(model)
+    per = dtype_bytes(dtype)
+    if tokens is None:
+        if shape.max_positions is None:
+            raise ValueError(f"model {shape.name!r} has no max positions; pass tokens explicitly")
+        tokens = shape.max_positions
+    _check_count(tokens, "tokens")
+    _check_count(batch, "batch")
+    elements = kv_cache_elements(shape, tokens, batch)
+    return MemoryReport(
+        model=shape.name,
+        dtype=_normalize_dtype(dtype),
+        tokens=tokens,
+        batch=batch,
+        bytes_per_token=_bytes_for(shape.elements_per_token, per),
+        bytes_per_layer=_bytes_for(2 * shape.kv_dim * tokens, per),
+        bytes_per_sequence=_bytes_for(shape.elements_per_token * tokens, per),
+        total_bytes=_bytes_for(elements, per),
+        elements=elements,
+        bytes_per_element=per,
+        shape=shape,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Formatting
+# --------------------------------------------------------------------------- #
+
+
+def _scaled(n: float, base: int, units: tuple[str, ...]) -> str:
+    sign = "-" if n < 0 else ""
+    value = abs(n)
+    if value < base:
+        return f"{sign}{value:g} {units[0]}" if value != int(value) else f"{sign}{int(value)} {units[0]}"
+    i = 0
+    while value >= base and i < len(units) - 1:
+        value /= base
+        i += 1
+    digits = 2 if value < 10 else 1
+    return f"{sign}{value:.{digits}f} {units[i]}"
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: ``512 B``, ``512.0 KiB``, ``4.50 GiB``."""
+    return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"))
+
+
+def human_bytes_si(n: float) -> str:
+    """Decimal (SI) units: ``4.83 GB``."""
+    return _scaled(n, 1000, ("B", "kB", "MB", "GB", "TB", "PB", "EB"))
+
+
+def format_bytes(n: float) -> str:
+    """Both conventions, e.g. ``4.83 GB / 4.50 GiB`` (just ``512 B`` under 1 kB)."""
+    if abs(n) < 1000:
+        return human_bytes(n)
+    return f"{human_bytes_si(n)} / {human_bytes(n)}"
+
+
+def _bpe(x: float) -> str:
+    return f"{x:g} byte" + ("" if x == 1 else "s")
+
+
+def format_report(report: MemoryReport) -> str:
+    """Readable multi-line summary of a :class:`MemoryReport`."""
+    lines = [f"KV cache memory: {report.model}"]
+    s = report.shape
+    if s is not None:
+        attn = "MHA" if s.num_kv_heads == s.num_heads else f"GQA, {s.num_heads} query heads"
+        lines.append(
+            f"  shape        : {s.num_layers} layers x {s.num_kv_heads} KV heads x head_dim {s.head_dim} "
+            f"({attn}; hidden {s.hidden_size})"
+        )
+    lines += [
+        f"  dtype        : {report.dtype} ({_bpe(report.bytes_per_element)}/element)",
+        f"  tokens       : {report.tokens:,}",
+        f"  batch        : {report.batch:,}",
+        f"  per token    : {report.bytes_per_token:>17,} B  ({format_bytes(report.bytes_per_token)})"
+        "  all layers, 1 sequence",
+        f"  per layer    : {report.bytes_per_layer:>17,} B  ({format_bytes(report.bytes_per_layer)})"
+        f"  {report.tokens:,} tokens, 1 sequence",
+        f"  per sequence : {report.bytes_per_sequence:>17,} B  ({format_bytes(report.bytes_per_sequence)})",
+        f"  total        : {report.total_bytes:>17,} B  ({format_bytes(report.total_bytes)})"
+        f"  x batch {report.batch:,}",
+        f"  elements     : {report.elements:>17,}  (2 x K/V x layers x kv_heads x head_dim x tokens x batch)",
+    ]
+    return "\n".join(lines)
+
+
+def format_presets(dtype: str = "fp16") -> str:
+    """Table of all presets with per-token (and full-context) cache size."""
+    per = dtype_bytes(dtype)
+    header = (
+        f"{'preset':<14} {'layers':>6} {'heads':>5} {'kv':>3} {'hdim':>4} {'ctx':>6} "
+        f"{'bytes/token (' + _normalize_dtype(dtype) + ')':>22} {'per token':>10} {'full ctx, 1 seq':>22}"
+    )
+    rows = [header, "-" * len(header)]
+    for s in PRESETS.values():
+        per_tok = _bytes_for(s.elements_per_token, per)
+        full = _bytes_for(s.elements_per_token * s.max_positions, per) if s.max_positions else None
+        rows.append(
+            f"{s.name:<14} {s.num_layers:>6} {s.num_heads:>5} {s.num_kv_heads:>3} {s.head_dim:>4} "
+            f"{(s.max_positions or 0):>6} {per_tok:>22,} {human_bytes(per_tok):>10} "
+            f"{(format_bytes(full) if full is not None else '-'):>22}"
+        )
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- #
+# CLI hooks
+# --------------------------------------------------------------------------- #
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``kvcache memory`` options to ``parser``."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="preset name (case-insensitive; see --list) or path to a config.json / model folder",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="context length in tokens (default: the model's max positions)"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="number of sequences (default: 1)")
+    parser.add_argument(
+        "--dtype",
+        default="fp16",
+        help=f"KV storage dtype: {', '.join(DTYPE_BYTES)} (default: fp16)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--list", action="store_true", help="list the presets with their per-token KV bytes and exit"
+    )
+
+
+def _error(msg: str) -> int:
+    print(f"kvcache memory: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``kvcache memory``; returns a process exit code (2 on errors)."""
+    dtype = getattr(args, "dtype", "fp16") or "fp16"
+    as_json = bool(getattr(args, "json", False))
+    try:
+        if getattr(args, "list", False):
+            per = dtype_bytes(dtype)
+            if as_json:
+                data = [
+                    {
+                        **asdict(s),
+                        "dtype": _normalize_dtype(dtype),
+                        "bytes_per_token": _bytes_for(s.elements_per_token, per),
+                    }
+                    for s in PRESETS.values()
+                ]
+                print(json.dumps(data, indent=2))
+            else:
+                print(format_presets(dtype))
+            return 0
+        model = getattr(args, "model", None)
+        if not model:
+            return _error(f"no model given; pass a preset name or a config path. Presets: {', '.join(PRESETS)}")
+        report = memory_report(
+            model,
+            tokens=getattr(args, "tokens", None),
+            batch=getattr(args, "batch", 1),
+            dtype=dtype,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        return _error(str(exc))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0

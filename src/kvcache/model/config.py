@@ -1,0 +1,135 @@
+"""Model hyper-parameters, read from a Hugging Face ``config.json``.
+
+One flat dataclass covers both families we run: GPT-2 (learned positions,
+LayerNorm, GELU, fused QKV) and Llama (RoPE, RMSNorm, SwiGLU, GQA), with the
+Llama-family variants that are a flag away (Qwen2's QKV bias, Mistral).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "gpt2" or "llama" (mistral and qwen2 run as llama)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: 1 for MHA, num_heads for MQA, in between for GQA."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Translate a Hugging Face config dict; unsupported architectures are refused by name."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = cfg.get("architectures")
+            raise ValueError(
+                f"unsupported architecture: model_type={model_type!r} architectures={archs}; "
+                f"kvcache runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            if model_type == "gpt2":
+                return cls._from_gpt2(cfg)
+            return cls._from_llama(cfg, model_type)
+        except KeyError as exc:
+            raise ValueError(f"config.json for {model_type} is missing the key {exc.args[0]!r}") from None
+
+    @classmethod
+    def _from_gpt2(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        hidden, heads = cfg["n_embd"], cfg["n_head"]
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported GPT-2 activation_function {act!r} (supported: gelu_new)")
+        return cls(
+            arch="gpt2",
+            model_type="gpt2",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            num_layers=cfg["n_layer"],
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            intermediate_size=cfg.get("n_inner") or 4 * hidden,
+            max_positions=cfg["n_positions"],
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            attention_bias=True,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    @classmethod
+    def _from_llama(cls, cfg: dict[str, Any], model_type: str) -> "ModelConfig":
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} (supported: silu)")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: default)")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            arch="llama",
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_positions=cfg.get("max_position_embeddings", 2048),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            sliding_window=window,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_hf(json.loads(path.read_text()))

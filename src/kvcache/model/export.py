@@ -1,0 +1,89 @@
+"""Write a ``Transformer`` as a standard Hugging Face checkpoint folder.
+
+The inverse of ``loader``: fused Q/K/V and gate/up weights are split back into
+the per-projection tensors transformers expects, so the folder loads both in
+kvcache and in ``transformers`` (``LlamaForCausalLM`` / ``GPT2LMHeadModel``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .transformer import Transformer
+
+
+def hf_config(model: Transformer) -> dict[str, Any]:
+    c = model.config
+    if c.arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+                "n_positions": c.max_positions, "n_embd": c.hidden_size, "n_layer": c.num_layers,
+                "n_head": c.num_heads, "n_inner": c.intermediate_size, "activation_function": "gelu_new",
+                "layer_norm_epsilon": c.norm_eps, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+                "tie_word_embeddings": True, "torch_dtype": "float32"}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+            "attention_bias": c.attention_bias, "tie_word_embeddings": c.tie_word_embeddings,
+            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32"}
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    c, s = model.config, model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    if c.arch == "gpt2":
+        out["transformer.wte.weight"] = s["embed.weight"]
+        out["transformer.wpe.weight"] = s["pos_embed.weight"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = s["norm.weight"], s["norm.bias"]
+        for i in range(c.num_layers):
+            p, o = f"transformer.h.{i}.", f"layers.{i}."
+            for hf, ours in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+                out[p + hf + ".weight"], out[p + hf + ".bias"] = s[o + ours + ".weight"], s[o + ours + ".bias"]
+            for hf, ours in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.out"),
+                             ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down")):
+                out[p + hf + ".weight"] = s[o + ours + ".weight"].t()
+                out[p + hf + ".bias"] = s[o + ours + ".bias"]
+        return {k: v.contiguous() for k, v in out.items()}
+    q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    out["model.embed_tokens.weight"] = s["embed.weight"]
+    out["model.norm.weight"] = s["norm.weight"]
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = s["lm_head.weight"]
+    for i in range(c.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        out[p + "input_layernorm.weight"] = s[o + "attn_norm.weight"]
+        out[p + "post_attention_layernorm.weight"] = s[o + "mlp_norm.weight"]
+        for name, t in zip(("q_proj", "k_proj", "v_proj"), s[o + "attn.qkv.weight"].split((q, kv, kv))):
+            out[p + f"self_attn.{name}.weight"] = t
+        if c.attention_bias:
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), s[o + "attn.qkv.bias"].split((q, kv, kv))):
+                out[p + f"self_attn.{name}.bias"] = t
+        out[p + "self_attn.o_proj.weight"] = s[o + "attn.out.weight"]
+        gate, up = s[o + "mlp.up.weight"].split((inter, inter))
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = s[o + "mlp.down.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_hf_checkpoint(model: Transformer, folder: str | Path, tokenizer_file: str | Path | None = None,
+                       extra_files: dict[str, Any] | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float32).cpu() for k, v in hf_state_dict(model).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
+    c = model.config
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer_file is not None:
+        shutil.copy(tokenizer_file, folder / "tokenizer.json")
+    for name, content in (extra_files or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    return folder

@@ -1,0 +1,159 @@
+"""A decoder-only transformer, read top to bottom: GPT-2 and Llama in one file.
+
+GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV with bias, tied head.
+Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen2 adds a QKV bias).
+
+The model runs with or without a cache.  A cache is any object with
+``attend(layer, q, k, v) -> out``: it stores the new keys/values and returns
+attention of q over everything stored, so the same model drives the
+contiguous cache, the paged cache of the engine, and the uncached baseline.
+Q/K/V and gate/up projections are fused into one matmul each at load time:
+on a CPU that decodes by streaming weights, fewer, larger matmuls and fewer
+Python-level ops per layer are what make a token fast.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import ModelConfig
+
+
+class AttentionCache(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def rope_tables(config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_positions, head_dim), computed in fp32 like the reference implementation."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.int64).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x (batch, heads, seq, d) by their position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.out = nn.Linear(q_size, config.hidden_size, bias=config.arch == "gpt2")
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: AttentionCache | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
+        return self.out(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """GPT-2: fc -> GELU(tanh) -> proj.  Llama: down(silu(gate) * up) with gate/up fused."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.arch == "llama"
+        width = 2 * config.intermediate_size if self.gated else config.intermediate_size
+        self.up = nn.Linear(config.hidden_size, width, bias=not self.gated)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=not self.gated)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(h, approximate="tanh"))
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope, cache: AttentionCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embed = nn.Embedding(config.max_positions, config.hidden_size) if config.arch == "gpt2" else None
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if config.arch == "llama":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.tokenizer = None  # set by load_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+        logits_index: torch.Tensor | int | slice | None = None,
+    ) -> torch.Tensor:
+        """Logits for input_ids (batch, seq).
+
+        positions: (seq,) or (batch, seq) absolute positions; defaults to the
+        cache length onwards (or 0.. without a cache).  logits_index selects
+        which positions of the flattened (batch*seq) hidden states reach the
+        LM head (e.g. -1: only the last token), saving the vocabulary matmul
+        for prompt tokens whose logits nobody reads.
+        """
+        batch, seq = input_ids.shape
+        if positions is None:
+            start = len(cache) if cache is not None and hasattr(cache, "__len__") else 0
+            positions = torch.arange(start, start + seq)
+        x = self.embed(input_ids)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if cos.dim() == 3:  # (batch, seq, d) -> broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        for block in self.layers:
+            x = block(x, rope, cache)
+        if logits_index is not None:
+            x = x.reshape(batch * seq, -1)[logits_index]
+        return self.lm_head(self.norm(x))

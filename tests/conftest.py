@@ -1,0 +1,56 @@
+"""Shared fixtures: small random-weight Hugging Face checkpoints saved to temp dirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def save_hf_gpt2(path, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=97, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=96)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def save_hf_llama(path, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=0, eos_token_id=100, tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    # random init has tiny weights -> near-uniform logits and fragile argmax; widen them
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    save_hf_gpt2(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    save_hf_llama(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def model_dir(request, gpt2_dir, llama_dir):
+    return {"gpt2": gpt2_dir, "llama": llama_dir}[request.param]
