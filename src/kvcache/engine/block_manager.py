@@ -173,6 +173,10 @@ class BlockManager:
         hits = self._match(token_ids, extra_key)
         return self._fits(token_ids, hits)
 
+    def cached_prefix_len(self, token_ids: Sequence[int], extra_key: Hashable = None) -> int:
+        """Tokens ``allocate`` would find cached right now (a pure query, for schedulers' budgets)."""
+        return len(self._match(token_ids, extra_key)) * self.block_size if token_ids else 0
+
     def allocate(self, seq_id, token_ids: Sequence[int], extra_key: Hashable = None) -> int:
         """Start sequence ``seq_id`` whose first ``len(token_ids)`` tokens get
         their KV written now. Reuses the longest cached prefix of full blocks

@@ -1,0 +1,149 @@
+"""Paged KV storage and attention: vLLM's PagedAttention idea on a CPU.
+
+All layers' keys and values live in one preallocated pool of fixed-size
+blocks, ``k``/``v`` shaped (layers, num_blocks * block_size, kv_heads, d): a
+token's KV sits in *slot* ``block * block_size + offset``.  Which blocks a
+sequence owns is the block manager's business (engine/block_manager.py);
+this class only moves tensors.
+
+A forward pass over a batch is flattened to one row of N tokens (the new
+tokens of every scheduled sequence, prefill chunks and decode tokens mixed).
+Before the pass, ``prepare`` receives, per sequence, how many tokens it adds
+and the slots of its whole context.  In every layer ``attend`` then
+1. writes the N new keys/values into their slots (before any read, so a
+   sequence that shares a block filled in this same step sees it), and
+2. attends: all decode tokens together (gather each context into a padded
+   (batch, kv_heads, max_len, d) tensor, grouped matmul, padding masked), and
+   each prefill chunk on its own with causal SDPA over its context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import attention
+
+
+@dataclass
+class BatchEntry:
+    """One sequence in a flattened batch: ``query_len`` new tokens ending a context of ``context_len``."""
+
+    query_len: int
+    context_len: int
+    block_table: Sequence[int]
+
+
+class _StepPlan:
+    """Index tensors for one forward pass, built once and reused by every layer."""
+
+    def __init__(self, entries: Sequence[BatchEntry], block_size: int):
+        offsets = torch.arange(block_size)
+        self.write_slots: list[torch.Tensor] = []
+        self.prefills: list[tuple[int, int, torch.Tensor | None]] = []  # (q_start, q_end, context slots | None)
+        decode_rows, decode_slots, decode_lens = [], [], []
+        start = 0
+        for e in entries:
+            table = torch.as_tensor(list(e.block_table), dtype=torch.long)
+            slots = (table[:, None] * block_size + offsets).flatten()[: e.context_len]
+            self.write_slots.append(slots[e.context_len - e.query_len:])
+            if e.query_len == 1:
+                decode_rows.append(start)
+                decode_slots.append(slots)
+                decode_lens.append(e.context_len)
+            else:
+                # a prompt with nothing cached attends only to itself: no gather needed
+                ctx = slots if e.context_len > e.query_len else None
+                self.prefills.append((start, start + e.query_len, ctx))
+            start += e.query_len
+        self.num_tokens = start
+        self.write_slots = torch.cat(self.write_slots)
+        self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
+        if decode_rows:
+            width = max(decode_lens)
+            padded = torch.zeros(len(decode_rows), width, dtype=torch.long)
+            for i, s in enumerate(decode_slots):
+                padded[i, : len(s)] = s
+            self.decode_slots = padded.flatten()
+            lens = torch.tensor(decode_lens)
+            self.decode_width = width
+            self.decode_all_full = bool((lens == width).all())
+            # additive mask (batch, 1, 1, width): 0 on real context, -inf on padding
+            mask = torch.zeros(len(decode_rows), width)
+            mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
+            self.decode_mask = mask.view(len(decode_rows), 1, 1, width)
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) < 1:
+            raise ValueError("num_layers, num_blocks, block_size, num_kv_heads and head_dim must all be >= 1")
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.plan: _StepPlan | None = None
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype = torch.float32) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int = 16) -> "PagedKVCache":
+        c = model.config
+        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, model.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def copy_blocks(self, ops) -> None:
+        """Execute copy-on-write ops (``src``/``dst`` block ids) in every layer."""
+        bs = self.block_size
+        for op in ops:
+            src, dst = slice(op.src * bs, (op.src + 1) * bs), slice(op.dst * bs, (op.dst + 1) * bs)
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+
+    def prepare(self, entries: Sequence[BatchEntry]) -> None:
+        """Describe the next forward pass (sequences in the order their tokens are flattened)."""
+        self.plan = _StepPlan(entries, self.block_size)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, heads, N, d), k/v (1, kv_heads, N, d) for the N flattened tokens of the planned batch."""
+        plan = self.plan
+        if plan is None or q.shape[2] != plan.num_tokens:
+            raise RuntimeError("PagedKVCache.attend called without a matching prepare() for this batch")
+        k_pool, v_pool = self.k[layer], self.v[layer]
+        k_pool.index_copy_(0, plan.write_slots, k[0].transpose(0, 1))
+        v_pool.index_copy_(0, plan.write_slots, v[0].transpose(0, 1))
+        out = torch.empty_like(q)
+        for q_start, q_end, ctx in plan.prefills:
+            if ctx is None:
+                keys, values = k[:, :, q_start:q_end], v[:, :, q_start:q_end]
+            else:
+                keys = k_pool.index_select(0, ctx).transpose(0, 1).unsqueeze(0)
+                values = v_pool.index_select(0, ctx).transpose(0, 1).unsqueeze(0)
+            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
+        if len(plan.decode_rows):
+            out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+        """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, d)."""
+        batch, width = len(plan.decode_rows), plan.decode_width
+        heads, dim = q.shape[1], q.shape[3]
+        kv_heads = k_pool.shape[1]
+        qd = q[0, :, plan.decode_rows].transpose(0, 1).reshape(batch, kv_heads, heads // kv_heads, dim)
+        keys = k_pool.index_select(0, plan.decode_slots).view(batch, width, kv_heads, dim).transpose(1, 2)
+        values = v_pool.index_select(0, plan.decode_slots).view(batch, width, kv_heads, dim).transpose(1, 2)
+        scores = torch.matmul(qd * dim ** -0.5, keys.transpose(-1, -2))
+        if not plan.decode_all_full:
+            scores = scores + plan.decode_mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (batch, kv_heads, group, d)
+        return out.reshape(batch, heads, dim).transpose(0, 1)

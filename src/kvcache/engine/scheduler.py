@@ -1,0 +1,87 @@
+"""Continuous batching: which sequences run in the next forward pass.
+
+Two queues.  Every step, each running sequence decodes one token (they all
+share one batched forward, so the weights are read once for all of them);
+then waiting prompts are admitted while KV blocks and the token budget
+allow, their prefill mixed into the same forward.  When a running sequence
+needs a block and none is left, the most recently admitted sequence is
+preempted by recompute: its blocks are freed and it goes back to the front
+of the waiting queue with every token it has produced, to be prefilled again
+later (cheaply, when its blocks are still in the prefix cache).  Nothing it
+produced is lost or produced twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager, CopyOp
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 2048, max_num_seqs: int = 256):
+        self.bm = block_manager
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens actually computed (not served from the prefix cache)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[CopyOp], list[Sequence]]:
+        """(sequences with their new-token counts, copy-on-write ops, sequences that can never fit)."""
+        batch: list[tuple[Sequence, int]] = []
+        copies: list[CopyOp] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below while making room for an earlier sequence
+            while seq.status is Status.RUNNING and not self.bm.can_append(seq.seq_id, 1):
+                self.preempt(self.running[-1])
+            if seq.status is Status.RUNNING:
+                copies += self.bm.append_slots(seq.seq_id, [seq.tokens[-1]])
+                batch.append((seq, 1))
+        budget = self.max_batch_tokens - len(batch)
+        rejected: list[Sequence] = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
+            compute = len(seq.tokens) - cached
+            if batch and compute > budget:
+                break
+            if not self.bm.can_allocate(seq.tokens, seq.request.cache_salt):
+                if not batch and not self.running:  # the whole pool is ours and still too small
+                    rejected.append(self.waiting.popleft())
+                    continue
+                break
+            self.waiting.popleft()
+            cached = self.bm.allocate(seq.seq_id, seq.tokens, seq.request.cache_salt)
+            if seq.num_computed:  # readmitted after preemption: count the work redone
+                self.recomputed_tokens += len(seq.tokens) - cached
+            if seq.num_output == 0 and seq.index == 0:
+                seq.request.metrics.cached_prompt_tokens = cached
+            self.prefill_tokens += len(seq.tokens) - cached
+            seq.num_computed = cached
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, len(seq.tokens) - cached))
+            budget -= len(seq.tokens) - cached
+        return batch, copies, rejected
+
+    def preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.bm.free(seq.seq_id)
+        self.running.remove(seq)
