@@ -1,0 +1,37 @@
+"""Shared benchmark helpers: timing, memory bandwidth, markdown tables."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s at which this machine streams a large fp32 tensor from memory (best of repeats)."""
+    x = torch.ones(mbytes * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t, _ = timed(lambda: x.sum())
+        best = min(best, t)
+    return x.nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all matrices; embedding tables only when tied to the head."""
+    tied = model.config.tie_word_embeddings
+    return sum(p.nbytes for name, p in model.named_parameters()  # shared (tied) tensors are listed once
+               if name != "pos_embed.weight" and (tied or name != "embed.weight"))
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

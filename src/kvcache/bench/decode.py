@@ -1,0 +1,63 @@
+"""Cached vs uncached decode: total time and per-token latency as the output grows.
+
+With the cache, step t feeds one token and reads t cached keys: total work is
+linear in length.  Without it, step t recomputes all t tokens: quadratic.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..generation.generate import generate
+from ..model.shapes import random_model
+from .common import table, timed
+
+
+def bench_decode(shape: str = "tiny-llama", lengths=(64, 128, 256, 512, 1024), prompt_len: int = 32,
+                 seed: int = 0) -> list[dict]:
+    model = random_model(shape, seed)
+    prompt = [random.Random(seed).randrange(model.config.vocab_size) for _ in range(prompt_len)]
+    generate(model, prompt, 8, stop_token_ids=[])  # warm up
+    rows = []
+    for n in lengths:
+        t_cached, cached = timed(lambda: generate(model, prompt, n, stop_token_ids=[]))
+        t_plain, plain = timed(lambda: generate(model, prompt, n, use_cache=False, stop_token_ids=[]))
+        rows.append({"shape": shape, "new_tokens": n, "cached_s": t_cached, "uncached_s": t_plain,
+                     "cached_ms_per_token": 1e3 * t_cached / n, "uncached_ms_per_token": 1e3 * t_plain / n,
+                     "speedup": t_plain / t_cached, "identical": cached == plain})
+        print(format_decode_table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def format_decode_table(rows: list[dict]) -> str:
+    return table(["shape", "new tokens", "cached total (s)", "uncached total (s)", "cached ms/token",
+                  "uncached ms/token", "speedup", "identical"],
+                 [[r["shape"], r["new_tokens"], f"{r['cached_s']:.2f}", f"{r['uncached_s']:.2f}",
+                   f"{r['cached_ms_per_token']:.2f}", f"{r['uncached_ms_per_token']:.2f}",
+                   f"{r['speedup']:.1f}x", "yes" if r["identical"] else "NO"] for r in rows])
+
+
+def plot_decode(rows: list[dict], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["new_tokens"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(n, [r["cached_s"] for r in rows], "o-", label="KV cache")
+    a.plot(n, [r["uncached_s"] for r in rows], "s-", label="no cache")
+    a.set(xlabel="new tokens", ylabel="total time (s)", title="Total decode time")
+    b.plot(n, [r["cached_ms_per_token"] for r in rows], "o-", label="KV cache")
+    b.plot(n, [r["uncached_ms_per_token"] for r in rows], "s-", label="no cache")
+    b.set(xlabel="new tokens", ylabel="ms per token", title="Mean latency per token")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Cached vs uncached decoding ({rows[0]['shape']}, random weights, fp32, 2 CPU cores)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,69 @@
+"""``kvcache bench SCENARIO``: run benchmarks and print markdown tables (ratios side by side)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+SCENARIOS = ("decode", "hf", "append", "throughput", "prefix", "memory")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", choices=SCENARIOS + ("all",), help="which benchmark to run")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds, not for the record")
+    parser.add_argument("--plot", default="docs/decode_cached_vs_uncached.png", help="PNG for the decode scenario")
+    parser.add_argument("--json", default=None, help="also write raw results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import append, decode, hf_compare, serving
+
+    quick = args.quick
+    results: dict[str, object] = {}
+    print(f"# kvcache bench ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')})\n")
+    todo = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    for name in todo:
+        print(f"## {name}\n", flush=True)
+        if name == "decode":
+            rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
+            if not quick:
+                rows += decode.bench_decode("gpt2-small", lengths=(64, 128))
+            print("\n" + decode.format_decode_table(rows))
+            if args.plot and not quick:
+                print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == 'tiny-llama'], args.plot)}")
+        elif name == "hf":
+            rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3,
+                                       shapes=("gpt2-small",) if quick else ("gpt2-small", "llama-135m"))
+            print("\n" + hf_compare.format_hf_table(rows))
+        elif name == "append":
+            rows = append.bench_append(sizes=(1000,) if quick else (10_000, 100_000))
+            print("\n" + append.format_append_table(rows))
+        elif name == "throughput":
+            rows = []
+            for shape in (("tiny-llama",) if quick else ("gpt2-small", "llama-135m")):
+                rows += serving.bench_throughput(shape, concurrency=(1, 4) if quick else (1, 4, 16, 64),
+                                                 new_tokens=8 if quick else 64,
+                                                 sequential_requests=2 if quick else 4)
+            print("\n" + serving.format_throughput_table(rows))
+        elif name == "prefix":
+            rows = serving.bench_prefix("tiny-llama", requests=4, prefix_len=64, new_tokens=4) if quick \
+                else serving.bench_prefix()
+            print("\n" + serving.format_prefix_table(rows))
+            on, off = rows
+            print(f"\nprefill tokens: {off['prefill_tokens'] / on['prefill_tokens']:.1f}x fewer; mean TTFT "
+                  f"{off['mean_ttft_s'] / on['mean_ttft_s']:.1f}x lower; total {off['total_s'] / on['total_s']:.1f}x "
+                  f"faster; identical outputs: {on['identical_outputs']}")
+        elif name == "memory":
+            rows = serving.bench_memory_efficiency(requests=8 if quick else 64)
+            print("\n" + serving.format_memory_table(rows))
+        results[name] = rows
+        print(flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0

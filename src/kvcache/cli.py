@@ -1,0 +1,104 @@
+"""The ``kvcache`` command: demo, generate, memory, bench, serve-bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation.generate import stream
+    from .model.loader import load_model
+    from .model.shapes import random_model
+    from .model.tokenizer import StreamDecoder
+
+    model = random_model(args.random) if args.random else load_model(args.model)
+    if args.ids:
+        ids = [int(t) for t in args.ids.replace(",", " ").split()]
+    else:
+        ids = model.tokenizer.encode(args.prompt)
+    decoder = StreamDecoder(model.tokenizer)
+    if not args.ids:
+        print(args.prompt, end="", flush=True)
+    start, count, out = time.perf_counter(), 0, []
+    try:
+        for token in stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            count += 1
+            out.append(token)
+            print(str(token) + " " if args.ids else decoder.push(token), end="", flush=True)
+    except (ValueError, TypeError) as exc:
+        print(f"\nkvcache generate: error: {exc}", file=sys.stderr)
+        return 2
+    print("" if args.ids else decoder.flush())
+    elapsed = time.perf_counter() - start
+    mode = "no cache" if args.no_cache else "KV cache"
+    print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tok/s, {mode}]", file=sys.stderr)
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from . import memory
+
+    return memory.run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args.model, args.prompt, args.max_new_tokens, args.random)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import runner
+
+    return runner.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcache", description="Fast, exact KV caching for transformer decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate with and without the cache; compare outputs, speed, memory")
+    demo.add_argument("--model", default=None, help="local Hugging Face folder (default: the shipped model)")
+    demo.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None,
+                      help="use a random-weight model of this shape instead")
+    demo.add_argument("--prompt", default="def fibonacci(n):")
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.set_defaults(func=_demo)
+
+    gen = sub.add_parser("generate", help="stream a completion")
+    gen.add_argument("prompt", nargs="?", default="def fibonacci(n):")
+    gen.add_argument("--ids", default=None, help="prompt as token ids, e.g. '1,2,3' (instead of text)")
+    gen.add_argument("--model", default=None, help="local Hugging Face folder (default: the shipped model)")
+    gen.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None)
+    gen.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    gen.add_argument("--temperature", "-t", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (baseline)")
+    gen.set_defaults(func=_generate)
+
+    mem = sub.add_parser("memory", help="KV-cache memory calculator")
+    from . import memory
+
+    memory.add_arguments(mem)
+    mem.set_defaults(func=_memory)
+
+    bench = sub.add_parser("bench", help="benchmarks, side by side, as ratios")
+    from .bench import runner
+
+    runner.add_arguments(bench)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Parity with Hugging Face transformers.
+
+The same checkpoint folder is run by transformers and by ``kvcache``: logits and
+greedy continuations must agree.  Also: loading errors name what is wrong,
+``save_hf_checkpoint`` round-trips through transformers, and the byte-level
+tokenizer / StreamDecoder never split a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from kvcache.generation.generate import generate  # noqa: E402
+from kvcache.model.export import save_hf_checkpoint  # noqa: E402
+from kvcache.model.loader import CheckpointError, load_model  # noqa: E402
+from kvcache.model.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
+
+PROMPT = [1, 5, 9, 20, 3, 7, 11, 2, 64, 33, 33, 80, 14]
+LONG = PROMPT + list(range(30, 57))  # 40 tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and with a busy second core every
+    # parallel region waits on it (~100x slower decode steps).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------ checkpoints
+
+LLAMA_LIKE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=0, eos_token_id=100)
+
+
+def _widen(model, std):
+    """Random init gives near-uniform logits (constant greedy output); widen weights and biases."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):
+                p.normal_(0, std)
+    return model.eval()
+
+
+def _build(kind, path):
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(1)
+    if kind == "gpt2-wide":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                           bos_token_id=0, eos_token_id=96))
+    elif kind == "llama-mqa":
+        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, "num_key_value_heads": 1}))
+    elif kind == "qwen2":  # QKV bias
+        model = Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE))
+    elif kind == "mistral":  # default window (4096) is longer than anything here
+        model = MistralForCausalLM(MistralConfig(**LLAMA_LIKE))
+    elif kind == "mistral-window8":
+        model = MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=8))
+    else:
+        raise AssertionError(kind)
+    model = _widen(model, 0.3 if kind.startswith("gpt2") else 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+KINDS = ["gpt2", "gpt2-wide", "llama", "llama-mqa", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tmp_path_factory):
+    """(kind, checkpoint folder, transformers model, kvcache model) for one architecture."""
+    kind = request.param
+    if kind in ("gpt2", "llama"):  # the shared conftest checkpoints
+        path = request.getfixturevalue(f"{kind}_dir")
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    else:
+        path = tmp_path_factory.mktemp(kind)
+        hf = _build(kind, path)
+    return kind, path, hf, load_model(path)
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+def our_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0]
+
+
+def hf_greedy(hf, prompt, n):
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+# ----------------------------------------------------------------- parity
+
+def test_loaded_model_matches_config(pair):
+    kind, _, hf, ours = pair
+    c = hf.config
+    assert ours.config.vocab_size == c.vocab_size and ours.config.num_layers == c.num_hidden_layers
+    expected_kv = c.num_attention_heads if kind.startswith("gpt2") else c.num_key_value_heads
+    assert ours.config.num_kv_heads == expected_kv
+
+
+def test_logits_match_transformers(pair):
+    _, _, hf, ours = pair
+    expected, got = hf_logits(hf, LONG), our_logits(ours, LONG)
+    assert got.shape == expected.shape == (len(LONG), hf.config.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    kind, _, hf, ours = pair
+    got = generate(ours, PROMPT, 64, stop_token_ids=[])
+    # transformers' min_new_tokens masks EOS; the comparison is only fair if greedy never picks it
+    assert not set(got) & set(ours.config.eos_token_ids), "precondition: pick another prompt"
+    assert got == hf_greedy(hf, PROMPT, 64)
+    if kind != "gpt2":  # the un-widened conftest GPT-2 repeats one token; the others must not
+        assert len(set(got)) > 3
+
+
+@pytest.mark.xfail(strict=True, reason="sliding_window is read into ModelConfig but ignored by attention")
+def test_mistral_sliding_window_is_honoured_or_refused(tmp_path):
+    hf = _build("mistral-window8", tmp_path)
+    try:
+        ours = load_model(tmp_path)
+    except ValueError as exc:  # refusing the checkpoint is acceptable; silently wrong logits are not
+        assert "sliding" in str(exc)
+        return
+    torch.testing.assert_close(our_logits(ours, LONG), hf_logits(hf, LONG), rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------- export
+
+def test_export_round_trip(pair, tmp_path, request):
+    kind, _, _, ours = pair
+    if kind == "qwen2":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="exported as llama with attention_bias=True, so transformers expects an "
+                                "o_proj.bias the checkpoint does not have"))
+    save_hf_checkpoint(ours, tmp_path)
+    hf2, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    torch.testing.assert_close(hf_logits(hf2.eval(), LONG), our_logits(ours, LONG), rtol=0, atol=1e-4)
+    reloaded = load_model(tmp_path)  # and back into kvcache, bit for bit
+    assert torch.equal(our_logits(reloaded, LONG), our_logits(ours, LONG))
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+# ----------------------------------------------------------- load errors
+
+def _copy(src, dst, files=("config.json", "model.safetensors", "generation_config.json")):
+    dst.mkdir(exist_ok=True)
+    for name in files:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+def test_unsupported_architecture_is_named(llama_dir, tmp_path):
+    from transformers import BertConfig
+
+    folder = _copy(llama_dir, tmp_path / "bert", files=("model.safetensors",))
+    cfg = BertConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4).to_dict()
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bert"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("arch,name", [
+    ("gpt2", "transformer.h.1.mlp.c_fc.weight"),
+    ("gpt2", "transformer.wpe.weight"),
+    ("llama", "model.layers.1.self_attn.k_proj.weight"),
+    ("llama", "lm_head.weight"),  # untied head
+])
+def test_missing_tensor_is_named(arch, name, request, tmp_path):
+    folder = _copy(request.getfixturevalue(f"{arch}_dir"), tmp_path / "ckpt")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(repr(name))):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("arch,name,reshape", [
+    ("gpt2", "transformer.h.0.attn.c_attn.weight", lambda t: t[:, :-3]),
+    ("gpt2", "transformer.h.1.mlp.c_fc.weight", lambda t: t.t()),  # nn.Linear layout instead of Conv1D
+    ("llama", "model.layers.0.mlp.down_proj.weight", lambda t: t[:, :-1]),
+    ("llama", "model.layers.1.self_attn.v_proj.weight", lambda t: torch.cat([t, t])),
+])
+def test_misshaped_tensor_is_named(arch, name, reshape, request, tmp_path):
+    folder = _copy(request.getfixturevalue(f"{arch}_dir"), tmp_path / "ckpt")
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = reshape(tensors[name]).contiguous()
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(repr(name))):
+        load_model(folder)
+
+
+def test_no_safetensors_file(llama_dir, tmp_path):
+    folder = _copy(llama_dir, tmp_path / "ckpt", files=("config.json",))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(folder)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "does-not-exist")
+
+
+# -------------------------------------------------------------- tokenizer
+
+TEXT = "héllo 👋"
+
+
+def test_byte_fallback_without_tokenizer_json(gpt2_dir):
+    tok = load_model(gpt2_dir).tokenizer
+    assert tok.is_byte_level_fallback and tok.eos_token_ids == [96]
+    text = "héllo wörld 👋 ∑ — ok"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_stream_decoder_never_emits_partial_characters():
+    data = TEXT.encode("utf-8")
+    decoder = StreamDecoder(Tokenizer.bytes())
+    emitted = ""
+    for i, byte in enumerate(data):
+        piece = decoder.push(byte)
+        assert "\ufffd" not in piece
+        emitted += piece
+        # everything complete so far has been emitted, nothing more
+        assert emitted == data[: i + 1].decode("utf-8", errors="ignore")
+    assert emitted + decoder.flush() == TEXT
