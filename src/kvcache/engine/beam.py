@@ -147,7 +147,7 @@ def paged_beam_search(
 
                 need = _step_need(bm, live)
                 if need > bm.num_free_blocks():
-                    raise preempt(_held(bm, live) + need, f"after {search.length} new tokens")
+                    raise preempt(_held(bm, live) + need, f"at new token {search.length}")
                 unwritten = True
                 ops, tokens, positions, entries = [], [], [], []
                 for sid, seq in zip(live, search.sequences):

@@ -198,6 +198,14 @@ class LLM:
             bar.close()
         return [self.output(i) for i in ids]
 
+    def beam_search(self, prompt: str | list[int], beam_width: int, max_new_tokens: int,
+                    length_penalty: float = 1.0, stop_token_ids: list[int] | None = None):
+        """Beam search over forked sequences in the paged pool (see engine/beam.py); best hypothesis first."""
+        from .beam import paged_beam_search
+
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return paged_beam_search(self, ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
+
     def output(self, request_id: int) -> RequestOutput:
         r = self.requests.pop(request_id)
         outs = [CompletionOutput(s.index, s.output_ids, self.tokenizer.decode(s.output_ids), s.finish_reason)

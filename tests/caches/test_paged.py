@@ -1,0 +1,205 @@
+"""PagedKVCache driven by hand (no engine): block tables built here, logits
+compared with the uncached dense forward of each sequence."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvcache.caches.paged import BatchEntry, PagedKVCache
+from kvcache.engine.block_manager import CopyOp
+from kvcache.model.loader import load_model
+
+BS = 4
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    with torch.inference_mode():
+        yield
+
+
+def dense(model, tokens):
+    """(len(tokens), vocab) logits of the uncached forward."""
+    return model(torch.tensor([tokens]))[0]
+
+
+def tokens_of(rng, n, vocab):
+    return [rng.randrange(1, vocab - 1) for _ in range(n)]
+
+
+def tables(rng, num_blocks, sizes):
+    """Disjoint, shuffled (non-contiguous, unordered) block tables of the given lengths (in blocks)."""
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    out = []
+    for s in sizes:
+        out.append(ids[:s])
+        ids = ids[s:]
+    return out
+
+
+def nblocks(n):
+    return -(-n // BS)
+
+
+def run(model, cache, pieces):
+    """One flattened forward. ``pieces`` = [(tokens_so_far, query_len, table)]; the new tokens are
+    the last ``query_len`` of ``tokens_so_far``. Returns per piece its (query_len, vocab) logits."""
+    ids, positions, entries = [], [], []
+    for toks, q, table in pieces:
+        ids += toks[len(toks) - q:]
+        positions += range(len(toks) - q, len(toks))
+        entries.append(BatchEntry(q, len(toks), table))
+    cache.prepare(entries)
+    logits = model(torch.tensor([ids]), torch.tensor([positions]), cache=cache,
+                   logits_index=torch.arange(len(ids)))
+    out, start = [], 0
+    for _, q, _ in pieces:
+        out.append(logits[start:start + q])
+        start += q
+    return out
+
+
+def check(got, want):
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_prefill_then_decode(model):
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    seq = tokens_of(rng, 15, vocab)  # 10 prompt tokens, then 5 decode steps (teacher forced)
+    ref = dense(model, seq)
+    cache = PagedKVCache.for_model(model, num_blocks=12, block_size=BS)
+    (table,) = tables(rng, 12, [nblocks(len(seq))])
+    assert table != sorted(table)
+    (logits,) = run(model, cache, [(seq[:10], 10, table)])
+    check(logits, ref[:10])
+    for n in range(11, len(seq) + 1):
+        (logits,) = run(model, cache, [(seq[:n], 1, table)])
+        check(logits, ref[n - 1:n])
+
+
+def test_mixed_batch_prefills_and_decodes_in_one_forward(model):
+    rng = random.Random(1)
+    vocab = model.config.vocab_size
+    a, b = tokens_of(rng, 7, vocab), tokens_of(rng, 5, vocab)      # will prefill in the mixed step
+    c, d = tokens_of(rng, 12, vocab), tokens_of(rng, 8, vocab)     # will decode in the mixed step
+    refs = {name: dense(model, s) for name, s in dict(a=a, b=b, c=c, d=d).items()}
+    cache = PagedKVCache.for_model(model, num_blocks=24, block_size=BS)
+    ta, tb, tc, td = tables(rng, 24, [nblocks(12), nblocks(10), nblocks(14), nblocks(11)])
+
+    # c and d prefill together (all but their last token), in one forward
+    lc, ld = run(model, cache, [(c[:9], 9, tc), (d[:6], 6, td)])
+    check(lc, refs["c"][:9])
+    check(ld, refs["d"][:6])
+
+    # ONE forward: a prefills, c decodes, b prefills, d decodes (interleaved order)
+    la, lc, lb, ld = run(model, cache, [(a, 7, ta), (c[:10], 1, tc), (b, 5, tb), (d[:7], 1, td)])
+    check(la, refs["a"])
+    check(lb, refs["b"])
+    check(lc, refs["c"][9:10])
+    check(ld, refs["d"][6:7])
+
+    # the sequences prefilled above now decode, next to the others (unequal context lengths: padding)
+    a2, b2 = a + tokens_of(rng, 3, vocab), b + tokens_of(rng, 3, vocab)
+    ra, rb = dense(model, a2), dense(model, b2)
+    # step 1: four decodes with contexts 6, 11, 8, 8
+    lb, lc, la, ld = run(model, cache, [(b2[:6], 1, tb), (c[:11], 1, tc), (a2[:8], 1, ta), (d, 1, td)])
+    check(lb, rb[5:6])
+    check(lc, refs["c"][10:11])
+    check(la, ra[7:8])
+    check(ld, refs["d"][7:8])
+    # step 2: d has finished; three decodes with contexts 7, 12, 9
+    lb, lc, la = run(model, cache, [(b2[:7], 1, tb), (c, 1, tc), (a2[:9], 1, ta)])
+    check(lb, rb[6:7])
+    check(lc, refs["c"][11:12])
+    check(la, ra[8:9])
+
+
+def test_decode_batch_of_equal_lengths(model):
+    """All decode contexts the same length (no padding mask)."""
+    rng = random.Random(2)
+    vocab = model.config.vocab_size
+    seqs = [tokens_of(rng, 9, vocab) for _ in range(3)]
+    cache = PagedKVCache.for_model(model, num_blocks=12, block_size=BS)
+    tbls = tables(rng, 12, [3, 3, 3])
+    run(model, cache, [(s[:8], 8, t) for s, t in zip(seqs, tbls)])
+    outs = run(model, cache, [(s, 1, t) for s, t in zip(seqs, tbls)])
+    for s, out in zip(seqs, outs):
+        check(out, dense(model, s)[8:9])
+
+
+def test_prefill_with_cached_prefix(model):
+    """First blocks already filled (context_len > query_len), alone and shared by another sequence."""
+    rng = random.Random(3)
+    vocab = model.config.vocab_size
+    prefix = tokens_of(rng, 8, vocab)                      # two full blocks
+    x = prefix + tokens_of(rng, 3, vocab)
+    y = prefix + tokens_of(rng, 6, vocab)
+    cache = PagedKVCache.for_model(model, num_blocks=16, block_size=BS)
+    shared, own_x, own_y = tables(rng, 16, [2, 1, 2])
+
+    (lp,) = run(model, cache, [(prefix, 8, shared)])
+    check(lp, dense(model, prefix))
+    # x computes only its 3 new tokens over the cached prefix; y (sharing the same physical
+    # prefix blocks) does too, in the same forward, next to a decode of x's continuation later
+    lx, ly = run(model, cache, [(x, 3, shared + own_x), (y, 6, shared + own_y)])
+    check(lx, dense(model, x)[8:])
+    check(ly, dense(model, y)[8:])
+    # a prefix hit that ends mid-block: 1 token of x's last block cached, 2 more computed
+    z = x + tokens_of(rng, 2, vocab)
+    own_z = [b for b in range(16) if b not in shared + own_x + own_y][:2]
+    cache.copy_blocks([CopyOp(own_x[0], own_z[0])])
+    (lz,) = run(model, cache, [(z, 2, shared + own_z)])
+    check(lz, dense(model, z)[11:])
+
+
+def test_copy_blocks_copies_whole_blocks_in_all_layers(model):
+    cache = PagedKVCache.for_model(model, num_blocks=8, block_size=BS)
+    g = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    cache.copy_blocks([CopyOp(2, 5), CopyOp(0, 7)])
+    assert cache.k.shape[0] == model.config.num_layers
+    for src, dst in [(2, 5), (0, 7)]:
+        for t in (cache.k, cache.v):
+            assert torch.equal(t[:, dst * BS:(dst + 1) * BS], (k0 if t is cache.k else v0)[:, src * BS:(src + 1) * BS])
+    untouched = [b for b in range(8) if b not in (5, 7)]
+    for b in untouched:
+        sl = slice(b * BS, (b + 1) * BS)
+        assert torch.equal(cache.k[:, sl], k0[:, sl]) and torch.equal(cache.v[:, sl], v0[:, sl])
+    cache.copy_blocks([])
+    assert cache.nbytes == 2 * 8 * PagedKVCache.bytes_per_block(model.config, BS) // 2
+
+
+def test_attend_requires_matching_prepare(model):
+    cache = PagedKVCache.for_model(model, num_blocks=4, block_size=BS)
+    ids, pos = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]])
+    with pytest.raises(RuntimeError):
+        model(ids, pos, cache=cache)
+    cache.prepare([BatchEntry(4, 4, [1])])  # planned 4 tokens, forward has 3
+    with pytest.raises(RuntimeError):
+        model(ids, pos, cache=cache)
+    c = model.config
+    q = torch.zeros(1, c.num_heads, 2, c.head_dim)
+    kv = torch.zeros(1, c.num_kv_heads, 2, c.head_dim)
+    with pytest.raises(RuntimeError):
+        cache.attend(0, q, kv, kv)
+    cache.prepare([BatchEntry(3, 3, [2])])
+    model(ids, pos, cache=cache)  # matching plan works
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError):
+        PagedKVCache(num_layers=1, num_blocks=0, block_size=4, num_kv_heads=1, head_dim=8)
