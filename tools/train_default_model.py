@@ -21,11 +21,9 @@ Steps (each resumable; a rerun continues from the last checkpoint):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -35,28 +33,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from kvcache.model.config import ModelConfig  # noqa: E402
+from kvcache.model.stdlib_corpus import corpus_files, read_text  # noqa: E402
 from kvcache.model.export import save_hf_checkpoint  # noqa: E402
 from kvcache.model.transformer import Transformer  # noqa: E402
 
 EOS = "<|endoftext|>"
-EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def corpus_files(root: Path | None = None) -> tuple[list[Path], list[Path], Path]:
-    """(train files, validation files, stdlib root): deterministic order and split."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
-    train, val = [], []
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        (val if int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100 < 5 else train).append(p)
-    return train, val, root
-
-
-def read_text(p: Path) -> str:
-    return p.read_text(encoding="utf-8", errors="replace")
-
-
 def train_tokenizer(files: list[Path], vocab_size: int, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -35,12 +35,16 @@ def model(model_dir):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _flush_denormals():
-    # The Llama fixture's peaked softmax produces denormal floats that make CPU matmuls ~5x slower.
-    # Engine and reference run under the same setting, so comparisons are unaffected.
+def _fast_cpu():
+    # Tiny models on a busy 2-core machine: one thread is ~10x faster than two (no OpenMP
+    # contention), and the Llama fixture's peaked softmax makes denormal floats that slow CPU
+    # matmuls ~5x. Engine and reference run under the same settings, so comparisons are unaffected.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 _refs: dict = {}

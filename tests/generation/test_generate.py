@@ -154,7 +154,7 @@ def test_default_stop_tokens_are_the_tokenizer_eos(llama, monkeypatch):
     ([1, 2.0], 4, {}, TypeError, "integers"),
     (torch.tensor([[1, 2]]), 4, {}, ValueError, "1-D"),
     (PROMPT, -1, {}, ValueError, "max_new_tokens"),
-    (PROMPT, 256, {}, ValueError, "maximum"),  # 7 + 256 > 256 positions
+    (PROMPT, 250, {}, ValueError, "maximum"),  # 7 + 250 = 257 > 256 positions
     (PROMPT, 4, {"temperature": -0.5}, ValueError, "temperature"),
     (PROMPT, 4, {"temperature": float("nan")}, ValueError, "temperature"),
     (PROMPT, 4, {"temperature": 1.0, "top_k": 0}, ValueError, "top_k"),

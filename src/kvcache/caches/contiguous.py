@@ -116,10 +116,11 @@ class ContiguousKVCache:
         self.lengths[layer] = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k/v, then causal attention of q over the whole cached sequence."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        """Store k/v, then causal attention of q over the whole cached sequence (or its last ``window``)."""
         keys, values = self.update(layer, k, v)
-        return attention(q, keys, values)
+        return attention(q, keys, values, window=window)
 
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)
@@ -132,7 +133,7 @@ class ContiguousKVCache:
     # --- edits -------------------------------------------------------------
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` positions (speculative decoding rejects drafts)."""
-        if not 0 <= length <= len(self):
+        if not isinstance(length, int) or not 0 <= length <= len(self):
             raise ValueError(f"cannot crop to {length}: the cache holds {len(self)} positions")
         self.lengths = [min(n, length) for n in self.lengths]
 

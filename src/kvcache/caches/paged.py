@@ -59,6 +59,7 @@ class _StepPlan:
                 self.prefills.append((start, start + e.query_len, ctx))
             start += e.query_len
         self.num_tokens = start
+        self.max_context = max(e.context_len for e in entries)
         self.write_slots = torch.cat(self.write_slots)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
         if decode_rows:
@@ -113,11 +114,15 @@ class PagedKVCache:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""
         self.plan = _StepPlan(entries, self.block_size)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
         """q (1, heads, N, d), k/v (1, kv_heads, N, d) for the N flattened tokens of the planned batch."""
         plan = self.plan
         if plan is None or q.shape[2] != plan.num_tokens:
             raise RuntimeError("PagedKVCache.attend called without a matching prepare() for this batch")
+        if window is not None and plan.max_context > window:
+            raise ValueError(f"sequence of {plan.max_context} tokens exceeds the sliding window ({window}); "
+                             "the paged cache does not evict by window")
         k_pool, v_pool = self.k[layer], self.v[layer]
         k_pool.index_copy_(0, plan.write_slots, k[0].transpose(0, 1))
         v_pool.index_copy_(0, plan.write_slots, v[0].transpose(0, 1))

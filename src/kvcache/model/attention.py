@@ -22,12 +22,18 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(seq_q: int, seq_k: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean (seq_q, seq_k) mask, True where query i may attend key j (j <= i + offset)."""
+def causal_mask(seq_q: int, seq_k: int, device: torch.device | None = None, window: int | None = None) -> torch.Tensor:
+    """Boolean (seq_q, seq_k) mask, True where query i may attend key j (j <= i + offset).
+
+    With a sliding ``window`` (Mistral), also j > i + offset - window.
+    """
     offset = seq_k - seq_q
     rows = torch.arange(seq_q, device=device).unsqueeze(1)
     cols = torch.arange(seq_k, device=device).unsqueeze(0)
-    return cols <= rows + offset
+    mask = cols <= rows + offset
+    if window is not None:
+        mask &= cols > rows + offset - window
+    return mask
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,13 +46,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              window: int | None = None) -> torch.Tensor:
     """Causal attention of q over k/v; the causal offset is seq_k - seq_q.
 
     ``mask`` (bool, broadcastable to (batch, heads, seq_q, seq_k)) replaces the
-    causal mask when given, e.g. for padded batches.
+    causal mask when given, e.g. for padded batches.  ``window`` limits each
+    query to its last ``window`` keys (sliding-window attention).
     """
     seq_q, seq_k = q.shape[2], k.shape[2]
+    if window is not None and mask is None and seq_k > window:
+        if seq_q == 1:
+            return decode_attention(q, k[:, :, -window:], v[:, :, -window:])
+        mask = causal_mask(seq_q, seq_k, q.device, window)
     if mask is None and seq_q == 1:
         return decode_attention(q, k, v)
     gqa = q.shape[1] != k.shape[1]

@@ -26,7 +26,13 @@ def hf_config(model: Transformer) -> dict[str, Any]:
                 "n_head": c.num_heads, "n_inner": c.intermediate_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": c.norm_eps, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[c.model_type]
+    extra = {}
+    if c.model_type == "mistral":
+        extra["sliding_window"] = c.sliding_window
+    if c.model_type == "qwen2":
+        extra["use_sliding_window"] = False
+    return {"architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size, **extra,
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
             "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",

@@ -79,6 +79,9 @@ class Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.out = Linear(q_size, config.hidden_size, bias=config.arch == "gpt2")
+        # Mistral-style sliding window; only passed to caches when set, so simple caches need not know it
+        self.window = config.sliding_window if config.sliding_window and config.sliding_window < config.max_positions else None
+        self.cache_kwargs = {"window": self.window} if self.window else {}
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: AttentionCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -88,7 +91,10 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
+        if cache is None:
+            out = attention(q, k, v, window=self.window)
+        else:
+            out = cache.attend(self.layer, q, k, v, **self.cache_kwargs)
         return self.out(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
