@@ -4,6 +4,7 @@ running the request alone with ``generate`` (greedy or seeded sampling)."""
 from __future__ import annotations
 
 import random
+import weakref
 
 import pytest
 import torch
@@ -47,14 +48,16 @@ def _fast_cpu():
     torch.set_num_threads(threads)
 
 
-_refs: dict = {}
+_refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {args: tokens}
 
 
 def ref(model, prompt, n, **kw):
-    key = (id(model), tuple(prompt), n, tuple(sorted(kw.items())))
-    if key not in _refs:
-        _refs[key] = generate(model, prompt, n, stop_token_ids=[], **kw)
-    return _refs[key]
+    """``generate`` run alone (memoised per model)."""
+    cache = _refs.setdefault(model, {})
+    key = (tuple(prompt), n, tuple(sorted(kw.items())))
+    if key not in cache:
+        cache[key] = generate(model, prompt, n, stop_token_ids=[], **kw)
+    return cache[key]
 
 
 def greedy(n):
@@ -86,7 +89,20 @@ def test_greedy_equals_generate(model):
         assert out.finish_reason == "length"
         assert len(out.outputs) == 1 and out.outputs[0].index == 0
     assert llm.stats()["prefix_hit_tokens"] > 0  # the prompts share prefixes
+    # a text prompt is encoded by the model's tokenizer (bytes here: "ABC" -> 65, 66, 67)
+    (text_out,) = llm.generate("ABC", greedy(4))
+    assert text_out.prompt_token_ids == llm.tokenizer.encode("ABC")
+    assert text_out.token_ids == ref(model, text_out.prompt_token_ids, 4)
+    assert llm.generate([], greedy(4)) == []
+    with pytest.raises(ValueError):
+        llm.generate(PROMPTS[:2], [greedy(3)])  # one SamplingParams per prompt, or a single one
     assert_no_leak(llm)
+
+
+def test_sampling_params_validation():
+    for bad in (dict(max_new_tokens=0), dict(n=0), dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
 
 
 def test_results_independent_of_batch_composition(model):
@@ -273,6 +289,10 @@ def test_invalid_prompts_fail_with_error(model):
     for o in outs[:3]:
         assert o.outputs == [] and o.metrics.finish_time is not None
     assert outs[3].error is None and outs[3].token_ids == ref(model, PROMPTS[0], 5)
+    # exactly at the limit is fine
+    edge = rand_tokens(random.Random(5), limit - 4)
+    (out,) = llm.generate([edge], greedy(4))
+    assert out.error is None and out.token_ids == ref(model, edge, 4)
     assert_no_leak(llm)
 
 

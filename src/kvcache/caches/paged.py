@@ -1,8 +1,10 @@
 """Paged KV storage and attention: vLLM's PagedAttention idea on a CPU.
 
 All layers' keys and values live in one preallocated pool of fixed-size
-blocks, ``k``/``v`` shaped (layers, num_blocks * block_size, kv_heads, d): a
-token's KV sits in *slot* ``block * block_size + offset``.  Which blocks a
+blocks, ``k``/``v`` shaped (layers, kv_heads, num_blocks * block_size, d): a
+token's KV sits in *slot* ``block * block_size + offset``.  Slots are the
+second-to-last axis so a gathered context is already laid out
+(kv_heads, batch, len, d) for a batched matmul: no transposing copies.  Which blocks a
 sequence owns is the block manager's business (engine/block_manager.py);
 this class only moves tensors.
 
@@ -71,10 +73,10 @@ class _StepPlan:
             lens = torch.tensor(decode_lens)
             self.decode_width = width
             self.decode_all_full = bool((lens == width).all())
-            # additive mask (batch, 1, 1, width): 0 on real context, -inf on padding
+            # additive mask: 0 on real context, -inf on padding
             mask = torch.zeros(len(decode_rows), width)
             mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
-            self.decode_mask = mask.view(len(decode_rows), 1, 1, width)
+            self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
 
 
 class PagedKVCache:
@@ -82,7 +84,7 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32):
         if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) < 1:
             raise ValueError("num_layers, num_blocks, block_size, num_kv_heads and head_dim must all be >= 1")
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -107,8 +109,8 @@ class PagedKVCache:
         bs = self.block_size
         for op in ops:
             src, dst = slice(op.src * bs, (op.src + 1) * bs), slice(op.dst * bs, (op.dst + 1) * bs)
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
+            self.k[:, :, dst] = self.k[:, :, src]
+            self.v[:, :, dst] = self.v[:, :, src]
 
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""
@@ -124,15 +126,15 @@ class PagedKVCache:
             raise ValueError(f"sequence of {plan.max_context} tokens exceeds the sliding window ({window}); "
                              "the paged cache does not evict by window")
         k_pool, v_pool = self.k[layer], self.v[layer]
-        k_pool.index_copy_(0, plan.write_slots, k[0].transpose(0, 1))
-        v_pool.index_copy_(0, plan.write_slots, v[0].transpose(0, 1))
+        k_pool.index_copy_(1, plan.write_slots, k[0])
+        v_pool.index_copy_(1, plan.write_slots, v[0])
         out = torch.empty_like(q)
         for q_start, q_end, ctx in plan.prefills:
             if ctx is None:
                 keys, values = k[:, :, q_start:q_end], v[:, :, q_start:q_end]
             else:
-                keys = k_pool.index_select(0, ctx).transpose(0, 1).unsqueeze(0)
-                values = v_pool.index_select(0, ctx).transpose(0, 1).unsqueeze(0)
+                keys = k_pool.index_select(1, ctx).unsqueeze(0)
+                values = v_pool.index_select(1, ctx).unsqueeze(0)
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
         if len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
@@ -143,12 +145,14 @@ class PagedKVCache:
         """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, d)."""
         batch, width = len(plan.decode_rows), plan.decode_width
         heads, dim = q.shape[1], q.shape[3]
-        kv_heads = k_pool.shape[1]
-        qd = q[0, :, plan.decode_rows].transpose(0, 1).reshape(batch, kv_heads, heads // kv_heads, dim)
-        keys = k_pool.index_select(0, plan.decode_slots).view(batch, width, kv_heads, dim).transpose(1, 2)
-        values = v_pool.index_select(0, plan.decode_slots).view(batch, width, kv_heads, dim).transpose(1, 2)
-        scores = torch.matmul(qd * dim ** -0.5, keys.transpose(-1, -2))
+        kv_heads = k_pool.shape[0]
+        group = heads // kv_heads
+        # (heads, batch, d) -> (kv_heads, batch, group, d): each KV head's whole group in one matmul
+        qd = (q[0, :, plan.decode_rows] * dim ** -0.5).view(kv_heads, group, batch, dim).transpose(1, 2)
+        keys = k_pool.index_select(1, plan.decode_slots).view(kv_heads, batch, width, dim)
+        values = v_pool.index_select(1, plan.decode_slots).view(kv_heads, batch, width, dim)
+        scores = torch.matmul(qd, keys.transpose(-1, -2))  # (kv_heads, batch, group, width)
         if not plan.decode_all_full:
             scores = scores + plan.decode_mask
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (batch, kv_heads, group, d)
-        return out.reshape(batch, heads, dim).transpose(0, 1)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, d)
+        return out.transpose(1, 2).reshape(heads, batch, dim)
