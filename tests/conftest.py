@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny test models: one thread is as fast and leaves a core free
+# Tiny test models: one thread is as fast as two and avoids OpenMP contention on a busy
+# 2-core machine (~10x). Library code and references run under the same settings.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def flush_denormals():
+    """Random Llama weights give peaked softmaxes whose denormal floats slow CPU matmuls ~5x.
+
+    Opt-in per module: hypothesis refuses to generate floats while denormals are flushed.
+    """
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
 
 
 def save_hf_gpt2(path, **overrides):

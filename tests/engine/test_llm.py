@@ -15,6 +15,8 @@ from kvcache.engine.sequence import SamplingParams
 from kvcache.generation.generate import generate
 from kvcache.model.loader import load_model
 
+pytestmark = pytest.mark.usefixtures("flush_denormals")
+
 BS = 4
 
 
@@ -33,19 +35,6 @@ def widen(model, std=0.2, seed=0):
 def model(model_dir):
     m = load_model(model_dir)
     return widen(m) if m.config.arch == "gpt2" else m
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    # Tiny models on a busy 2-core machine: one thread is ~10x faster than two (no OpenMP
-    # contention), and the Llama fixture's peaked softmax makes denormal floats that slow CPU
-    # matmuls ~5x. Engine and reference run under the same settings, so comparisons are unaffected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 _refs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {args: tokens}
@@ -234,9 +223,6 @@ def test_parallel_greedy_completions_identical(model):
     assert_no_leak(llm)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="BUG llm.py step(): the parent finishes (and frees its blocks) on its first token "
-                          "before _fork_children forks it -> KeyError 'unknown sequence'")
 def test_parallel_sampling_finishing_on_first_token(model):
     llm = LLM(model, num_blocks=64, block_size=BS)
     out = llm.generate([BASE[:6]], SamplingParams(n=2, max_new_tokens=1, ignore_eos=True))[0]

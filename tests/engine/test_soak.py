@@ -14,20 +14,11 @@ from kvcache.engine.sequence import SamplingParams
 from kvcache.generation.generate import generate
 from kvcache.model.loader import load_model
 
+pytestmark = pytest.mark.usefixtures("flush_denormals")
+
 SEED = 1234
 NUM_REQUESTS = 200
 BS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    # Tiny model on a busy 2-core machine: one thread avoids OpenMP contention (~10x faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,6 @@ from kvcache.model.loader import load_model
 PROMPT = [3, 17, 42, 8, 29, 11, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair(model_dir):
     """(our model, the transformers model) from the same checkpoint."""

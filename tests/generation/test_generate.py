@@ -16,16 +16,6 @@ from kvcache.model.loader import load_model
 PROMPT = [3, 17, 42, 8, 29, 11, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and with a busy second core every
-    # parallel region waits on it (~100x slower decode steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(model_dir):
     return load_model(model_dir)

@@ -28,16 +28,6 @@ PROMPT = [1, 5, 9, 20, 3, 7, 11, 2, 64, 33, 33, 80, 14]
 LONG = PROMPT + list(range(30, 57))  # 40 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and with a busy second core every
-    # parallel region waits on it (~100x slower decode steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------ checkpoints
 
 LLAMA_LIKE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

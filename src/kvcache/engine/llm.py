@@ -133,10 +133,9 @@ class LLM:
             token = greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)
             if seq.num_output == 0 and seq.index == 0 and seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
-            parent_tokens = list(seq.tokens)
-            self._emit(seq, token)
             if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
-                self._fork_children(seq, parent_tokens, logits[row])
+                self._fork_children(seq, list(seq.tokens), logits[row])  # before the parent may finish
+            self._emit(seq, token)
         for seq, _ in batch:
             if seq.request.finished and seq.request.metrics.finish_time is None:
                 seq.request.metrics.finish_time = now
