@@ -76,3 +76,13 @@ def test_writes_python(model):
     ids = model.tokenizer.encode("import os\n\n\ndef ")
     text = model.tokenizer.decode(kvcache.generate(model, ids, 40))
     assert "(" in text and ":" in text  # a function signature, not noise
+
+
+def test_streamed_text_equals_the_decoded_text(model):
+    from kvcache.model.tokenizer import StreamDecoder
+
+    ids = model.tokenizer.encode("x = 'héllo wörld 👋'\nprint(x)\n") + kvcache.generate(
+        model, model.tokenizer.encode("def f():"), 24, temperature=1.0, seed=0, stop_token_ids=[])
+    decoder = StreamDecoder(model.tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == model.tokenizer.decode(ids)

@@ -43,22 +43,30 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a stream of token ids into text pieces without splitting a UTF-8 character."""
+    """Turns a stream of token ids into text pieces without splitting a UTF-8 character.
 
-    def __init__(self, tokenizer: Tokenizer, prefix_ids: list[int] | None = None):
+    Incremental, as in vLLM: only a short window of recent tokens is decoded per
+    push (a token's text can depend on its neighbours, e.g. byte-level pieces of
+    one character), so streaming n tokens costs O(n), not O(n^2).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0
+        self.prefix_offset = 0  # start of the decoding window
+        self.read_offset = 0  # tokens whose text has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more tokens
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if text.endswith("\ufffd") or len(text) <= len(prefix):  # incomplete character: wait for more tokens
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
