@@ -176,3 +176,10 @@ def test_generations_do_not_contaminate_each_other(model):
     sa, sb = stream(model, PROMPT, 16, stop_token_ids=[]), stream(model, other, 16, stop_token_ids=[])
     pairs = list(zip(sa, sb))
     assert [p[0] for p in pairs] == a1 and [p[1] for p in pairs] == b
+
+
+def test_stream_validates_before_the_first_token(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        stream(model, [], 4)  # no next(): the error must not wait for iteration
+    with pytest.raises(ValueError, match="temperature"):
+        stream(model, [1, 2], 4, temperature=-1.0)

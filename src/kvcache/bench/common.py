@@ -14,14 +14,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s at which this machine streams a large fp32 tensor from memory (best of repeats)."""
-    x = torch.ones(mbytes * (1 << 20) // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t, _ = timed(lambda: x.sum())
-        best = min(best, t)
-    return x.nbytes / best
+def copy_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s, STREAM-copy style: (bytes read + bytes written) / time, best of repeats."""
+    src = torch.ones(mbytes * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = min(timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return 2 * src.nbytes / best
 
 
 def weight_bytes(model) -> int:

@@ -3,7 +3,7 @@
 Both load one random-weight checkpoint (transformers' own init, saved with
 save_pretrained); fp32, batch 1, greedy, runs interleaved in one process.
 Also reports how close each gets to the memory-bandwidth limit: the bytes a
-decode step must read (weights + KV cache) over the measured read bandwidth.
+decode step must read (weights + KV cache) over the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from ..generation.generate import generate
 from ..model.loader import load_model
 from ..model.shapes import hf_config_dict
-from .common import read_bandwidth, table, timed, weight_bytes
+from .common import copy_bandwidth, table, timed, weight_bytes
 
 
 def build_pair(shape: str, path: str):
@@ -32,7 +32,7 @@ def build_pair(shape: str, path: str):
 
 def bench_hf(shapes=("gpt2-small", "llama-135m"), prompt_len: int = 32, new_tokens: int = 256,
              rounds: int = 3) -> list[dict]:
-    bandwidth = read_bandwidth()
+    bandwidth = copy_bandwidth()
     rows = []
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-SCENARIOS = ("decode", "hf", "append", "throughput", "prefix", "memory")
+SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import append, decode, hf_compare, serving
+    from . import append, decode, hf_compare, kernels, serving
 
     quick = args.quick
     results: dict[str, object] = {}
@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
             rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3,
                                        shapes=("gpt2-small",) if quick else ("gpt2-small", "llama-135m"))
             print("\n" + hf_compare.format_hf_table(rows))
+        elif name == "kernels":
+            rows = {"attention": kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),
+                    "growth": kernels.bench_cache_growth((64,) if quick else (1024, 4096))}
+            print(kernels.format_attention_table(rows["attention"]) + "\n")
+            print(kernels.format_growth_table(rows["growth"]))
         elif name == "append":
             rows = append.bench_append(sizes=(1000,) if quick else (10_000, 100_000))
             print("\n" + append.format_append_table(rows))

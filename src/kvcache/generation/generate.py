@@ -59,10 +59,15 @@ def stream(
     stop_token_ids defaults to the model's EOS ids; pass ``[]`` to never stop
     early.  A stop token is yielded, then generation ends.
     """
-    ids = check_prompt(model, prompt_ids, max_new_tokens)
+    ids = check_prompt(model, prompt_ids, max_new_tokens)  # validate now, not at the first next()
     config = SamplingConfig(temperature, top_k, top_p)
     stops = set(model.tokenizer.eos_token_ids if stop_token_ids is None and model.tokenizer else stop_token_ids or [])
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return _decode_loop(model, ids, max_new_tokens, use_cache, config, stops, generator)
+
+
+def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, config: SamplingConfig,
+                 stops: set[int], generator: torch.Generator | None) -> Iterator[int]:
     if max_new_tokens == 0:
         return
     with torch.inference_mode():
