@@ -45,7 +45,7 @@ class _StepPlan:
         offsets = torch.arange(block_size)
         self.write_slots: list[torch.Tensor] = []
         self.prefills: list[tuple[int, int, torch.Tensor | None]] = []  # (q_start, q_end, context slots | None)
-        decode_rows, decode_slots, decode_lens = [], [], []
+        decode_rows, decode_tables, decode_lens = [], [], []
         start = 0
         for e in entries:
             table = torch.as_tensor(list(e.block_table), dtype=torch.long)
@@ -53,28 +53,29 @@ class _StepPlan:
             self.write_slots.append(slots[e.context_len - e.query_len:])
             if e.query_len == 1:
                 decode_rows.append(start)
-                decode_slots.append(slots)
+                decode_tables.append(table[: -(-e.context_len // block_size)])
                 decode_lens.append(e.context_len)
             else:
                 # a prompt with nothing cached attends only to itself: no gather needed
                 ctx = slots if e.context_len > e.query_len else None
                 self.prefills.append((start, start + e.query_len, ctx))
             start += e.query_len
-        self.num_tokens = start
+        self.num_tokens, self.block_size = start, block_size
         self.max_context = max(e.context_len for e in entries)
         self.write_slots = torch.cat(self.write_slots)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
         if decode_rows:
-            width = max(decode_lens)
-            padded = torch.zeros(len(decode_rows), width, dtype=torch.long)
-            for i, s in enumerate(decode_slots):
-                padded[i, : len(s)] = s
-            self.decode_slots = padded.flatten()
+            # decode contexts are gathered whole blocks at a time (block_size x d contiguous floats per
+            # copy instead of d), padded to the longest table; padding and unused slots are masked
+            blocks = max(len(t) for t in decode_tables)
+            padded = torch.zeros(len(decode_rows), blocks, dtype=torch.long)
+            for i, t in enumerate(decode_tables):
+                padded[i, : len(t)] = t
+            self.decode_blocks = padded.flatten()
+            self.decode_width = width = blocks * block_size
             lens = torch.tensor(decode_lens)
-            self.decode_width = width
             self.decode_all_full = bool((lens == width).all())
-            # additive mask: 0 on real context, -inf on padding
-            mask = torch.zeros(len(decode_rows), width)
+            mask = torch.zeros(len(decode_rows), width)  # additive: 0 on real context, -inf elsewhere
             mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
             self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
 
@@ -149,8 +150,10 @@ class PagedKVCache:
         group = heads // kv_heads
         # (heads, batch, d) -> (kv_heads, batch, group, d): each KV head's whole group in one matmul
         qd = (q[0, :, plan.decode_rows] * dim ** -0.5).view(kv_heads, group, batch, dim).transpose(1, 2)
-        keys = k_pool.index_select(1, plan.decode_slots).view(kv_heads, batch, width, dim)
-        values = v_pool.index_select(1, plan.decode_slots).view(kv_heads, batch, width, dim)
+        num_slots = k_pool.shape[1]
+        by_block = (kv_heads, num_slots // plan.block_size, plan.block_size * dim)
+        keys = k_pool.view(by_block).index_select(1, plan.decode_blocks).view(kv_heads, batch, width, dim)
+        values = v_pool.view(by_block).index_select(1, plan.decode_blocks).view(kv_heads, batch, width, dim)
         scores = torch.matmul(qd, keys.transpose(-1, -2))  # (kv_heads, batch, group, width)
         if not plan.decode_all_full:
             scores = scores + plan.decode_mask
