@@ -175,7 +175,7 @@ def main() -> None:
 
     if args.export:
         meta = {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "train_bytes": train_bytes,
-                "val_bytes": val_bytes, "steps": step, "args": vars(args)}
+                "val_bytes": val_bytes, "steps": step, "args": ck.get("args", vars(args)) if ckpt_path.exists() else vars(args)}
         save_hf_checkpoint(model, args.export, tokenizer_file=tok_path, extra_files={"training.json": meta})
         print(f"exported step {step} to {args.export}")
         return
@@ -213,7 +213,8 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
         if step % args.ckpt_every == 0 or step == end:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "rng": rng.bit_generator.state, "config": config.__dict__}, ckpt_path.with_suffix(".tmp"))
+                        "rng": rng.bit_generator.state, "config": config.__dict__,
+                        "args": vars(args)}, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
 
