@@ -384,3 +384,25 @@ def test_kv_memory_capacity(model):
         LLM(model, kv_memory="lots", block_size=BS)
     with pytest.raises(ValueError):
         LLM(model, kv_memory=per_block - 1, block_size=BS)
+
+
+def test_shared_prefix_decodes_through_cascade_attention(model):
+    """Sequences sharing cached prefix blocks attend to them once (cascade); results equal generate."""
+    rng = random.Random(5)
+    system = [rng.randrange(1, 90) for _ in range(37)]
+    prompts = [system + [rng.randrange(1, 90) for _ in range(rng.randint(1, 6))] for _ in range(5)]
+    llm = LLM(model, num_blocks=200, block_size=4)
+    shared_seen = []
+    original = llm.cache.prepare
+
+    def spy(entries):
+        original(entries)
+        if llm.cache.plan.shared_blocks is not None:
+            shared_seen.append(len(llm.cache.plan.shared_blocks))
+
+    llm.cache.prepare = spy
+    outs = llm.generate(prompts, greedy(12))
+    assert shared_seen and max(shared_seen) >= 9  # 37 shared tokens = 9 full blocks of 4
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == ref(model, prompt, 12)
+    assert_no_leak(llm)

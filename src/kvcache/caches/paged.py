@@ -16,7 +16,9 @@ and the slots of its whole context.  In every layer ``attend`` then
    sequence that shares a block filled in this same step sees it), and
 2. attends: all decode tokens together (gather each context into a padded
    (batch, kv_heads, max_len, d) tensor, grouped matmul, padding masked), and
-   each prefill chunk on its own with causal SDPA over its context.
+   each prefill chunk on its own with causal SDPA over its context.  Blocks
+   shared by every decoding sequence (a common system prompt) are attended
+   once for all of them (cascade attention) instead of once per sequence.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class _StepPlan:
             self.write_slots.append(slots[e.context_len - e.query_len:])
             if e.query_len == 1:
                 decode_rows.append(start)
-                decode_tables.append(table[: -(-e.context_len // block_size)])
+                decode_tables.append(list(e.block_table)[: -(-e.context_len // block_size)])
                 decode_lens.append(e.context_len)
             else:
                 # a prompt with nothing cached attends only to itself: no gather needed
@@ -64,13 +66,20 @@ class _StepPlan:
         self.max_context = max(e.context_len for e in entries)
         self.write_slots = torch.cat(self.write_slots)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
+        self.shared_blocks: torch.Tensor | None = None
         if decode_rows:
+            shared = self._shared_prefix(decode_tables, decode_lens, block_size)
+            if shared:
+                # cascade: the blocks every decoding sequence shares are attended once for all of them
+                self.shared_blocks = torch.tensor(decode_tables[0][:shared], dtype=torch.long)
+                decode_tables = [t[shared:] for t in decode_tables]
+                decode_lens = [n - shared * block_size for n in decode_lens]
             # decode contexts are gathered whole blocks at a time (block_size x d contiguous floats per
             # copy instead of d), padded to the longest table; padding and unused slots are masked
             blocks = max(len(t) for t in decode_tables)
             padded = torch.zeros(len(decode_rows), blocks, dtype=torch.long)
             for i, t in enumerate(decode_tables):
-                padded[i, : len(t)] = t
+                padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             self.decode_blocks = padded.flatten()
             self.decode_width = width = blocks * block_size
             lens = torch.tensor(decode_lens)
@@ -78,6 +87,18 @@ class _StepPlan:
             mask = torch.zeros(len(decode_rows), width)  # additive: 0 on real context, -inf elsewhere
             mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
             self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
+
+
+    @staticmethod
+    def _shared_prefix(tables: list[list[int]], lens: list[int], block_size: int) -> int:
+        """Leading blocks common to every table (full blocks before each sequence's newest token)."""
+        if len(tables) < 2:
+            return 0
+        limit = min((n - 1) // block_size for n in lens)
+        first, shared = tables[0], 0
+        while shared < limit and all(t[shared] == first[shared] for t in tables[1:]):
+            shared += 1
+        return shared
 
 
 class PagedKVCache:
@@ -157,5 +178,19 @@ class PagedKVCache:
         scores = torch.matmul(qd, keys.transpose(-1, -2))  # (kv_heads, batch, group, width)
         if not plan.decode_all_full:
             scores = scores + plan.decode_mask
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, d)
+        if plan.shared_blocks is None:
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, d)
+            return out.transpose(1, 2).reshape(heads, batch, dim)
+        # Cascade attention (as in FlashInfer / vLLM): every query against the shared prefix in one
+        # matmul that reads the prefix once, each query against its own suffix, then the two partial
+        # softmaxes are merged through their maxima and sums.
+        shared_k = k_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
+        shared_v = v_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
+        s1 = torch.matmul(qd.reshape(kv_heads, batch * group, dim), shared_k.transpose(-1, -2))
+        s1 = s1.view(kv_heads, batch, group, -1)
+        m1, m2 = s1.amax(-1, keepdim=True), scores.amax(-1, keepdim=True)
+        m = torch.maximum(m1, m2)
+        e1, e2 = torch.exp(s1 - m), torch.exp(scores - m)
+        o1 = torch.matmul(e1.view(kv_heads, batch * group, -1), shared_v).view(kv_heads, batch, group, dim)
+        out = (o1 + torch.matmul(e2, values)) / (e1.sum(-1, keepdim=True) + e2.sum(-1, keepdim=True))
         return out.transpose(1, 2).reshape(heads, batch, dim)
