@@ -14,12 +14,23 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def copy_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth in bytes/s, STREAM-copy style: (bytes read + bytes written) / time, best of repeats."""
+def copy_bandwidth(mbytes: int = 256, repeats: int = 7) -> float:
+    """memcpy bandwidth in bytes copied per second (median of repeats)."""
     src = torch.ones(mbytes * (1 << 20) // 4)
     dst = torch.empty_like(src)
-    best = min(timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
-    return 2 * src.nbytes / best
+    dst.copy_(src)  # first touch
+    times = sorted(timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return src.nbytes / times[len(times) // 2]
+
+
+def read_bandwidth(mbytes: int = 512, repeats: int = 7) -> float:
+    """Bytes/s at which a large fp32 tensor streams from memory (a sum; median of repeats).
+
+    The reference for decoding, which reads its weights and KV cache once per token and writes little.
+    """
+    x = torch.ones(mbytes * (1 << 20) // 4)
+    times = sorted(timed(lambda: x.sum())[0] for _ in range(repeats))
+    return x.nbytes / times[len(times) // 2]
 
 
 def weight_bytes(model) -> int:
