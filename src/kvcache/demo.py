@@ -68,7 +68,6 @@ def main(path: str | None = None, prompt: str = "def fibonacci(n):", max_new_tok
     ids = model.tokenizer.encode(prompt) or [0]
     n = min(max_new_tokens, model.config.max_positions - len(ids))
     print(f"prompt: {prompt!r} ({len(ids)} tokens); {n} new tokens, greedy\n")
-    torch.set_num_threads(torch.get_num_threads())
     print("[with KV cache] prefill once, then one token per step:")
     print(prompt, end="")
     cached, t_cached = run_generation(model, ids, n, True, echo=True)

@@ -31,8 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from ..caches.paged import BatchEntry
-from ..generation.beam import BeamHypothesis, BeamSearch, check_beam_args, resolve_stop_ids
-from ..generation.generate import check_prompt
+from ..generation.beam import BeamHypothesis, start_search
 from .block_manager import BlockManager, OutOfBlocks
 
 __all__ = ["paged_beam_search"]
@@ -86,10 +85,7 @@ def paged_beam_search(
     pool cannot hold the beams.
     """
     model, bm, cache = llm.model, llm.block_manager, llm.cache
-    check_beam_args(beam_width, length_penalty)
-    ids = check_prompt(model, prompt_ids, max_new_tokens)
-    stops = resolve_stop_ids(llm.tokenizer, stop_token_ids, model.config.vocab_size)
-    search = BeamSearch(beam_width, max_new_tokens, length_penalty, stops)
+    ids, search = start_search(model, llm.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
     if search.done:
         return []
 

@@ -154,6 +154,15 @@ class BeamSearch:
         return list(self.finished)
 
 
+def start_search(model, tokenizer, prompt_ids, beam_width: int, max_new_tokens: int, length_penalty: float,
+                 stop_token_ids: Sequence[int] | None) -> tuple[list[int], "BeamSearch"]:
+    """Validate a beam-search request; the prompt as a list and a fresh ``BeamSearch``."""
+    check_beam_args(beam_width, length_penalty)
+    ids = check_prompt(model, prompt_ids, max_new_tokens)
+    stops = resolve_stop_ids(tokenizer, stop_token_ids, model.config.vocab_size)
+    return ids, BeamSearch(beam_width, max_new_tokens, length_penalty, stops)
+
+
 def beam_search(
     model,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -168,10 +177,7 @@ def beam_search(
     ``max_new_tokens=0`` returns ``[]``.  (Fewer than ``beam_width`` results
     only if the vocabulary has fewer than ``beam_width`` non-stop tokens.)
     """
-    check_beam_args(beam_width, length_penalty)
-    ids = check_prompt(model, prompt_ids, max_new_tokens)
-    stops = resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size)
-    search = BeamSearch(beam_width, max_new_tokens, length_penalty, stops)
+    ids, search = start_search(model, model.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
     if search.done:
         return []
     with torch.inference_mode():
