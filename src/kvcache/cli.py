@@ -19,18 +19,18 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         ids = model.tokenizer.encode(args.prompt)
     decoder = StreamDecoder(model.tokenizer)
+    try:  # stream() validates the request before the first token
+        tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"kvcache generate: error: {exc}", file=sys.stderr)
+        return 2
     if not args.ids:
         print(args.prompt, end="", flush=True)
-    start, count, out = time.perf_counter(), 0, []
-    try:
-        for token in stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            count += 1
-            out.append(token)
-            print(str(token) + " " if args.ids else decoder.push(token), end="", flush=True)
-    except (ValueError, TypeError) as exc:
-        print(f"\nkvcache generate: error: {exc}", file=sys.stderr)
-        return 2
+    start, count = time.perf_counter(), 0
+    for token in tokens:
+        count += 1
+        print(str(token) + " " if args.ids else decoder.push(token), end="", flush=True)
     print("" if args.ids else decoder.flush())
     elapsed = time.perf_counter() - start
     mode = "no cache" if args.no_cache else "KV cache"
