@@ -378,6 +378,8 @@ def test_kv_memory_capacity(model):
         assert n == llm.num_blocks // -(-seq_len // BS)
         assert n * -(-seq_len // BS) <= llm.num_blocks
     assert llm.max_concurrent(llm.capacity_tokens) == 1
+    stats = llm.stats()
+    assert stats["kv_capacity_tokens"] == llm.capacity_tokens and stats["kv_bytes"] == llm.cache.nbytes
     assert LLM(model, kv_memory=10 * per_block + 3, block_size=BS).num_blocks == 10
     assert LLM(model, kv_memory="1MiB", num_blocks=7, block_size=BS).num_blocks == 7
     with pytest.raises(ValueError):
