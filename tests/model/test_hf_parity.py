@@ -54,6 +54,10 @@ def _build(kind, path):
                                            bos_token_id=0, eos_token_id=96))
     elif kind == "llama-mqa":
         model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, "num_key_value_heads": 1}))
+    elif kind == "llama-attn-bias":  # q, k, v and o_proj biases
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE, attention_bias=True))
+    elif kind == "llama-mlp-bias":  # gate, up and down biases
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE, mlp_bias=True))
     elif kind == "qwen2":  # QKV bias
         model = Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE))
     elif kind == "mistral":  # default window (4096) is longer than anything here
@@ -67,7 +71,7 @@ def _build(kind, path):
     return model
 
 
-KINDS = ["gpt2", "gpt2-wide", "llama", "llama-mqa", "qwen2", "mistral"]
+KINDS = ["gpt2", "gpt2-wide", "llama", "llama-mqa", "llama-attn-bias", "llama-mlp-bias", "qwen2", "mistral"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -200,6 +204,76 @@ def test_misshaped_tensor_is_named(arch, name, reshape, request, tmp_path):
         load_model(folder)
 
 
+def test_llama_biases_are_where_transformers_puts_them(tmp_path):
+    """attention_bias covers o_proj too in Llama (not in Qwen2); mlp_bias covers gate, up and down."""
+    _build("llama-attn-bias", tmp_path / "attn")
+    _build("llama-mlp-bias", tmp_path / "mlp")
+    _build("qwen2", tmp_path / "qwen2")
+    attn, mlp, qwen = (load_model(tmp_path / k).layers[0] for k in ("attn", "mlp", "qwen2"))
+    assert attn.attn.qkv.bias is not None and attn.attn.out.bias is not None and attn.mlp.up.bias is None
+    assert mlp.attn.qkv.bias is None and mlp.attn.out.bias is None
+    assert mlp.mlp.up.bias is not None and mlp.mlp.down.bias is not None
+    assert qwen.attn.qkv.bias is not None and qwen.attn.out.bias is None and qwen.mlp.up.bias is None
+
+
+def _with_extra(src, dst, extra):
+    folder = _copy(src, dst)
+    tensors = load_file(folder / "model.safetensors")
+    tensors.update(extra(tensors))
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("llama", lambda t: {"model.layers.0.self_attn.o_proj.bias": torch.ones(64)}),  # attention_bias is off
+    ("llama", lambda t: {"model.layers.1.mlp.down_proj.bias": torch.ones(64)}),  # mlp_bias is off
+    ("llama", lambda t: {"model.extra_norm.weight": torch.ones(64)}),
+    ("gpt2", lambda t: {"transformer.h.0.attn.q_norm.weight": torch.ones(16)}),
+    ("gpt2", lambda t: {"score.weight": torch.ones(2, 64)}),
+], ids=["llama-o_proj-bias", "llama-mlp-bias", "llama-extra-norm", "gpt2-q_norm", "gpt2-score"])
+def test_unused_checkpoint_tensor_is_named(arch, extra, request, tmp_path):
+    folder = _with_extra(request.getfixturevalue(f"{arch}_dir"), tmp_path / "ckpt", extra)
+    name = next(iter(extra({})))
+    with pytest.raises(CheckpointError, match=re.escape(repr(name))):
+        load_model(folder)
+
+
+def test_qwen2_o_proj_bias_is_refused(tmp_path):
+    _build("qwen2", tmp_path / "src")  # Qwen2 has q/k/v biases but no o_proj bias: an o_proj bias is foreign
+    folder = _with_extra(tmp_path / "src", tmp_path / "ckpt",
+                         lambda t: {"model.layers.0.self_attn.o_proj.bias": torch.ones(64)})
+    with pytest.raises(CheckpointError, match="o_proj.bias"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("llama", lambda t: {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)}),
+    ("gpt2", lambda t: {f"transformer.h.{i}.attn.{b}": torch.ones(1, 1, 8, 8)
+                        for i in range(2) for b in ("bias", "masked_bias")}),
+    ("gpt2", lambda t: {"lm_head.weight": t["transformer.wte.weight"].clone()}),  # tied head saved anyway
+], ids=["llama-inv_freq", "gpt2-mask-buffers", "gpt2-tied-head"])
+def test_known_harmless_buffers_are_ignored(arch, extra, request, tmp_path):
+    src = request.getfixturevalue(f"{arch}_dir")
+    folder = _with_extra(src, tmp_path / "ckpt", extra)
+    assert torch.equal(our_logits(load_model(folder), LONG), our_logits(load_model(src), LONG))
+
+
+def test_tied_head_that_differs_from_the_embedding_is_refused(gpt2_dir, tmp_path):
+    folder = _with_extra(gpt2_dir, tmp_path / "ckpt", lambda t: {"lm_head.weight": t["transformer.wte.weight"] + 1})
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("arch,key", [("gpt2", "n_layer"), ("llama", "num_hidden_layers")])
+def test_config_with_fewer_layers_than_the_checkpoint_is_refused(arch, key, request, tmp_path):
+    folder = _copy(request.getfixturevalue(f"{arch}_dir"), tmp_path / "ckpt")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = 1  # the checkpoint has 2 layers
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"2 layers but config.json has num_layers=1"):
+        load_model(folder)
+
+
 def test_no_safetensors_file(llama_dir, tmp_path):
     folder = _copy(llama_dir, tmp_path / "ckpt", files=("config.json",))
     with pytest.raises(FileNotFoundError, match="safetensors"):
@@ -242,3 +316,18 @@ def test_mistral_sliding_window_cached_generation_matches_transformers(tmp_path)
     got = generate(ours, PROMPT, 32, stop_token_ids=[])
     assert got == generate(ours, PROMPT, 32, use_cache=False, stop_token_ids=[])
     assert got == hf_greedy(hf, PROMPT, 32)
+
+
+def test_export_refuses_biases_transformers_cannot_express(tmp_path):
+    from kvcache.model.config import ModelConfig
+    from kvcache.model.transformer import Transformer
+
+    base = dict(arch="llama", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                head_dim=4, intermediate_size=8, max_positions=16)
+    for model_type, biases in [("qwen2", dict(attention_bias=True, attention_out_bias=True)),
+                               ("llama", dict(attention_bias=True, attention_out_bias=False)),
+                               ("mistral", dict(mlp_bias=True))]:
+        model = Transformer(ModelConfig(**base, model_type=model_type, **biases))
+        with pytest.raises(ValueError, match="cannot express"):
+            save_hf_checkpoint(model, tmp_path / model_type)
+        assert not (tmp_path / model_type / "model.safetensors").exists()

@@ -2,7 +2,11 @@
 
 One flat dataclass covers both families we run: GPT-2 (learned positions,
 LayerNorm, GELU, fused QKV) and Llama (RoPE, RMSNorm, SwiGLU, GQA), with the
-Llama-family variants that are a flag away (Qwen2's QKV bias, Mistral).
+Llama-family variants that are a flag away (Qwen2's QKV bias, Llama's
+``attention_bias``/``mlp_bias``, Mistral).  Which projections carry a bias
+follows transformers' modelling code for each ``model_type``, not just the
+config keys: Qwen2 always has a Q/K/V bias and never an output bias, Mistral
+has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
 """
 
 from __future__ import annotations
@@ -29,13 +33,19 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    attention_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2, Llama attention_bias)
+    attention_out_bias: bool | None = None  # bias on the output projection; None: GPT-2 yes, Llama no
+    mlp_bias: bool | None = None  # biases on the MLP projections; None: GPT-2 yes, Llama no
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        # None = the architecture's own convention (GPT-2 has every bias, plain Llama none)
+        for name in ("attention_out_bias", "mlp_bias"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.arch == "gpt2")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -89,6 +99,8 @@ class ModelConfig:
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             attention_bias=True,
+            attention_out_bias=True,
+            mlp_bias=True,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
         )
@@ -105,6 +117,11 @@ class ModelConfig:
             raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: default)")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        if model_type == "llama":  # LlamaAttention: attention_bias on q, k, v and o; LlamaMLP: mlp_bias
+            qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
+            mlp_bias = bool(cfg.get("mlp_bias", False))
+        else:  # Qwen2 hard-codes a q/k/v bias (and no other); Mistral has no bias at all
+            qkv_bias, out_bias, mlp_bias = model_type == "qwen2", False, False
         return cls(
             arch="llama",
             model_type=model_type,
@@ -119,7 +136,9 @@ class ModelConfig:
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            attention_bias=qkv_bias,
+            attention_out_bias=out_bias,
+            mlp_bias=mlp_bias,
             sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),

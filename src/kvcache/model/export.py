@@ -18,8 +18,21 @@ from safetensors.torch import save_file
 from .transformer import Transformer
 
 
+def _check_biases(c) -> None:
+    """transformers ties biases to the model type; refuse a combination it cannot express."""
+    got = (c.attention_bias, c.attention_out_bias, c.mlp_bias)
+    fixed = {"gpt2": (True, True, True), "qwen2": (True, False, False), "mistral": (False, False, False)}
+    if c.model_type == "llama":
+        ok = c.attention_bias == c.attention_out_bias  # one attention_bias flag covers q/k/v and o
+    else:
+        ok = got == fixed[c.model_type]
+    if not ok:
+        raise ValueError(f"a {c.model_type} checkpoint cannot express qkv/out/mlp biases {got} in transformers")
+
+
 def hf_config(model: Transformer) -> dict[str, Any]:
     c = model.config
+    _check_biases(c)
     if c.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
                 "n_positions": c.max_positions, "n_embd": c.hidden_size, "n_layer": c.num_layers,
@@ -37,12 +50,13 @@ def hf_config(model: Transformer) -> dict[str, Any]:
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
             "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
             "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-            "attention_bias": c.attention_bias, "tie_word_embeddings": c.tie_word_embeddings,
+            "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias, "tie_word_embeddings": c.tie_word_embeddings,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32"}
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     c, s = model.config, model.state_dict()
+    _check_biases(c)
     out: dict[str, torch.Tensor] = {}
     if c.arch == "gpt2":
         out["transformer.wte.weight"] = s["embed.weight"]
@@ -72,9 +86,12 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             for name, t in zip(("q_proj", "k_proj", "v_proj"), s[o + "attn.qkv.bias"].split((q, kv, kv))):
                 out[p + f"self_attn.{name}.bias"] = t
         out[p + "self_attn.o_proj.weight"] = s[o + "attn.out.weight"]
-        gate, up = s[o + "mlp.up.weight"].split((inter, inter))
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = s[o + "mlp.down.weight"]
+        if c.attention_out_bias:
+            out[p + "self_attn.o_proj.bias"] = s[o + "attn.out.bias"]
+        for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+            gate, up = s[o + f"mlp.up.{kind}"].split((inter, inter))
+            out[p + f"mlp.gate_proj.{kind}"], out[p + f"mlp.up_proj.{kind}"] = gate, up
+            out[p + f"mlp.down_proj.{kind}"] = s[o + f"mlp.down.{kind}"]
     return {k: v.contiguous() for k, v in out.items()}
 
 

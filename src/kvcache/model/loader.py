@@ -4,12 +4,16 @@ A folder holds ``config.json``, ``*.safetensors`` (one file or shards) and
 optionally ``tokenizer.json``.  Checkpoint names are mapped onto ours and the
 Q/K/V (and gate/up) projections are concatenated into the fused weights the
 model uses.  Every expected tensor is checked by name and shape, so a wrong
-or truncated checkpoint fails with the tensor it is about.
+or truncated checkpoint fails with the tensor it is about; and every tensor
+of the checkpoint must be used, so a config.json that does not describe the
+checkpoint (fewer layers, a bias the config does not declare) fails too,
+instead of silently running a different model.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,7 +27,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_m
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing a tensor or holds one of the wrong shape."""
+    """A checkpoint is missing a tensor, holds one of the wrong shape, or holds tensors the model does not use."""
+
+
+# Buffers some checkpoints carry that hold no weights: RoPE's inverse frequencies (recomputed from the
+# config) and old GPT-2 causal-mask buffers (h.N.attn.bias / h.N.attn.masked_bias; not c_attn.bias).
+HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -41,8 +51,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 class _Checkpoint:
     """Name-and-shape-checked access to the checkpoint's tensors."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, used: set[str] | None = None):
         self.tensors, self.prefix = tensors, prefix
+        self.used = used if used is not None else set()  # names taken, shared between views
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.tensors or name in self.tensors
@@ -54,6 +65,7 @@ class _Checkpoint:
         t = self.tensors[full]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"checkpoint tensor {full!r} has shape {tuple(t.shape)}, expected {shape}")
+        self.used.add(full)
         return t
 
 
@@ -97,25 +109,48 @@ def _llama_state(c: ModelConfig, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
                                                 ckpt.take(a + "k_proj.bias", (kv,)),
                                                 ckpt.take(a + "v_proj.bias", (kv,))])
         s[o + "attn.out.weight"] = ckpt.take(a + "o_proj.weight", (H, q))
+        if c.attention_out_bias:
+            s[o + "attn.out.bias"] = ckpt.take(a + "o_proj.bias", (H,))
         s[o + "mlp_norm.weight"] = ckpt.take(p + "post_attention_layernorm.weight", (H,))
         s[o + "mlp.up.weight"] = torch.cat([ckpt.take(p + "mlp.gate_proj.weight", (I, H)),
                                             ckpt.take(p + "mlp.up_proj.weight", (I, H))])
         s[o + "mlp.down.weight"] = ckpt.take(p + "mlp.down_proj.weight", (H, I))
+        if c.mlp_bias:
+            s[o + "mlp.up.bias"] = torch.cat([ckpt.take(p + "mlp.gate_proj.bias", (I,)),
+                                              ckpt.take(p + "mlp.up_proj.bias", (I,))])
+            s[o + "mlp.down.bias"] = ckpt.take(p + "mlp.down_proj.bias", (H,))
     return s
 
 
+def _check_all_used(c: ModelConfig, tensors: dict[str, torch.Tensor], used: set[str]) -> None:
+    """Refuse tensors nothing reads: they mean config.json and the checkpoint disagree."""
+    leftover = sorted(n for n in tensors if n not in used and not HARMLESS.search(n))
+    if not leftover:
+        return
+    shown = ", ".join(repr(n) for n in leftover[:8]) + (f" (+{len(leftover) - 8} more)" if len(leftover) > 8 else "")
+    layers = [int(m.group(1)) for n in leftover if (m := LAYER_INDEX.search(n))]
+    hint = ""
+    if layers and max(layers) >= c.num_layers:
+        hint = f"; the checkpoint has {max(layers) + 1} layers but config.json has num_layers={c.num_layers}"
+    raise CheckpointError(f"checkpoint has {len(leftover)} tensor(s) the model does not use: {shown}{hint}")
+
+
 def load_state(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
-    """Map checkpoint tensors onto ``model`` (strict: every weight must be found)."""
+    """Map checkpoint tensors onto ``model`` (strict: every weight found, every tensor used)."""
     c = model.config
+    head = _Checkpoint(tensors, "")
     if c.arch == "gpt2":
         prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
-        state = _gpt2_state(c, _Checkpoint(tensors, prefix))
-        head = _Checkpoint(tensors, "")
+        state = _gpt2_state(c, _Checkpoint(tensors, prefix, head.used))
     else:
-        state = _llama_state(c, _Checkpoint(tensors, "model."))
-        head = _Checkpoint(tensors, "")
+        state = _llama_state(c, _Checkpoint(tensors, "model.", head.used))
     if not c.tie_word_embeddings:
         state["lm_head.weight"] = head.take("lm_head.weight", (c.vocab_size, c.hidden_size))
+    elif head.has("lm_head.weight"):  # a tied head saved anyway: harmless only if it is the embedding
+        if not torch.equal(head.take("lm_head.weight", (c.vocab_size, c.hidden_size)), state["embed.weight"]):
+            raise CheckpointError("config.json ties the LM head to the embeddings (tie_word_embeddings) but "
+                                  "the checkpoint's 'lm_head.weight' differs from the embedding matrix")
+    _check_all_used(c, tensors, head.used)
     dtype = model.dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,7 +1,8 @@
 """A decoder-only transformer, read top to bottom: GPT-2 and Llama in one file.
 
 GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV with bias, tied head.
-Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen2 adds a QKV bias).
+Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen2 adds a QKV bias;
+Llama's attention_bias / mlp_bias add biases to the attention / MLP projections).
 
 The model runs with or without a cache.  A cache is any object with
 ``attend(layer, q, k, v) -> out``: it stores the new keys/values and returns
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.out = Linear(q_size, config.hidden_size, bias=config.arch == "gpt2")
+        self.out = Linear(q_size, config.hidden_size, bias=bool(config.attention_out_bias))
         # Mistral-style sliding window; only passed to caches when set, so simple caches need not know it
         self.window = config.sliding_window if config.sliding_window and config.sliding_window < config.max_positions else None
         self.cache_kwargs = {"window": self.window} if self.window else {}
@@ -120,8 +121,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.arch == "llama"
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
-        self.up = Linear(config.hidden_size, width, bias=not self.gated)
-        self.down = Linear(config.intermediate_size, config.hidden_size, bias=not self.gated)
+        self.up = Linear(config.hidden_size, width, bias=bool(config.mlp_bias))
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=bool(config.mlp_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
