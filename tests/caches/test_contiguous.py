@@ -12,7 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.caches.contiguous import ContiguousKVCache
+import numpy as np
+
+from kvcache.caches.contiguous import CacheIndexError, ContiguousKVCache
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -142,11 +144,51 @@ def test_nbytes(dtype, itemsize):
     assert cache.nbytes == expected and cache.used_bytes == expected // 2
 
 
-def test_constructor_rejects_non_positive_sizes():
-    with pytest.raises(ValueError, match="capacity"):
-        ContiguousKVCache(LAYERS, HEADS, DIM, capacity=0)
-    with pytest.raises(ValueError):
-        ContiguousKVCache(0, HEADS, DIM)
+SIZE_ARGS = ["num_layers", "num_kv_heads", "head_dim", "batch", "capacity"]
+
+
+@pytest.mark.parametrize("arg", SIZE_ARGS)
+@pytest.mark.parametrize("value,exc", [(0, ValueError), (-2, ValueError), (None, TypeError), (2.5, TypeError),
+                                       (2.0, TypeError), ("4", TypeError), (True, TypeError)])
+def test_constructor_rejects_bad_sizes_naming_the_argument(arg, value, exc):
+    kwargs = dict(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, batch=2, capacity=4)
+    with pytest.raises(exc, match=arg):
+        ContiguousKVCache(**{**kwargs, arg: value})
+
+
+def test_constructor_accepts_numpy_integers_and_rejects_bad_dtype_or_flag():
+    cache = ContiguousKVCache(np.int64(2), np.int32(HEADS), DIM, batch=np.int64(1), capacity=np.uint8(4))
+    assert (cache.num_layers, cache.num_kv_heads, cache.batch, cache.capacity) == (2, HEADS, 1, 4)
+    assert isinstance(cache.lengths[0], int) and type(cache.num_layers) is int
+    with pytest.raises(TypeError, match="dtype"):
+        ContiguousKVCache(LAYERS, HEADS, DIM, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype"):
+        ContiguousKVCache(LAYERS, HEADS, DIM, dtype="float32")
+    with pytest.raises(TypeError, match="check_finite"):
+        ContiguousKVCache(LAYERS, HEADS, DIM, check_finite="no")
+
+
+@pytest.mark.parametrize("indices", [[1, 0, 1], (1, 0, 1), np.array([1, 0, 1]), torch.tensor([1, 0, 1]),
+                                     torch.tensor([1, 0, 1], dtype=torch.int32), [np.int64(1), 0, np.int32(1)]],
+                         ids=["list", "tuple", "numpy", "tensor", "int32 tensor", "numpy scalars"])
+def test_select_accepts_integer_sequences_tensors_and_arrays(indices):
+    cache = ContiguousKVCache(LAYERS, HEADS, DIM, batch=2, capacity=4)
+    written = fill(cache, 3, seed=2)
+    cache.select(indices)
+    assert cache.batch == 3
+    torch.testing.assert_close(cache.keys(1), written[1][0][[1, 0, 1]], rtol=0, atol=0)
+    cache.select(range(2))
+    assert cache.batch == 2
+
+
+def test_index_errors_are_both_index_and_value_errors():
+    assert issubclass(CacheIndexError, IndexError) and issubclass(CacheIndexError, ValueError)
+    cache = ContiguousKVCache(LAYERS, HEADS, DIM, batch=2, capacity=4)
+    for call in (lambda: cache.update(LAYERS, *kv(1)), lambda: cache.select([2]), lambda: cache.keys(-1)):
+        with pytest.raises(ValueError):
+            call()
+        with pytest.raises(IndexError):
+            call()
 
 
 def test_check_finite_false_accepts_nan():
@@ -183,15 +225,42 @@ BAD_CALLS = [
     ("nan", lambda c: c.update(1, *_with_nan()), ValueError, "non-finite"),
     ("inf", lambda c: c.update(0, *_with_inf()), ValueError, "non-finite"),
     ("nan in a write that needs growth", lambda c: c.update(0, *_with_nan(20)), ValueError, "non-finite"),
-    ("layer too large", lambda c: c.update(LAYERS, *kv(1)), IndexError, "layer"),
-    ("negative layer", lambda c: c.update(-1, *kv(1)), IndexError, "layer"),
+    ("value on another device", lambda c: c.update(0, kv(1)[0], kv(1)[1].to("meta")), ValueError, "meta"),
+    ("layer too large", lambda c: c.update(LAYERS, *kv(1)), CacheIndexError, "layer"),
+    ("negative layer", lambda c: c.update(-1, *kv(1)), CacheIndexError, "layer"),
+    ("float layer", lambda c: c.update(0.0, *kv(1)), TypeError, "layer must be an integer"),
+    ("string layer", lambda c: c.update("0", *kv(1)), TypeError, "layer must be an integer"),
+    ("bool layer", lambda c: c.update(True, *kv(1)), TypeError, "layer must be an integer"),
+    ("None layer", lambda c: c.update(None, *kv(1)), TypeError, "layer must be an integer"),
+    ("keys of a negative layer", lambda c: c.keys(-1), CacheIndexError, "layer"),
     ("crop beyond length", lambda c: c.crop(4), ValueError, "crop"),
     ("crop negative", lambda c: c.crop(-1), ValueError, "crop"),
-    ("crop to a float", lambda c: c.crop(2.5), ValueError, "crop"),  # used to be stored, breaking the cache
-    ("select out of range", lambda c: c.select([0, 2]), IndexError, "out of range"),
-    ("select negative", lambda c: c.select([-1]), IndexError, "out of range"),
+    ("crop to a float", lambda c: c.crop(2.5), TypeError, "crop"),  # used to be stored, breaking the cache
+    ("crop to an integral float", lambda c: c.crop(2.0), TypeError, "integer"),
+    ("crop to True", lambda c: c.crop(True), TypeError, "integer"),  # bool is not a length (was crop(1))
+    ("crop to a string", lambda c: c.crop("2"), TypeError, "integer"),
+    ("crop to None", lambda c: c.crop(None), TypeError, "integer"),
+    ("select out of range", lambda c: c.select([0, 2]), CacheIndexError, "out of range"),
+    ("select negative", lambda c: c.select([-1]), CacheIndexError, "out of range"),
+    ("select tensor out of range", lambda c: c.select(torch.tensor([0, 5])), CacheIndexError, "out of range"),
     ("select empty", lambda c: c.select([]), ValueError, "non-empty"),
+    ("select empty tensor", lambda c: c.select(torch.tensor([], dtype=torch.long)), ValueError, "non-empty"),
     ("select 2-d", lambda c: c.select([[0, 1]]), ValueError, "1-D"),
+    ("select 2-d tensor", lambda c: c.select(torch.tensor([[0, 1]])), ValueError, "1-D"),
+    ("select 0-d tensor", lambda c: c.select(torch.tensor(1)), ValueError, "1-D"),
+    ("select bool list", lambda c: c.select([True, False]), TypeError, "integers"),  # would mean rows 1, 0
+    ("select bool tensor", lambda c: c.select(torch.tensor([True, False])), TypeError, "integers"),
+    ("select bool array", lambda c: c.select(np.array([True, True])), TypeError, "integers"),
+    ("select floats", lambda c: c.select([0.0, 1.0]), TypeError, "integers"),
+    ("select float tensor", lambda c: c.select(torch.tensor([0.0, 1.0])), TypeError, "integers"),
+    ("select float array", lambda c: c.select(np.array([0.5])), TypeError, "integers"),
+    ("select string", lambda c: c.select("01"), TypeError, "sequence or tensor of integers"),
+    ("select strings", lambda c: c.select(["0", "1"]), TypeError, "integers"),
+    ("select an int", lambda c: c.select(1), TypeError, "sequence or tensor of integers"),
+    ("select None", lambda c: c.select(None), TypeError, "sequence or tensor of integers"),
+    ("select a set", lambda c: c.select({0, 1}), TypeError, "sequence or tensor of integers"),  # unordered
+    ("reorder bool list", lambda c: c.reorder([True]), TypeError, "integers"),
+    ("reorder out of range", lambda c: c.reorder([3]), CacheIndexError, "out of range"),
 ]
 
 

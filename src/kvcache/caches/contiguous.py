@@ -10,15 +10,56 @@ sizes the cache exactly, so decoding never reallocates; a caller that
 overruns the capacity gets geometric (doubling) growth, which keeps append
 amortised O(1).  Measured in docs/benchmarks.md: torch.cat per step
 (transformers' DynamicCache) copies O(T^2) bytes in total.
+
+Every call validates before it touches anything, so a refused call leaves
+the cache exactly as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from ..checks import check_int, is_int
 from ..model.attention import attention
+
+
+class CacheIndexError(IndexError, ValueError):
+    """A layer or batch index out of range.
+
+    Both an IndexError (it is an index) and a ValueError (it is a bad
+    argument), so callers following either convention catch it.
+    """
+
+
+def batch_index_tensor(batch_indices, batch: int) -> torch.Tensor:
+    """Validate a batch selection (non-empty, 1-D, integers in [0, batch)) and return it as a long tensor."""
+    if isinstance(batch_indices, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(batch_indices)
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"batch_indices must hold integers, got a tensor of dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"batch_indices must be 1-D, got shape {tuple(t.shape)}")
+        values = t.tolist()
+    elif isinstance(batch_indices, (Sequence, range)) and not isinstance(batch_indices, (str, bytes)):
+        values = list(batch_indices)
+        for i in values:
+            nested = isinstance(i, Sequence) or getattr(i, "ndim", 0) > 0
+            if nested and not isinstance(i, (str, bytes)):
+                raise ValueError("batch_indices must be 1-D (a flat sequence of integers), got a nested sequence")
+            if not is_int(i):
+                raise TypeError(f"batch_indices must hold integers, got {i!r} ({type(i).__name__})")
+    else:
+        raise TypeError("batch_indices must be a 1-D sequence or tensor of integers, "
+                        f"got {type(batch_indices).__name__}")
+    if not values:
+        raise ValueError("batch_indices must be non-empty: a cache holds at least one sequence")
+    bad = [int(i) for i in values if not 0 <= i < batch]
+    if bad:
+        raise CacheIndexError(f"batch_indices {bad} out of range for batch {batch} (valid: 0..{batch - 1})")
+    return torch.tensor([int(i) for i in values], dtype=torch.long)
 
 
 class ContiguousKVCache:
@@ -33,8 +74,14 @@ class ContiguousKVCache:
         device: torch.device | str = "cpu",
         check_finite: bool = True,
     ):
-        if min(num_layers, num_kv_heads, head_dim, batch, capacity) < 1:
-            raise ValueError("num_layers, num_kv_heads, head_dim, batch and capacity must all be >= 1")
+        num_layers, num_kv_heads, head_dim, batch, capacity = (
+            check_int(value, name, minimum=1) for name, value in (
+                ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                ("batch", batch), ("capacity", capacity)))
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -45,7 +92,7 @@ class ContiguousKVCache:
     def for_model(cls, model, batch: int = 1, capacity: int | None = None, **kwargs) -> "ContiguousKVCache":
         cfg = model.config
         return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=batch,
-                   capacity=capacity or cfg.max_positions, dtype=model.dtype, **kwargs)
+                   capacity=cfg.max_positions if capacity is None else capacity, dtype=model.dtype, **kwargs)
 
     # --- shape -------------------------------------------------------------
     @property
@@ -82,9 +129,15 @@ class ContiguousKVCache:
         return self.nbytes * len(self) // self.capacity
 
     # --- writes ------------------------------------------------------------
-    def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _layer(self, layer: int) -> int:
+        if not is_int(layer):
+            raise TypeError(f"layer must be an integer, got {layer!r} ({type(layer).__name__})")
         if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers")
+            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
+                                  f"(valid: 0..{self.num_layers - 1})")
+        return int(layer)
+
+    def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, t in (("key", k), ("value", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -99,13 +152,19 @@ class ContiguousKVCache:
                 raise ValueError(f"{name} has head_dim {d} but the cache holds {self.head_dim}")
             if t.dtype != self.k.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but the cache stores {self.k.dtype}")
+            if t.device != self.k.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {self.k.device}")
         if k.shape[2] != v.shape[2]:
             raise ValueError(f"key has {k.shape[2]} positions but value has {v.shape[2]}")
         if self.check_finite and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
             raise ValueError(f"non-finite values (nan/inf) in the keys or values for layer {layer}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v (batch, kv_heads, n, d) to ``layer``; return views of all its cached K and V."""
+        """Append k/v (batch, kv_heads, n, d) to ``layer``; return views of all its cached K and V.
+
+        All or nothing: a refused call (or a failed reallocation) leaves the cache as it was.
+        """
+        layer = self._layer(layer)
         self._check(layer, k, v)
         start = self.lengths[layer]
         end = start + k.shape[2]
@@ -124,28 +183,31 @@ class ContiguousKVCache:
 
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
+        grown = []
+        for old in (self.k, self.v):  # allocate both before replacing either
             new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))
             new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
+            grown.append(new)
+        self.k, self.v = grown
 
     # --- edits -------------------------------------------------------------
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` positions (speculative decoding rejects drafts)."""
-        if not isinstance(length, int) or not 0 <= length <= len(self):
+        if not is_int(length):
+            raise TypeError(f"cannot crop to {length!r}: the length must be an integer, got {type(length).__name__}")
+        if not 0 <= length <= len(self):
             raise ValueError(f"cannot crop to {length}: the cache holds {len(self)} positions")
-        self.lengths = [min(n, length) for n in self.lengths]
+        self.lengths = [min(n, int(length)) for n in self.lengths]
 
     def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
-        """Keep/reorder/duplicate batch rows (beam search reorders beams each step)."""
-        idx = torch.as_tensor(batch_indices, dtype=torch.long)
-        if idx.dim() != 1 or idx.numel() == 0:
-            raise ValueError("batch_indices must be a non-empty 1-D sequence")
-        if (idx < 0).any() or (idx >= self.batch).any():
-            raise IndexError(f"batch_indices {idx.tolist()} out of range for batch {self.batch}")
-        self.k = self.k.index_select(1, idx)
-        self.v = self.v.index_select(1, idx)
+        """Keep/reorder/duplicate batch rows (beam search reorders beams each step).
+
+        ``batch_indices``: a non-empty 1-D list/tuple/range/tensor/array of
+        integers in [0, batch); the new batch size is its length.
+        """
+        idx = batch_index_tensor(batch_indices, self.batch).to(self.k.device)
+        k, v = self.k.index_select(1, idx), self.v.index_select(1, idx)  # both before replacing either
+        self.k, self.v = k, v
 
     reorder = select
 
@@ -153,7 +215,9 @@ class ContiguousKVCache:
         self.lengths = [0] * self.num_layers
 
     def keys(self, layer: int) -> torch.Tensor:
+        layer = self._layer(layer)
         return self.k[layer, :, :, : self.lengths[layer]]
 
     def values(self, layer: int) -> torch.Tensor:
+        layer = self._layer(layer)
         return self.v[layer, :, :, : self.lengths[layer]]
