@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         if name == "decode":
             rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
             if not quick:
-                rows += decode.bench_decode("gpt2-small", lengths=(64, 128))
+                rows += decode.bench_decode("gpt2-small", lengths=(64, 128, 256))
             print("\n" + decode.format_decode_table(rows))
             if args.plot and not quick:
                 print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == 'tiny-llama'], args.plot)}")

@@ -18,7 +18,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def bench_throughput(shape: str = "gpt2-small", concurrency=(1, 4, 16, 64), prompt_len: int = 32,
-                     new_tokens: int = 64, sequential_requests: int = 4) -> list[dict]:
+                     new_tokens: int = 64, sequential_requests: int = 4, kv_memory: str = "2GiB") -> list[dict]:
     """Output tokens/s of n concurrent requests in the engine vs the same requests one at a time.
 
     The one-at-a-time rate is measured with kvcache's single-stream ``generate``
@@ -32,7 +32,7 @@ def bench_throughput(shape: str = "gpt2-small", concurrency=(1, 4, 16, 64), prom
     seq_tps = sequential_requests * new_tokens / t_seq
     rows = []
     for n in concurrency:
-        llm = LLM(model, kv_memory="2GiB", max_num_seqs=max(concurrency))
+        llm = LLM(model, kv_memory=kv_memory, max_num_seqs=max(concurrency))
         prompts = _prompts(n, prompt_len, model.config.vocab_size, n)
         llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
         t, outs = timed(lambda: llm.generate(prompts, params))
@@ -50,7 +50,7 @@ def format_throughput_table(rows: list[dict]) -> str:
 
 
 def bench_prefix(shape: str = "llama-135m", requests: int = 32, prefix_len: int = 1024, suffix_len: int = 16,
-                 new_tokens: int = 32) -> list[dict]:
+                 new_tokens: int = 32, kv_memory: str = "4GiB") -> list[dict]:
     """Requests sharing a long system prompt, prefix caching on vs off."""
     model = random_model(shape)
     rng = random.Random(7)
@@ -59,7 +59,7 @@ def bench_prefix(shape: str = "llama-135m", requests: int = 32, prefix_len: int 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rows, outputs = [], {}
     for caching in (True, False):
-        llm = LLM(model, kv_memory="4GiB", enable_prefix_caching=caching, max_batch_tokens=4096)
+        llm = LLM(model, kv_memory=kv_memory, enable_prefix_caching=caching, max_batch_tokens=4096)
         llm.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
         llm.block_manager.reset_prefix_cache()
         before = llm.stats()["prefill_tokens_computed"]
@@ -83,7 +83,7 @@ def format_prefix_table(rows: list[dict]) -> str:
 
 
 def bench_memory_efficiency(shape: str = "tiny-llama", requests: int = 64, block_size: int = 16,
-                            max_len: int = 1024, seed: int = 3) -> dict:
+                            max_len: int = 1024, seed: int = 3, kv_memory: str = "1GiB") -> dict:
     """Share of reserved KV memory that holds live tokens, paged vs reserving max length per sequence.
 
     Mixed lengths: prompts 16-512 tokens, outputs 16-256 tokens.  Sampled after
@@ -91,7 +91,7 @@ def bench_memory_efficiency(shape: str = "tiny-llama", requests: int = 64, block
     """
     model = random_model(shape)
     rng = random.Random(seed)
-    llm = LLM(model, kv_memory="1GiB", block_size=block_size, max_num_seqs=32)
+    llm = LLM(model, kv_memory=kv_memory, block_size=block_size, max_num_seqs=32)
     for _ in range(requests):
         prompt = [rng.randrange(1, model.config.vocab_size) for _ in range(rng.randint(16, 512))]
         llm.add_request(prompt, SamplingParams(max_new_tokens=rng.randint(16, 256), ignore_eos=True))

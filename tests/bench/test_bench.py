@@ -1,0 +1,64 @@
+"""Every benchmark scenario runs at toy sizes and reports what it claims (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from kvcache.bench import append, decode, hf_compare, kernels, serving
+from kvcache.cli import main
+
+
+def test_decode_compares_cached_and_uncached_outputs():
+    rows = decode.bench_decode("tiny-llama", lengths=(4, 8), prompt_len=8)
+    assert [r["new_tokens"] for r in rows] == [4, 8]
+    assert all(r["identical"] and r["cached_s"] > 0 and r["uncached_s"] > 0 for r in rows)
+    assert "| tiny-llama | 8 |" in decode.format_decode_table(rows)
+
+
+def test_hf_comparison_produces_the_same_tokens_as_transformers():
+    (row,) = hf_compare.bench_hf(shapes=("tiny-llama",), prompt_len=8, new_tokens=6, rounds=1)
+    assert row["identical"]
+    assert row["ratio"] == row["kvcache_tok_s"] / row["transformers_tok_s"]
+    assert 0 < row["ceiling_tok_s"] and row["bytes_per_token"] > 4 * 5_000_000  # the weights alone are ~21 MB
+
+
+def test_append_reports_a_lower_bound_when_restacking_is_stopped():
+    (stopped,) = append.bench_append(sizes=(3000,), restacking_budget_s=1e-9)
+    assert stopped["restacking_s"] is None and stopped["ratio"] is None and stopped["ratio_lower_bound"] > 0
+    assert "stopped after" in stopped["restacking_note"] and "of 3,000 appends" in stopped["restacking_note"]
+    assert "| > " in append.format_append_table([stopped])
+    (full,) = append.bench_append(sizes=(500,))
+    assert full["ratio"] == full["restacking_s"] / full["kvcache_s"] and full["ratio_lower_bound"] is None
+
+
+def test_kernels_and_growth_policies_run():
+    rows = kernels.bench_decode_attention((64,), heads=4, kv_heads=2, dim=8)
+    assert {r["kernel"] for r in rows} >= {"grouped matmul (kvcache)", "SDPA enable_gqa"}
+    growth = kernels.bench_cache_growth((16,))
+    assert len({r["policy"] for r in growth}) == 3
+
+
+def test_throughput_counts_every_output_token():
+    rows = serving.bench_throughput("tiny-llama", concurrency=(1, 3), prompt_len=8, new_tokens=4, sequential_requests=1,
+                                   kv_memory="32MiB")
+    assert [r["concurrent"] for r in rows] == [1, 3]
+    assert all(r["tok_s"] > 0 and r["speedup"] == r["tok_s"] / r["sequential_tok_s"] for r in rows)
+
+
+def test_prefix_caching_computes_fewer_prefill_tokens_with_identical_outputs():
+    on, off = serving.bench_prefix("tiny-llama", requests=3, prefix_len=64, suffix_len=4, new_tokens=3, kv_memory="32MiB")
+    assert on["identical_outputs"] and off["identical_outputs"]
+    assert on["prefill_tokens"] < off["prefill_tokens"] and on["cached_prompt_tokens"] >= 2 * 64
+    assert off["cached_prompt_tokens"] == 0
+
+
+def test_paged_memory_holds_more_live_tokens_than_reserving_max_length():
+    r = serving.bench_memory_efficiency(requests=4, kv_memory="64MiB")
+    assert 0 < r["reserved_utilization"] < r["paged_utilization"] <= 1
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "append", "--quick", "--json", str(out)]) == 0
+    assert "re-stacking" in capsys.readouterr().out
+    assert json.loads(out.read_text())["append"][0]["n"] == 1000
