@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,10 +149,54 @@ def test_default_stop_tokens_are_the_tokenizer_eos(llama, monkeypatch):
     (PROMPT, 4, {"temperature": -0.5}, ValueError, "temperature"),
     (PROMPT, 4, {"temperature": float("nan")}, ValueError, "temperature"),
     (PROMPT, 4, {"temperature": 1.0, "top_k": 0}, ValueError, "top_k"),
-    (PROMPT, 4, {"temperature": 1.0, "top_k": 2.5}, ValueError, "top_k"),
+    (PROMPT, 4, {"temperature": 1.0, "top_k": 2.5}, TypeError, "top_k"),
     (PROMPT, 4, {"temperature": 1.0, "top_p": 0.0}, ValueError, "top_p"),
     (PROMPT, 4, {"temperature": 1.0, "top_p": 1.5}, ValueError, "top_p"),
     (PROMPT, 4, {"top_k": -3}, ValueError, "top_k"),  # validated even when greedy
+    # prompts
+    (5, 4, {}, TypeError, "sequence of token ids"),
+    (np.int64(5), 4, {}, TypeError, "sequence of token ids"),
+    (None, 4, {}, TypeError, "sequence of token ids"),
+    (np.array([1.0, 2.0]), 4, {}, TypeError, "integers"),
+    (np.array([True, False]), 4, {}, TypeError, "integers"),
+    (torch.tensor([1.0, 2.0]), 4, {}, TypeError, "integers"),
+    (torch.tensor([True]), 4, {}, TypeError, "integers"),
+    ([1, True], 4, {}, TypeError, "integers"),
+    ([1, "2"], 4, {}, TypeError, "integers"),
+    (np.array([[1, 2]]), 4, {}, ValueError, "1-D"),
+    (np.array(3), 4, {}, ValueError, "1-D"),
+    (np.array([1, 500]), 4, {}, ValueError, "vocabulary"),
+    # max_new_tokens: a real integer
+    (PROMPT, True, {}, TypeError, "max_new_tokens"),
+    (PROMPT, 4.0, {}, TypeError, "max_new_tokens"),
+    (PROMPT, "4", {}, TypeError, "max_new_tokens"),
+    (PROMPT, None, {}, TypeError, "max_new_tokens"),
+    # sampling parameters: types, then ranges
+    (PROMPT, 4, {"temperature": "hot"}, TypeError, "temperature"),
+    (PROMPT, 4, {"temperature": None}, TypeError, "temperature"),
+    (PROMPT, 4, {"temperature": True}, TypeError, "temperature"),
+    (PROMPT, 4, {"temperature": float("inf")}, ValueError, "temperature"),
+    (PROMPT, 4, {"temperature": 1.0, "top_k": True}, TypeError, "top_k"),
+    (PROMPT, 4, {"temperature": 1.0, "top_k": "3"}, TypeError, "top_k"),
+    (PROMPT, 4, {"temperature": 1.0, "top_p": "0.5"}, TypeError, "top_p"),
+    (PROMPT, 4, {"temperature": 1.0, "top_p": True}, TypeError, "top_p"),
+    (PROMPT, 4, {"temperature": 1.0, "top_p": float("nan")}, ValueError, "top_p"),
+    # seed: an integer or None
+    (PROMPT, 4, {"temperature": 1.0, "seed": 1.5}, TypeError, "seed"),
+    (PROMPT, 4, {"temperature": 1.0, "seed": "1"}, TypeError, "seed"),
+    (PROMPT, 4, {"temperature": 1.0, "seed": True}, TypeError, "seed"),
+    (PROMPT, 4, {"temperature": 1.0, "seed": 2**64}, ValueError, "seed"),
+    # stop_token_ids: an iterable of token ids in the vocabulary, or None
+    (PROMPT, 4, {"stop_token_ids": 5}, TypeError, "stop_token_ids"),
+    (PROMPT, 4, {"stop_token_ids": "ab"}, TypeError, "stop_token_ids"),
+    (PROMPT, 4, {"stop_token_ids": [1.0]}, TypeError, "integers"),
+    (PROMPT, 4, {"stop_token_ids": [True]}, TypeError, "integers"),
+    (PROMPT, 4, {"stop_token_ids": [10_000]}, ValueError, "stop token id"),
+    (PROMPT, 4, {"stop_token_ids": [-1]}, ValueError, "stop token id"),
+    (PROMPT, 4, {"stop_token_ids": np.array([[1]])}, ValueError, "1-D"),
+    # the rest
+    (PROMPT, 4, {"use_cache": "no"}, TypeError, "use_cache"),
+    (PROMPT, 4, {"callback": 5}, TypeError, "callback"),
 ])
 def test_bad_arguments_raise(model, prompt, max_new, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -183,3 +228,33 @@ def test_stream_validates_before_the_first_token(model):
         stream(model, [], 4)  # no next(): the error must not wait for iteration
     with pytest.raises(ValueError, match="temperature"):
         stream(model, [1, 2], 4, temperature=-1.0)
+    for kwargs in ({"seed": "x"}, {"stop_token_ids": [1.5]}, {"top_p": "1"}):
+        with pytest.raises(TypeError):
+            stream(model, [1, 2], 4, **kwargs)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        stream(model, [1, 2], False)
+
+
+# ------------------------------------------------------------- numpy inputs
+
+@pytest.mark.parametrize("prompt", [np.array(PROMPT), np.array(PROMPT, dtype=np.int32),
+                                    np.array(PROMPT, dtype=np.uint8), [np.int64(t) for t in PROMPT],
+                                    tuple(PROMPT), torch.tensor(PROMPT, dtype=torch.int32)],
+                         ids=["int64 array", "int32 array", "uint8 array", "numpy scalars", "tuple", "int32 tensor"])
+def test_numpy_and_other_integer_prompts_generate_like_a_list(model, prompt):
+    expected = generate(model, PROMPT, 6, stop_token_ids=[])
+    got = generate(model, prompt, np.int64(6), stop_token_ids=[])
+    assert got == expected and all(type(t) is int for t in got)
+
+
+def test_numpy_sampling_arguments_and_stop_ids(model):
+    kwargs = dict(temperature=1.2, top_k=20, top_p=0.5, seed=7, stop_token_ids=[])
+    expected = generate(model, PROMPT, 8, **kwargs)
+    got = generate(model, PROMPT, 8, temperature=np.float64(1.2), top_k=np.int64(20), top_p=np.float32(0.5),
+                   seed=np.int64(7), stop_token_ids=np.array([], dtype=np.int64))
+    assert got == expected
+    greedy = generate(model, PROMPT, 8, stop_token_ids=[])
+    stop = greedy[2]
+    first = greedy.index(stop) + 1
+    for stops in (np.array([stop]), torch.tensor([stop]), (t for t in [stop]), {stop}, [np.int32(stop)]):
+        assert generate(model, PROMPT, 8, stop_token_ids=stops) == greedy[:first]

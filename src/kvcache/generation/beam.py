@@ -37,13 +37,13 @@ Semantics follow transformers 5.x ``GenerationMixin._beam_search`` with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..caches.contiguous import ContiguousKVCache
-from .generate import check_prompt
+from .validation import check_prompt, resolve_stop_ids
 
 __all__ = ["BeamHypothesis", "BeamSearch", "beam_search", "check_beam_args", "resolve_stop_ids"]
 
@@ -63,22 +63,6 @@ def check_beam_args(beam_width, length_penalty) -> None:
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or length_penalty != length_penalty or abs(length_penalty) == float("inf"):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-
-
-def resolve_stop_ids(tokenizer, stop_token_ids: Iterable[int] | None, vocab_size: int) -> list[int]:
-    """``None`` -> the tokenizer's EOS ids; ``[]`` -> no stop token.  Validated and deduplicated."""
-    if stop_token_ids is None:
-        ids = list(tokenizer.eos_token_ids) if tokenizer is not None else []
-    else:
-        if isinstance(stop_token_ids, (str, bytes)):
-            raise TypeError("stop_token_ids must be token ids, not text")
-        ids = list(stop_token_ids)
-    for t in ids:
-        if not isinstance(t, int) or isinstance(t, bool):
-            raise TypeError(f"stop token ids must be integers, got {t!r}")
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
-    return list(dict.fromkeys(ids))
 
 
 class BeamSearch:

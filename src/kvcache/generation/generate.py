@@ -8,38 +8,15 @@ a ``ContiguousKVCache`` sized exactly for prompt + max_new_tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..caches.contiguous import ContiguousKVCache
 from .sampling import SamplingConfig, sample
+from .validation import check_prompt, check_seed, resolve_stop_ids
 
-
-def check_prompt(model, prompt_ids, max_new_tokens: int) -> list[int]:
-    """Validate a prompt against the model; returns it as a list of ints."""
-    if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() != 1:
-            raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(prompt_ids.shape)}")
-        prompt_ids = prompt_ids.tolist()
-    if isinstance(prompt_ids, (str, bytes)):
-        raise TypeError("prompt_ids must be token ids; encode text with model.tokenizer.encode first")
-    ids = list(prompt_ids)
-    if not ids:
-        raise ValueError("empty prompt: generation needs at least one prompt token")
-    vocab = model.config.vocab_size
-    for i in ids:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise TypeError(f"token ids must be integers, got {i!r}")
-        if not 0 <= i < vocab:
-            raise ValueError(f"token id {i} is outside the vocabulary [0, {vocab})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    limit = model.config.max_positions
-    if len(ids) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's maximum of {limit} positions")
-    return ids
+__all__ = ["generate", "stream", "check_prompt"]
 
 
 def stream(
@@ -52,16 +29,22 @@ def stream(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    stop_token_ids: Iterable[int] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids as they are produced.
 
+    prompt_ids: a 1-D list/tuple/tensor/numpy array of integer token ids.
     stop_token_ids defaults to the model's EOS ids; pass ``[]`` to never stop
-    early.  A stop token is yielded, then generation ends.
+    early.  A stop token is yielded, then generation ends.  Every argument is
+    checked here, at call time, not at the first ``next()``.
     """
-    ids = check_prompt(model, prompt_ids, max_new_tokens)  # validate now, not at the first next()
+    ids = check_prompt(model, prompt_ids, max_new_tokens)
+    max_new_tokens = int(max_new_tokens)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
     config = SamplingConfig(temperature, top_k, top_p)
-    stops = set(model.tokenizer.eos_token_ids if stop_token_ids is None and model.tokenizer else stop_token_ids or [])
+    stops = set(resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size))
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return _decode_loop(model, ids, max_new_tokens, use_cache, config, stops, generator)
 
@@ -98,10 +81,12 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    stop_token_ids: Iterable[int] | None = None,
     callback: Callable[[int], None] | None = None,
 ) -> list[int]:
     """The new token ids (not the prompt).  ``callback(token)`` is called as each is produced."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     out = []
     for token in stream(model, prompt_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids):

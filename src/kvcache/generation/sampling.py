@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int, check_real
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -19,12 +21,18 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        """Check types (TypeError) then ranges (ValueError); store plain Python numbers."""
+        temperature = check_real(self.temperature, "temperature")
+        if temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        object.__setattr__(self, "temperature", temperature)
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", check_int(self.top_k, "top_k", minimum=1))
+        if self.top_p is not None:
+            top_p = check_real(self.top_p, "top_p")
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            object.__setattr__(self, "top_p", top_p)
 
     @property
     def greedy(self) -> bool:
