@@ -1,10 +1,11 @@
 """Measure the shipped model and print docs/default-model.md's numbers.
 
-    python tools/evaluate_default_model.py --log runs/default_model/log.jsonl --plot docs/default-model-training.png
+    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl --plot docs/default-model-training.png
 
 Validation loss per token over the whole held-out split (consecutive windows of
 the model's context), perplexity, bits per byte, the unigram-entropy
 baseline, decode speed, and sample completions at temperature 0 and 0.8.
+``--record`` writes the validation numbers into the model folder's training.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import kvcache  # noqa: E402
+from kvcache.model.loader import DEFAULT_MODEL_DIR  # noqa: E402
 from kvcache.model.stdlib_corpus import corpus_files, read_text, unigram_entropy  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -54,7 +56,7 @@ def mean_loss(model, ids: list[int], max_tokens: int | None = None) -> tuple[flo
     return total / count, count
 
 
-def plot_curve(log: Path, out: Path) -> None:
+def plot_curve(log: Path, out: Path, tokens_per_step: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +71,7 @@ def plot_curve(log: Path, out: Path) -> None:
     ax.plot(steps, [records[s]["loss"] for s in steps], lw=0.8, alpha=0.6, label="train loss (batch)")
     val = [(s, records[s]["val_loss"]) for s in steps if "val_loss" in records[s]]
     ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss")
-    ax.set(xlabel="step (4,096 tokens each)", ylabel="loss (nats/token)", title="kvcache default model training")
+    ax.set(xlabel=f"step ({tokens_per_step:,} tokens each)", ylabel="loss (nats/token)", title="kvcache default model training")
     ax.set_ylim(0, 8)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -82,8 +84,12 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--log", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--record", action="store_true", help="write the validation numbers into training.json")
     args = ap.parse_args()
     model = kvcache.load_model(args.model)
+    folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    meta_path = folder / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     ids, nbytes = validation_ids(model)
     loss, count = mean_loss(model, ids)
     unigram = unigram_entropy(ids)
@@ -92,6 +98,13 @@ def main() -> None:
           f"bits per byte {loss * count / math.log(2) / nbytes:.3f}")
     print(f"unigram baseline: entropy {unigram:.3f} nats/token, perplexity {math.exp(unigram):.1f}, "
           f"bits per byte {unigram * count / math.log(2) / nbytes:.3f}")
+    if args.record:
+        meta["validation"] = {
+            "tokens": count, "bytes": nbytes, "loss_nats_per_token": round(loss, 4),
+            "perplexity": round(math.exp(loss), 2), "bits_per_byte": round(loss * count / math.log(2) / nbytes, 4),
+            "unigram_entropy_nats_per_token": round(unigram, 4), "unigram_perplexity": round(math.exp(unigram), 1)}
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"recorded in {meta_path}")
     prompt = model.tokenizer.encode("def fibonacci(n):")
     kvcache.generate(model, prompt, 8)
     start = time.perf_counter()
@@ -103,7 +116,8 @@ def main() -> None:
             out = kvcache.generate(model, ids_, 96, temperature=temp, seed=0)
             print(f"\n--- prompt {text!r}, temperature {temp} ---\n{text}{model.tokenizer.decode(out)}")
     if args.log and args.plot:
-        plot_curve(Path(args.log), Path(args.plot))
+        run = meta.get("args", {})
+        plot_curve(Path(args.log), Path(args.plot), run.get("batch", 8) * run.get("context", 512))
         print(f"\nplot: {args.plot}")
 
 

@@ -16,6 +16,10 @@ Steps (each resumable; a rerun continues from the last checkpoint):
 
     python tools/train_default_model.py --out runs/default_model --steps 3000
     python tools/train_default_model.py --out runs/default_model --export src/kvcache/data/default_model
+    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl --plot docs/default-model-training.png
+
+The evaluation step adds the measured validation numbers to the exported
+folder's training.json.
 """
 
 from __future__ import annotations
@@ -174,8 +178,10 @@ def main() -> None:
         print(f"resumed at step {step}", flush=True)
 
     if args.export:
+        run_args = ck.get("args", vars(args)) if ckpt_path.exists() else vars(args)
         meta = {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "train_bytes": train_bytes,
-                "val_bytes": val_bytes, "steps": step, "args": ck.get("args", vars(args)) if ckpt_path.exists() else vars(args)}
+                "val_bytes": val_bytes, "steps": step,
+                "tokens_seen": step * run_args["batch"] * run_args["context"], "args": run_args}
         save_hf_checkpoint(model, args.export, tokenizer_file=tok_path, extra_files={"training.json": meta})
         print(f"exported step {step} to {args.export}")
         return
