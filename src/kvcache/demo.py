@@ -2,15 +2,18 @@
 
 Generates the same tokens with and without the cache, checks they are
 identical, and prints time per token, the speedup and the cache's memory.
+``pick_model`` and ``plan`` do everything that can fail on user input
+(loading the model, the arguments, fitting the prompt) before ``run`` prints
+a line, so the CLI can report a bad request as one error line.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
-import torch
-
+from .checks import check_int
 from .generation.generate import stream
 from .model.loader import DEFAULT_MODEL_DIR, load_model
 from .model.shapes import random_model
@@ -57,16 +60,46 @@ def run_generation(model, ids, n, use_cache, echo):
     return out, elapsed
 
 
+@dataclass
+class Demo:
+    """A validated demo request: the model, what to call it, and the prompt and length to generate."""
+
+    model: object
+    note: str
+    load_seconds: float
+    prompt: str
+    ids: list[int]
+    n: int
+
+
+def plan(model, note: str, load_seconds: float, prompt: str = "def fibonacci(n):",
+         max_new_tokens: int = 128) -> Demo:
+    """Check the request against the loaded model; ValueError/TypeError on bad input, before any output."""
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)  # timing 0 tokens divides by 0
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be text, got {type(prompt).__name__}")
+    ids = model.tokenizer.encode(prompt) or [0]
+    room = model.config.max_positions - len(ids)
+    if room < 1:
+        raise ValueError(f"the prompt is {len(ids)} tokens: the model's {model.config.max_positions} positions "
+                         "leave no room to generate")
+    return Demo(model, note, load_seconds, prompt, ids, min(max_new_tokens, room))
+
+
 def main(path: str | None = None, prompt: str = "def fibonacci(n):", max_new_tokens: int = 128,
          random_shape: str | None = None) -> int:
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)  # before the load
     t0 = time.perf_counter()
     model, note = pick_model(path, random_shape)
-    load_s = time.perf_counter() - t0
+    return run(plan(model, note, time.perf_counter() - t0, prompt, max_new_tokens))
+
+
+def run(demo: Demo) -> int:
+    """Print the comparison; exit status 0 if cached and uncached outputs are identical."""
+    model, prompt, ids, n = demo.model, demo.prompt, demo.ids, demo.n
     print("kvcache demo: KV caching, measured live\n")
-    print(f"model : {note}")
-    print(f"        {describe(model)}; ready in {load_s:.1f} s")
-    ids = model.tokenizer.encode(prompt) or [0]
-    n = min(max_new_tokens, model.config.max_positions - len(ids))
+    print(f"model : {demo.note}")
+    print(f"        {describe(model)}; ready in {demo.load_seconds:.1f} s")
     print(f"prompt: {prompt!r} ({len(ids)} tokens); {n} new tokens, greedy\n")
     print("[with KV cache] prefill once, then one token per step:")
     print(prompt, end="")
