@@ -139,3 +139,8 @@ def test_demo_python_api_rejects_zero_tokens():
 
     with pytest.raises(ValueError, match="max_new_tokens"):
         demo.main(random_shape="gpt2-small", max_new_tokens=0)
+
+
+def test_memory_accepts_the_gpt2_small_name(capsys):
+    assert main(["memory", "gpt2-small", "--tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes_per_token"] == 2 * 12 * 768 * 2

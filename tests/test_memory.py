@@ -5,6 +5,7 @@ import pytest
 
 from kvcache import memory
 from kvcache.memory import (
+    ALIASES,
     DTYPE_BYTES,
     PRESETS,
     MemoryReport,
@@ -15,6 +16,7 @@ from kvcache.memory import (
     format_report,
     human_bytes,
     kv_cache_bytes,
+    kv_cache_elements,
     memory_report,
     run,
     shape_from_config,
@@ -200,6 +202,66 @@ def test_non_positive_counts_rejected(kwargs):
         memory_report("gpt2", **kwargs)
 
 
+# ------------------------------------------- names, paths and dicts accepted --
+
+
+def test_kv_cache_bytes_takes_a_preset_name_like_memory_report():
+    import kvcache
+
+    assert kvcache.kv_cache_bytes("llama-2-7b", tokens=1) == 524_288
+    assert kvcache.kv_cache_bytes("LLaMA-3-8B", 4096, 8, "bf16") == kv_cache_bytes(PRESETS["llama-3-8b"], 4096, 8, "bf16")
+    assert kv_cache_bytes("gpt3-175b") == memory_report("gpt3-175b").total_bytes == 9_663_676_416  # tokens: max
+    assert kv_cache_elements("gpt3-175b", tokens=2048) == 4_831_838_208
+    assert kv_cache_bytes(shape=PRESETS["gpt2"], tokens=2) == kv_cache_bytes("gpt2", 2)  # old keyword still works
+
+
+def test_kv_cache_bytes_takes_a_config_path_or_dict(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_CONFIG))
+    expected = kv_cache_bytes(PRESETS["llama-3-8b"], tokens=10)
+    assert kv_cache_bytes(tmp_path, tokens=10) == expected
+    assert kv_cache_bytes(str(tmp_path / "config.json"), tokens=10) == expected
+    assert kv_cache_bytes(LLAMA3_CONFIG, tokens=10) == expected
+
+
+@pytest.mark.parametrize("model,kwargs,exc,match", [
+    ("gpt-5", {"tokens": 1}, ValueError, "gpt-5"),
+    (123, {"tokens": 1}, TypeError, "preset name"),
+    (None, {"tokens": 1}, TypeError, "preset name"),
+    ("gpt2", {"tokens": 0}, ValueError, "tokens"),
+    ("gpt2", {"tokens": True}, ValueError, "tokens"),
+    ("gpt2", {"tokens": 1, "batch": 0}, ValueError, "batch"),
+    (ModelShape("tiny", 1, 1, 1, 1, 1, None), {}, ValueError, "max positions"),
+])
+def test_kv_cache_bytes_bad_model_or_counts(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        kv_cache_bytes(model, **kwargs)
+
+
+@pytest.mark.parametrize("alias", ["gpt2-small", "GPT2-Small", " gpt2-small "])
+def test_gpt2_small_alias(alias):
+    assert ALIASES["gpt2-small"] == "gpt2"
+    assert memory_report(alias, tokens=7).total_bytes == memory_report("gpt2", tokens=7).total_bytes
+    assert kv_cache_bytes(alias, tokens=1) == 2 * 12 * 768 * 2
+
+
+def test_every_gpt2_shape_the_project_names_is_a_preset_or_alias():
+    from kvcache.model.shapes import SHAPES
+
+    for name, cfg in SHAPES.items():
+        if not name.startswith("gpt2"):
+            continue
+        s = memory.resolve_model(name)
+        assert (s.num_layers, s.num_kv_heads, s.head_dim, s.max_positions) == (
+            cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"], cfg["max_positions"]), name
+    for size in ("medium", "large", "xl"):
+        assert memory.resolve_model(f"gpt2-{size}") is PRESETS[f"gpt2-{size}"]
+
+
+def test_aliases_point_at_presets_and_do_not_shadow_them():
+    for alias, name in ALIASES.items():
+        assert name in PRESETS and alias not in PRESETS
+
+
 # -------------------------------------------------------------- configs --
 
 
@@ -312,6 +374,14 @@ def test_cli_list(capsys):
     for name in PRESETS:
         assert name in out
     assert "524,288" in out and "131,072" in out
+
+
+def test_cli_alias(capsys):
+    assert run(_cli(["gpt2-small", "--tokens", "1", "--json"])) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "gpt2" and data["bytes_per_token"] == 2 * 12 * 768 * 2
+    assert run(_cli(["--list"])) == 0
+    assert "gpt2-small = gpt2" in capsys.readouterr().out
 
 
 def test_cli_unknown_preset(capsys):

@@ -47,10 +47,14 @@ element count (4.83 G) has the same digits as the *halved* figure's fp16 byte
 count (4.83 GB); "4.8 GB" is the real cache only at 1 byte/element
 (fp8/int8), not fp16.
 
-Model shapes come from :data:`PRESETS` (published configs) or from a Hugging
-Face ``config.json`` via :func:`shape_from_config`.  The calculation ignores
-sliding-window attention (e.g. Mistral-7B's 4,096-token window, which lets a
-rolling cache cap at the window) and any allocator/paging overhead.
+Model shapes come from :data:`PRESETS` (published configs; :data:`ALIASES`
+adds the names used elsewhere in this project, e.g. ``gpt2-small``) or from a
+Hugging Face ``config.json`` via :func:`shape_from_config`.  Every entry point
+(:func:`kv_cache_bytes`, :func:`kv_cache_elements`, :func:`memory_report`)
+takes any of them: ``kv_cache_bytes("llama-2-7b", tokens=4096)``.  The
+calculation ignores sliding-window attention (e.g. Mistral-7B's 4,096-token
+window, which lets a rolling cache cap at the window) and any
+allocator/paging overhead.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = [
+    "ALIASES",
     "DTYPE_BYTES",
     "MemoryReport",
     "ModelShape",
@@ -78,6 +83,7 @@ __all__ = [
     "kv_cache_bytes",
     "kv_cache_elements",
     "memory_report",
+    "resolve_model",
     "run",
     "shape_from_config",
 ]
@@ -160,6 +166,11 @@ PRESETS: dict[str, ModelShape] = {
         _preset("qwen2.5-0.5b", 24, 14, 2, 64, 896, 32768),
     )
 }
+
+
+# Other names for presets: the rest of the project (``--random gpt2-small``, the
+# benchmarks) calls the 124 M GPT-2 "gpt2-small", after the paper's model sizes.
+ALIASES: dict[str, str] = {"gpt2-small": "gpt2"}
 
 
 def _as_positive_int(value: Any, key: str, where: str) -> int:
@@ -249,7 +260,7 @@ def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None =
 
 
 def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelShape:
-    """Turn a preset name (case-insensitive), config path/folder, config dict
+    """Turn a preset name or alias (case-insensitive), config path/folder, config dict
     or :class:`ModelShape` into a :class:`ModelShape`."""
     if isinstance(model, ModelShape):
         return model
@@ -259,6 +270,7 @@ def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelSh
         return shape_from_config(model)
     if isinstance(model, str):
         key = model.strip().lower()
+        key = ALIASES.get(key, key)
         if key in PRESETS:
             return PRESETS[key]
         path = Path(model).expanduser()
@@ -266,9 +278,13 @@ def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelSh
             return shape_from_config(path)
         raise ValueError(
             f"unknown model {model!r}: not a preset and no such file or folder. "
-            f"Presets: {', '.join(PRESETS)}"
+            f"Presets: {', '.join(PRESETS)} (aliases: {_alias_list()})"
         )
     raise TypeError(f"model must be a preset name, path, dict or ModelShape, got {type(model).__name__}")
+
+
+def _alias_list() -> str:
+    return ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items())
 
 
 # --------------------------------------------------------------------------- #
@@ -322,15 +338,38 @@ def _bytes_for(elements: int, per_element: float) -> int:
     return math.ceil(Fraction(elements) * Fraction(per_element))
 
 
-def kv_cache_elements(shape: ModelShape, tokens: int, batch: int = 1) -> int:
-    """Total K+V element count: 2 * layers * kv_heads * head_dim * tokens * batch."""
-    _check_count(tokens, "tokens")
+def _tokens_for(shape: ModelShape, tokens: int | None) -> int:
+    """``tokens``, defaulting to the model's max positions."""
+    if tokens is None:
+        if shape.max_positions is None:
+            raise ValueError(f"model {shape.name!r} has no max positions; pass tokens explicitly")
+        return shape.max_positions
+    return _check_count(tokens, "tokens")
+
+
+def kv_cache_elements(
+    shape: ModelShape | str | Path | Mapping[str, Any], tokens: int | None = None, batch: int = 1
+) -> int:
+    """Total K+V element count: 2 * layers * kv_heads * head_dim * tokens * batch.
+
+    ``shape``: a :class:`ModelShape`, a preset name or alias, a config.json
+    path/folder or a config dict.  ``tokens`` defaults to the model's max positions.
+    """
+    shape = resolve_model(shape)
+    tokens = _tokens_for(shape, tokens)
     _check_count(batch, "batch")
     return shape.elements_per_token * tokens * batch
 
 
-def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int = 1, dtype: str = "fp16") -> int:
-    """KV-cache size in bytes (int; sub-byte dtypes are rounded up to whole bytes)."""
+def kv_cache_bytes(
+    shape: ModelShape | str | Path | Mapping[str, Any], tokens: int | None = None, batch: int = 1,
+    dtype: str = "fp16",
+) -> int:
+    """KV-cache size in bytes (int; sub-byte dtypes are rounded up to whole bytes).
+
+    ``kv_cache_bytes("llama-2-7b", tokens=4096)``; ``shape`` is anything
+    :func:`kv_cache_elements` takes.
+    """
     per = dtype_bytes(dtype)
     return _bytes_for(kv_cache_elements(shape, tokens, batch), per)
 
@@ -371,11 +410,7 @@ def memory_report(
     max positions) and ``batch`` sequences stored as ``dtype``."""
     shape = resolve_model(model)
     per = dtype_bytes(dtype)
-    if tokens is None:
-        if shape.max_positions is None:
-            raise ValueError(f"model {shape.name!r} has no max positions; pass tokens explicitly")
-        tokens = shape.max_positions
-    _check_count(tokens, "tokens")
+    tokens = _tokens_for(shape, tokens)
     _check_count(batch, "batch")
     elements = kv_cache_elements(shape, tokens, batch)
     return MemoryReport(
@@ -488,7 +523,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="preset name (case-insensitive; see --list) or path to a config.json / model folder",
+        help="preset name or alias (case-insensitive; see --list) or path to a config.json / model folder",
     )
     parser.add_argument(
         "--tokens", type=int, default=None, help="context length in tokens (default: the model's max positions)"
@@ -529,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(data, indent=2))
             else:
                 print(format_presets(dtype))
+                print(f"aliases: {_alias_list()}")
             return 0
         model = getattr(args, "model", None)
         if not model:
