@@ -326,6 +326,54 @@ def test_reset_prefix_cache():
     assert bm.allocate("d", [50, 51, 52, 53, 0]) == BS  # in-use cached blocks stay
 
 
+def test_free_unwritten_blocks_leave_the_prefix_cache():
+    """A forward pass that never ran: the blocks its tokens filled must not be hit later."""
+    bm = BlockManager(8, BS)
+    prompt = list(range(10))
+    bm.allocate("a", prompt)  # registers blocks 0 and 1 (full), KV not written yet
+    bm.free("a", written=0)
+    assert bm.stats().blocks_cached_evictable == 0 and bm.stats().blocks_free == 8
+    assert bm.allocate("b", prompt) == 0
+    # written up to token 6: block 0 holds only written KV and stays cached, block 1 does not
+    bm.free("b", written=6)
+    assert bm.stats().blocks_cached_evictable == 1
+    assert bm.allocate("c", prompt) == BS
+
+
+def test_free_unwritten_decode_block():
+    bm = BlockManager(8, BS)
+    bm.allocate("a", [1, 2, 3])
+    bm.append_slots("a", [4])  # fills block 0 (registered) in a pass that is interrupted
+    bm.free("a", written=3)
+    assert bm.allocate("b", [1, 2, 3, 4, 5]) == 0
+    bm.append_slots("b", [6])
+    bm.free("b", written=6)  # everything written: block 0 stays cached
+    assert bm.allocate("c", [1, 2, 3, 4, 5]) == BS
+
+
+def test_free_unwritten_shared_in_the_same_pass():
+    """b hits a's block in the pass that fills it; rolling back both leaves nothing cached."""
+    for order in ("ab", "ba"):
+        bm = BlockManager(8, BS)
+        bm.allocate("a", list(range(9)))
+        assert bm.allocate("b", list(range(8)) + [42]) == 2 * BS
+        written = {"a": 0, "b": 2 * BS}  # b thinks a's blocks are written
+        for seq in order:
+            bm.free(seq, written[seq])
+        assert bm.stats().blocks_cached_evictable == 0 and bm.num_free_blocks() == 8
+        assert bm.allocate("c", list(range(9))) == 0
+
+
+def test_free_rejects_bad_written_count():
+    bm = BlockManager(8, BS)
+    bm.allocate("a", [1, 2, 3])
+    before = snapshot(bm)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match="written"):
+            bm.free("a", bad)
+        assert vars(bm) == before
+
+
 # ------------------------------------------------------- stateful model check
 PREFIXES = [
     [],
@@ -354,6 +402,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.extra = {}
         self.history = []  # (prompt, extra_key) of successful allocations
         self.next_id = 0
+        self.tables = {}  # seq -> its block table after the previous rule
+        self.cow = {}  # seq -> copy ops returned by the previous rule
 
     def new_id(self):
         self.next_id += 1
@@ -415,6 +465,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         assert expect
         assert len(ops) <= 1
+        self.cow[seq] = ops
         for op in ops:  # execute copies before writing new KV
             assert self.bm.ref_count(op.src) >= 1 and self.bm.ref_count(op.dst) == 1
             for i in range(BS):
@@ -434,6 +485,32 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.fork(parent, child)
         self.tokens[child] = list(self.tokens[parent])
         self.extra[child] = self.extra[parent]
+
+    @rule(
+        prefix=st.sampled_from(PREFIXES),
+        suffix=st.lists(st.integers(0, 3), max_size=6),
+        extra=st.sampled_from([None, "x"]),
+    )
+    def interrupted_allocate(self, prefix, suffix, extra):
+        """allocate, then the forward pass raises: nothing is written and the sequence is freed."""
+        toks = prefix + suffix or [0]
+        if not self.bm.can_allocate(toks, extra):
+            return
+        seq = self.new_id()
+        cached = self.bm.allocate(seq, toks, extra)
+        self.bm.free(seq, written=cached)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), new=st.lists(st.integers(0, 3), min_size=1, max_size=6))
+    def interrupted_append(self, data, new):
+        """append_slots, then the pass raises before its copies and writes; the sequence is freed."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        if not self.bm.can_append(seq, len(new)):
+            return
+        n = len(self.tokens[seq])
+        self.bm.append_slots(seq, new)
+        self.bm.free(seq, written=n)
+        del self.tokens[seq], self.extra[seq]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -489,6 +566,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         s = bm.stats()
         assert s.blocks_in_use + s.blocks_free + s.blocks_cached_evictable == bm.num_blocks
         assert s.blocks_in_use == sum(1 for r in refs if r)
+
+    @invariant()
+    def tables_only_append(self):
+        """A block table changes only by appending blocks, or by copy-on-write swapping its
+        last (partially filled, shared) block for the private copy the op names."""
+        for seq, (old, n) in self.tables.items():
+            if seq not in self.tokens:
+                continue
+            new = self.bm.block_table(seq)
+            assert len(new) >= len(old)
+            if new[: len(old)] != old:
+                assert n % BS != 0, "only a partially filled last block is ever swapped"
+                assert new[: len(old) - 1] == old[:-1], (old, new)
+                assert CopyOp(old[-1], new[len(old) - 1]) in self.cow.get(seq, []), (old, new)
+        self.tables = {seq: (self.bm.block_table(seq), len(toks)) for seq, toks in self.tokens.items()}
+        self.cow = {}
 
     @invariant()
     def contents(self):

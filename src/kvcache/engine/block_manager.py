@@ -22,6 +22,8 @@ nano-vllm, written as one flat class:
   its block. ``extra_key`` (e.g. a LoRA id or an image hash) separates caches.
   The key is registered as soon as a block becomes full (in :meth:`allocate`
   or :meth:`append_slots`), i.e. in the step whose forward pass writes its KV.
+  If that pass never runs (an exception), ``free(seq_id, written)`` drops the
+  registration of every block holding an unwritten token.
   If the key is already registered to another block the first one is kept and
   the duplicate simply isn't cached.
 * Collision safety: a hash match is never trusted alone. Each full block also
@@ -240,9 +242,18 @@ class BlockManager:
             self._blocks[bid].ref += 1
         self._seqs[child_id] = _Seq(list(parent.table), list(parent.tokens), parent.extra)
 
-    def free(self, seq_id) -> None:
+    def free(self, seq_id, written: Optional[int] = None) -> None:
+        """Release the sequence's blocks.  ``written``: how many of its tokens
+        really have KV (default all).  Blocks holding a later token (reserved
+        for a forward pass that never ran) leave the prefix cache, so no hit
+        can return KV that was not written."""
         seq = self._seq(seq_id)
+        if written is not None and not 0 <= written <= len(seq.tokens):
+            raise ValueError(f"written={written!r} outside 0..{len(seq.tokens)}")
         del self._seqs[seq_id]
+        if written is not None:
+            for bid in seq.table[written // self.block_size:]:
+                self._uncache(self._blocks[bid])
         for bid in reversed(seq.table):  # tail blocks become LRU-first
             block = self._blocks[bid]
             block.ref -= 1
@@ -268,6 +279,13 @@ class BlockManager:
 
     def _is_cached(self, block: _Block) -> bool:
         return block.key is not None and self._cached.get(block.key) == block.id
+
+    def _uncache(self, block: _Block) -> None:
+        """Make a block unfindable by the prefix cache.  Sequences that hit it in
+        the same failed pass still hold it; they are freed with it (the engine
+        rolls back the whole batch), so nothing grows on top of it."""
+        if self._is_cached(block):
+            del self._cached[block.key]
 
     def _lookup(self, key: int, tokens: tuple, extra, parent_uid) -> Optional[int]:
         """Block cached under ``key`` iff its content truly matches, else None."""
