@@ -51,17 +51,26 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
+    _packed_from: tuple[torch.Tensor, int, int] | None = None  # (weight, version, data_ptr) it was made from
 
     def pack(self) -> None:
-        """Keep a blocked copy of the weight for batched calls (re-pack after changing the weight)."""
-        if ONEDNN_LINEAR and self.weight.dtype == torch.float32:
+        """Keep a blocked copy of the weight for batched calls."""
+        if ONEDNN_LINEAR and self.weight.dtype == torch.float32 and not self.weight.is_inference():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
+            self._packed_from = (self.weight, self.weight._version, self.weight.data_ptr())
+
+    def _current_packed(self) -> torch.Tensor:
+        """The blocked copy, re-made if the weight was replaced or changed in place since it was packed."""
+        source, version, pointer = self._packed_from
+        if source is not self.weight or (version, pointer) != (self.weight._version, self.weight.data_ptr()):
+            self.pack()
+        return self.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
             weight = self.weight
             if self.packed is not None and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
-                weight = self.packed
+                weight = self._current_packed()
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -1,0 +1,48 @@
+"""The oneDNN Linear's packed (blocked) weight copy never goes stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvcache.model.transformer import ONEDNN_LINEAR, PACKED_MIN_ROWS, Linear
+
+pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="no oneDNN linear in this torch build")
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    layer = Linear(32, 48).requires_grad_(False)
+    layer.pack()
+    assert layer.packed is not None
+    return layer
+
+
+def check(layer: Linear, rows: int) -> None:
+    x = torch.randn(1, rows, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS, 16])
+def test_packed_and_plain_paths_equal_f_linear(linear, rows):
+    check(linear, rows)
+
+
+def test_in_place_weight_update_repacks(linear):
+    with torch.no_grad():
+        linear.weight.mul_(-3.0)
+    check(linear, 16)
+
+
+def test_load_state_dict_repacks(linear):
+    other = Linear(32, 48)
+    linear.load_state_dict(other.state_dict())
+    check(linear, 16)
+
+
+def test_replaced_weight_repacks(linear):
+    linear.weight = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)
+    check(linear, 16)
