@@ -202,6 +202,22 @@ def test_parallel_sampling(model):
     assert_no_leak(llm2)
 
 
+def test_max_num_seqs_counts_forked_children(model):
+    """n > 1 children are forked after the prefill, outside admission: the limit must still hold."""
+    llm = LLM(model, num_blocks=64, block_size=BS, max_num_seqs=3)
+    pair = SamplingParams(n=2, max_new_tokens=6, ignore_eos=True)
+    rids = [llm.add_request(p, sp) for p, sp in zip(PROMPTS[:4], [pair, pair, greedy(6), pair])]
+    peak = 0
+    while llm.has_unfinished():
+        llm.step()
+        peak = max(peak, len(llm.scheduler.running))
+    assert peak == 3
+    for rid, prompt in zip(rids, PROMPTS[:4]):
+        out = llm.output(rid)
+        assert all(c.token_ids == ref(model, prompt, 6) for c in out.outputs)
+    assert_no_leak(llm)
+
+
 def test_parallel_sampling_under_preemption(model):
     prompt = BASE[:10]
     params = SamplingParams(n=3, temperature=0.8, seed=1, max_new_tokens=10, ignore_eos=True)
@@ -253,8 +269,12 @@ def test_request_that_can_never_fit_fails_at_once(model):
     ok2 = llm.add_request(PROMPTS[1], greedy(8))
     assert llm.requests[big].error  # rejected before any step
     assert llm.requests[ok1].error is None and llm.requests[ok2].error is None
+    with pytest.raises(ValueError, match="not finished"):
+        llm.output(ok1)  # and it stays queued
+    reported = []
     while llm.has_unfinished():
-        llm.step()
+        reported += [r.request_id for r in llm.step()]
+    assert sorted(reported) == [ok1, big, ok2]  # the rejected one is reported like the others
     out = llm.output(big)
     assert out.error and "KV" in out.error
     assert out.outputs == [] and out.token_ids == [] and out.finish_reason == "error"
@@ -262,24 +282,92 @@ def test_request_that_can_never_fit_fails_at_once(model):
         o = llm.output(rid)
         assert o.error is None and o.token_ids == ref(model, prompt, 8)
     assert_no_leak(llm)
+    assert not llm.requests
+    # alone, through step(): still reported, then nothing is left
+    big = llm.add_request(BASE[:10], greedy(20))
+    assert llm.has_unfinished()
+    assert [r.request_id for r in llm.step()] == [big] and not llm.has_unfinished()
+    assert llm.output(big).error and not llm.requests
+    # through generate: returned in place, nothing left in llm.requests
+    outs = llm.generate([PROMPTS[0], BASE[:10]], [greedy(8), greedy(20)])
+    assert outs[0].token_ids == ref(model, PROMPTS[0], 8) and "KV" in outs[1].error
+    assert not llm.requests
+    assert_no_leak(llm)
 
 
-def test_invalid_prompts_fail_with_error(model):
+def test_generate_keeps_reports_of_requests_added_outside_it(model):
+    llm = LLM(model, num_blocks=64, block_size=BS)
+    rid = llm.add_request(PROMPTS[1], greedy(3))
+    (out,) = llm.generate([PROMPTS[0]], greedy(8))  # runs the earlier request to completion too
+    assert out.token_ids == ref(model, PROMPTS[0], 8)
+    assert [r.request_id for r in llm.step()] == [rid]  # its report was kept for the next step
+    assert llm.output(rid).token_ids == ref(model, PROMPTS[1], 3)
+    assert_no_leak(llm)
+    running, waiting = llm.add_request(PROMPTS[1], greedy(3)), llm.add_request(PROMPTS[2], greedy(6))
+    llm.scheduler.max_num_seqs = 1
+    llm.step()  # the second stays queued behind the first
+    assert len(llm.scheduler.running) == len(llm.scheduler.waiting) == 1
+    llm.abort_request(running)
+    llm.abort_request(waiting)
+    assert not llm.requests
+    assert_no_leak(llm)
+
+
+def assert_untouched(llm):
+    """Nothing queued, stored or allocated."""
+    assert not llm.requests and not llm.has_unfinished()
+    assert llm.block_manager.stats().blocks_in_use == 0 and llm.block_manager.stats().prefix_query_tokens == 0
+
+
+def test_invalid_prompts_raise_and_queue_nothing(model):
     llm = LLM(model, num_blocks=128, block_size=BS)
     limit = model.config.max_positions
-    prompts = [[1] * (limit - 3), [], [1, model.config.vocab_size], PROMPTS[0]]
-    outs = llm.generate(prompts, greedy(5))
-    assert "positions" in outs[0].error
-    assert "empty" in outs[1].error
-    assert "vocabulary" in outs[2].error
-    for o in outs[:3]:
-        assert o.outputs == [] and o.metrics.finish_time is not None
-    assert outs[3].error is None and outs[3].token_ids == ref(model, PROMPTS[0], 5)
+    bad = {"positions": [1] * (limit - 3), "empty": [], "vocabulary": [1, model.config.vocab_size]}
+    for match, prompt in bad.items():
+        with pytest.raises(ValueError, match=match):
+            llm.add_request(prompt, greedy(5))
+        with pytest.raises(ValueError, match=match):
+            llm.generate([PROMPTS[0], prompt], greedy(5))  # the valid first prompt is not queued either
+        assert_untouched(llm)
+    for prompt in (5, None, [1, 2.0], [True], b"ab", [[1, 2]]):
+        with pytest.raises(TypeError):
+            llm.add_request(prompt, greedy(5))
+        assert_untouched(llm)
+    with pytest.raises(TypeError, match="prompt 1"):
+        llm.generate(["AB", 5, "C"], greedy(5))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", greedy(5))
+    assert_untouched(llm)
     # exactly at the limit is fine
     edge = rand_tokens(random.Random(5), limit - 4)
     (out,) = llm.generate([edge], greedy(4))
     assert out.error is None and out.token_ids == ref(model, edge, 4)
+    assert not llm.requests
     assert_no_leak(llm)
+
+
+def test_invalid_params_raise_and_queue_nothing(model):
+    llm = LLM(model, num_blocks=64, block_size=BS, max_num_seqs=4)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.add_request(PROMPTS[0], {"max_new_tokens": 4})
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate(PROMPTS[:2], [greedy(3), 7])
+    with pytest.raises(TypeError, match="cache_salt"):
+        llm.add_request(PROMPTS[0], greedy(3), cache_salt=["a"])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.add_request(PROMPTS[0], SamplingParams(n=5))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.add_request(PROMPTS[0], SamplingParams(stop_token_ids=[model.config.vocab_size]))
+    assert_untouched(llm)
+
+
+def test_constructor_rejects_bad_sizes(model):
+    for name, value, error in (("block_size", 0, ValueError), ("max_num_seqs", 0, ValueError),
+                               ("max_batch_tokens", 0, ValueError), ("num_blocks", 0, ValueError),
+                               ("num_blocks", -3, ValueError), ("block_size", 2.0, TypeError),
+                               ("max_num_seqs", True, TypeError)):
+        with pytest.raises(error, match=name):
+            LLM(model, **{"num_blocks": 8, name: value})
 
 
 # ------------------------------------------------------------------ stopping, text
@@ -323,15 +411,78 @@ def test_eos_stop_and_ignore_eos(model_dir):
     assert_no_leak(llm)
 
 
+def _first_occurrence_at_token(tokenizer, tokens, k, stop):
+    """Does ``stop`` first occur in the decoded tokens exactly where token k's text starts?"""
+    return tokenizer.decode(tokens).find(stop) == len(tokenizer.decode(tokens[:k]))
+
+
 def test_stop_strings(model):
+    """The text is cut before the stop string (as vLLM does); the token ids stay as generated."""
     prompt = BASE[:6]
     full = ref(model, prompt, 12)
-    k = _first_new_token(full, 2)
     llm = LLM(model, num_blocks=64, block_size=BS)
-    stop = llm.tokenizer.decode([full[k]])
-    out = llm.generate([prompt], SamplingParams(max_new_tokens=12, stop=[stop], ignore_eos=True))[0]
+    tok = llm.tokenizer
+    k = _first_new_token(full, 2)
+    one = tok.decode([full[k]])
+    # a stop string spanning three tokens, first occurring at token j
+    j = next((j for j in range(1, 9) if _first_occurrence_at_token(tok, full, j, tok.decode(full[j:j + 3]))), None)
+    if j is None:
+        pytest.skip("no three-token string occurs first where it starts in the reference output")
+    multi = tok.decode(full[j:j + 3])
+    outs = llm.generate([prompt, prompt, prompt], [
+        SamplingParams(max_new_tokens=12, stop=[one], ignore_eos=True),
+        SamplingParams(max_new_tokens=12, stop=multi, ignore_eos=True),  # a single str means [str]
+        SamplingParams(max_new_tokens=12, stop=["never", multi], ignore_eos=True)])
+    assert outs[0].token_ids == full[:k + 1] and outs[0].finish_reason == "stop"
+    assert outs[0].text == tok.decode(full[:k])
+    for out in outs[1:]:
+        assert out.token_ids == full[:j + 3] and out.finish_reason == "stop"
+        assert out.text == tok.decode(full[:j]) and multi not in out.text
+    assert_no_leak(llm)
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir):
+    return widen(load_model(gpt2_dir))
+
+
+def test_stop_string_newline(gpt2):
+    """The widened GPT-2 fixture writes "\n" (byte 10) for many prompts; the Llama one never does."""
+    for seed in range(20):
+        prompt = rand_tokens(random.Random(seed), 6)
+        full = ref(gpt2, prompt, 16)
+        if 10 in full[1:]:
+            break
+    else:
+        pytest.skip("no reference output with a newline")
+    k = full.index(10)
+    llm = LLM(gpt2, num_blocks=64, block_size=BS)
+    out = llm.generate([prompt], SamplingParams(max_new_tokens=16, stop="\n", ignore_eos=True))[0]
     assert out.token_ids == full[:k + 1] and out.finish_reason == "stop"
-    assert out.text.endswith(stop)
+    assert out.text == llm.tokenizer.decode(full[:k]) and "\n" not in out.text
+    assert_no_leak(llm)
+
+
+def test_stop_strings_decode_only_a_window(model):
+    """Checking stop strings must not decode the whole output every step (O(n^2))."""
+    llm = LLM(model, num_blocks=64, block_size=BS)
+    decoded = []
+    real = llm.tokenizer.decode
+
+    def spy(ids):
+        decoded.append(len(ids))
+        return real(ids)
+
+    rid = llm.add_request(BASE[:6], SamplingParams(max_new_tokens=40, stop=["\x00\x01\x02"], ignore_eos=True))
+    llm.tokenizer.decode = spy
+    try:
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        llm.tokenizer.decode = real
+    out = llm.output(rid)
+    assert len(out.token_ids) == 40 and out.finish_reason == "length"
+    assert decoded and max(decoded) <= 2  # a one-byte-per-token tokenizer needs one token of context
     assert_no_leak(llm)
 
 
@@ -345,9 +496,19 @@ def test_metrics(model):
         total = m.finish_time - m.arrival_time
         assert m.time_to_first_token is not None and 0 <= m.time_to_first_token <= total
         assert m.tokens_per_second(len(o.token_ids)) > 0
+        assert m.tokens_per_second() == m.tokens_per_second(6)
+        # reported without the caller counting: 5 tokens after the first, from first token to finish
+        assert m.num_output_tokens == 6 and m.num_completions == 1
+        assert m.output_tokens_per_second == pytest.approx(5 / (m.finish_time - m.first_token_time))
+    pair, single = llm.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(n=2, max_new_tokens=4, ignore_eos=True),
+                                                          greedy(1)])
+    assert pair.metrics.num_output_tokens == 8 and pair.metrics.num_completions == 2
+    assert pair.metrics.output_tokens_per_second == pytest.approx(
+        6 / (pair.metrics.finish_time - pair.metrics.first_token_time))
+    assert single.metrics.output_tokens_per_second is None  # nothing after the first token
     s = llm.stats()
     assert s["kv_blocks_total"] == 64 and s["kv_blocks_in_use"] == 0
-    assert s["prefill_tokens_computed"] == sum(map(len, PROMPTS[:3])) - s["prefix_hit_tokens"]
+    assert s["prefill_tokens_computed"] == sum(map(len, PROMPTS[:3] + PROMPTS[:2])) - s["prefix_hit_tokens"]
     assert 0 <= s["prefix_hit_rate"] <= 1
     assert_no_leak(llm)
 

@@ -5,7 +5,9 @@
 
 Each ``step`` asks the scheduler for a batch, flattens its tokens into one
 forward pass over the paged cache, samples one token per sequence and
-retires finished ones.  Results equal running each request alone.
+retires finished ones.  Results equal running each request alone.  Bad input
+raises before anything is stored; a step that raises is rolled back (see
+``_rollback``), so the engine stays usable.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
 import torch
 
 from ..caches.paged import BatchEntry, PagedKVCache
+from ..generation.generate import check_prompt
 from ..generation.sampling import sample
 from ..model.loader import load_model
 from ..model.transformer import Transformer
 from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
+from .stops import check_stops, truncate
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
@@ -39,6 +44,15 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _check_count(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 class LLM:
     def __init__(
         self,
@@ -50,6 +64,9 @@ class LLM:
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
     ):
+        for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
+                            ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks)):
+            _check_count(name, value, optional=name == "num_blocks")
         self.model = model if isinstance(model, Transformer) else load_model(model)
         self.config = self.model.config
         self.model.pack_for_batching()
@@ -64,6 +81,7 @@ class LLM:
         self.tokenizer = self.model.tokenizer
         self._next_request = 0
         self.requests: dict[int, Request] = {}
+        self._finished: list[Request] = []  # finished outside a step's own batch, reported by the next step
 
     # --- capacity ------------------------------------------------------------
     @property
@@ -77,45 +95,91 @@ class LLM:
     # --- requests ------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     cache_salt: str | None = None) -> int:
-        params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Queue a prompt; returns its request id.  Bad input raises before anything is stored.
+        A request too big for the whole KV pool is kept with ``error`` set, finished at once
+        (the next ``step`` reports it)."""
+        ids, params = self._check_request(prompt, params, cache_salt)
+        return self._add(ids, params, cache_salt)
+
+    def _check_request(self, prompt, params, cache_salt) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params, validated like the single-stream path."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"cache_salt must be a str or None, got {cache_salt!r}")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}: "
+                             "its completions could never run together")
+        vocab = self.config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids {list(params.stop_token_ids)} outside the vocabulary [0, {vocab})")
+        return check_prompt(self.model, self._token_ids(prompt), params.max_new_tokens), params
+
+    def _token_ids(self, prompt):
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("this model has no tokenizer: pass token ids, not text")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (torch.Tensor, SequenceABC)):
+            return prompt  # check_prompt takes it from here (and rejects bytes)
+        raise TypeError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+
+    def _add(self, ids: list[int], params: SamplingParams, cache_salt: str | None) -> int:
         request = Request(self._next_request, ids, params, cache_salt=cache_salt)
         self._next_request += 1
-        self.requests[request.request_id] = request
         total = len(ids) + params.max_new_tokens
-        if not ids:
-            request.error = "empty prompt"
-        elif any(not 0 <= t < self.config.vocab_size for t in ids):
-            request.error = f"prompt has token ids outside the vocabulary [0, {self.config.vocab_size})"
-        elif total > self.config.max_positions:
-            request.error = (f"prompt ({len(ids)}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's {self.config.max_positions} positions")
-        elif self.block_manager.blocks_for(total) > self.num_blocks:
+        if self.block_manager.blocks_for(total) > self.num_blocks:
             request.error = (f"request needs {total} tokens of KV but the whole pool holds "
                              f"{self.capacity_tokens} ({self.num_blocks} blocks of {self.block_size})")
+            self._finish(request, time.perf_counter())
+            self._finished.append(request)
         else:
             seq = Sequence(request, ids, 0)
             request.sequences.append(seq)
             self.scheduler.add(seq)
-        if request.error:
-            request.metrics.finish_time = time.perf_counter()
+        self.requests[request.request_id] = request
         return request.request_id
 
+    def abort_request(self, request_id: int) -> None:
+        """Drop a request wherever it is (queued, running or finished) and free its blocks."""
+        request = self.requests.pop(request_id)
+        for seq in request.sequences:
+            self.scheduler.abort(seq)
+        self._finished = [r for r in self._finished if r is not request]
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Work left, or finished requests that ``step`` has not reported yet."""
+        return self.scheduler.has_work() or bool(self._finished)
 
     # --- the step ------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One forward pass; returns the requests that finished in it."""
+        """One forward pass; returns the requests that finished in it (and any finished
+        outside a step: rejected when added, or during a step that raised).
+
+        Exception-safe: if the forward pass or sampling raises (even KeyboardInterrupt),
+        the step is rolled back (see ``_rollback``) and the exception re-raised."""
         batch, copies, rejected = self.scheduler.schedule()
-        done = []
-        for seq in rejected:
-            seq.request.error = "request does not fit in KV memory"
-            seq.status = Status.FINISHED
-            done.append(seq.request)
-        if not batch:
-            return done
+        done, self._finished, rngs = self._finished, [], []
+        try:
+            now = time.perf_counter()
+            for seq in rejected:
+                seq.request.error = "request does not fit in KV memory"
+                seq.status = Status.FINISHED
+                self._finish(seq.request, now)
+                done.append(seq.request)
+            if not batch:
+                return done
+            rngs = [(seq, len(seq.tokens), seq.generator.get_state()) for seq, _ in batch if seq.generator is not None]
+            return done + self._run(batch, copies)
+        except BaseException:
+            self._finished = done + self._finished
+            self._rollback(batch, rngs)
+            raise
+
+    def _run(self, batch: list[tuple[Sequence, int]], copies) -> list[Request]:
+        """Forward the batch, sample and emit a token per sequence; the requests that finished."""
         self.cache.copy_blocks(copies)
         ids, positions, entries, last = [], [], [], []
         for seq, n in batch:
@@ -127,21 +191,48 @@ class LLM:
         self.cache.prepare(entries)
         logits = self.model(torch.tensor([ids]), torch.tensor([positions]), cache=self.cache,
                             logits_index=torch.tensor(last))
+        for seq, _ in batch:
+            seq.num_computed = len(seq.tokens)  # every KV of the batch is written now
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
         for row, (seq, n) in enumerate(batch):
-            seq.num_computed = len(seq.tokens)
             token = greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)
             if seq.num_output == 0 and seq.index == 0 and seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
             if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
                 self._fork_children(seq, list(seq.tokens), logits[row])  # before the parent may finish
             self._emit(seq, token)
+        done = []
         for seq, _ in batch:
             if seq.request.finished and seq.request.metrics.finish_time is None:
-                seq.request.metrics.finish_time = now
+                self._finish(seq.request, now)
                 done.append(seq.request)
         return done
+
+    def _rollback(self, batch: list[tuple[Sequence, int]], rngs) -> None:
+        """Undo a step that raised.  Every running sequence (the batch and children forked in
+        it) is preempted back to waiting, keeping the tokens it has: a later step recomputes
+        its KV.  Blocks the forward pass never wrote leave the prefix cache (``preempt`` frees
+        from ``num_computed``).  A seeded generator that drew a token not appended is rewound,
+        so the redone step draws it again."""
+        for seq, length, state in rngs:
+            if len(seq.tokens) == length:
+                seq.generator.set_state(state)
+        for seq in reversed(list(self.scheduler.running)):  # reversed: they keep their order at the front
+            if seq.num_output == 0 and seq.generator is not None:  # a child forked in this step
+                seq.generator.manual_seed(seq.request.params.seed + seq.index)
+            self.scheduler.preempt(seq)
+        now = time.perf_counter()
+        for request in {seq.request.request_id: seq.request for seq, _ in batch}.values():
+            if request.finished and request.metrics.finish_time is None:  # finished before the error
+                self._finish(request, now)
+                self._finished.append(request)
+
+    def _finish(self, request: Request, now: float) -> None:
+        m = request.metrics
+        m.finish_time = now
+        m.num_output_tokens = sum(s.num_output for s in request.sequences)
+        m.num_completions = len(request.sequences)
 
     def _sample(self, row: torch.Tensor, seq: Sequence) -> int:
         return int(sample(row[None], seq.request.params.sampling, seq.generator)[0])
@@ -159,58 +250,102 @@ class LLM:
             self._emit(child, token)
 
     def _emit(self, seq: Sequence, token: int) -> None:
-        seq.append(token)
+        """Append ``token``; finish ``seq`` if it must stop.  The decision is made before
+        anything changes, so an error in it leaves the sequence as it was."""
         params = seq.request.params
-        stops = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            stops.update(self.tokenizer.eos_token_ids)
-        reason = None
-        if token in stops:
+        reason, state, on_string = None, seq.stop_state, False
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
             reason = "stop"
-        elif params.stop and any(s in self.tokenizer.decode(seq.output_ids) for s in params.stop):
-            reason = "stop"
-        elif seq.num_output >= params.max_new_tokens or len(seq.tokens) >= self.config.max_positions:
+        elif params.stop:
+            window = seq.tokens[len(seq.tokens) - seq.num_output + state.prefix:] + [token]
+            on_string, state = check_stops(self.tokenizer, window, params.stop, state)
+            reason = "stop" if on_string else None
+        if reason is None and (seq.num_output + 1 >= params.max_new_tokens
+                               or len(seq.tokens) + 1 >= self.config.max_positions):
             reason = "length"
+        seq.append(token)
+        seq.stop_state, seq.stopped_on_string = state, on_string
         if reason:
             self.scheduler.finish(seq, reason)
 
     # --- batch API -------------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
-        """Run prompts to completion together; outputs in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Run prompts to completion together; outputs in prompt order.
+
+        All or nothing: every prompt and params is checked before any is queued, and if the
+        run raises (e.g. KeyboardInterrupt) its requests are aborted, so none is left behind."""
+        if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        checked = []
+        for i, (prompt, sp) in enumerate(zip(prompts, plist)):
+            try:
+                checked.append(self._check_request(prompt, sp, None))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from exc
+        ids = [self._add(p, sp, None) for p, sp in checked]
+        try:
+            self._run_to_completion(set(ids), progress)
+        except BaseException:
+            for i in ids:
+                if i in self.requests:
+                    self.abort_request(i)
+            raise
+        return [self.output(i) for i in ids]
+
+    def _run_to_completion(self, own: set[int], progress: bool) -> None:
+        """Step until no work is left.  Requests added outside this call that finish meanwhile
+        are handed back to the next ``step`` to report."""
+        others: list[Request] = []
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(ids), desc="requests", unit="req")
-        while self.has_unfinished():
-            finished = self.step()
+            bar = tqdm(total=len(own), desc="requests", unit="req")
+        try:
+            while self.has_unfinished():
+                finished = self.step()
+                mine = [r for r in finished if r.request_id in own]
+                others += [r for r in finished if r.request_id not in own]
+                if bar is not None:
+                    bar.update(len(mine))
+        finally:
             if bar is not None:
-                bar.update(len(finished))
-        if bar is not None:
-            bar.close()
-        return [self.output(i) for i in ids]
+                bar.close()
+            self._finished += others
+
+    def _step_aside(self) -> None:
+        """A step run on someone else's behalf (beam search waiting for memory): the requests
+        it finishes are reported by the caller's next ``step``."""
+        self._finished += self.step()
 
     def beam_search(self, prompt: str | list[int], beam_width: int, max_new_tokens: int,
                     length_penalty: float = 1.0, stop_token_ids: list[int] | None = None):
         """Beam search over forked sequences in the paged pool (see engine/beam.py); best hypothesis first."""
         from .beam import paged_beam_search
 
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return paged_beam_search(self, ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
+        return paged_beam_search(self, self._token_ids(prompt), beam_width, max_new_tokens, length_penalty,
+                                 stop_token_ids)
 
     def output(self, request_id: int) -> RequestOutput:
-        r = self.requests.pop(request_id)
-        outs = [CompletionOutput(s.index, s.output_ids, self.tokenizer.decode(s.output_ids), s.finish_reason)
-                for s in sorted(r.sequences, key=lambda s: s.index)] if r.error is None else []
+        """A finished request's result; removes it from ``requests``."""
+        r = self.requests[request_id]
+        if not r.finished:
+            raise ValueError(f"request {request_id} is not finished: step until it is, or abort_request it")
+        del self.requests[request_id]
+        outs = [self._completion(s) for s in sorted(r.sequences, key=lambda s: s.index)] if r.error is None else []
         return RequestOutput(r.request_id, r.prompt_ids, outs, r.metrics, r.error)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        text = self.tokenizer.decode(seq.output_ids)
+        if seq.stopped_on_string:
+            text = truncate(text, seq.request.params.stop)  # token ids stay as generated
+        return CompletionOutput(seq.index, seq.output_ids, text, seq.finish_reason)
 
     def stats(self) -> dict:
         """Prefix-cache and memory metrics (tokens and blocks)."""

@@ -8,7 +8,8 @@ needs a block and none is left, the most recently admitted sequence is
 preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue with every token it has produced, to be prefilled again
 later (cheaply, when its blocks are still in the prefix cache).  Nothing it
-produced is lost or produced twice.
+produced is lost or produced twice.  ``max_num_seqs`` also counts the n - 1
+children a parallel-sampling request forks after its prefill.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Scheduler:
                 batch.append((seq, 1))
         budget = self.max_batch_tokens - len(batch)
         rejected: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        seats = sum(map(self._width, self.running))
+        while self.waiting and seats + self._width(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
             compute = len(seq.tokens) - cached
@@ -61,6 +63,7 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            seats += self._width(seq)
             cached = self.bm.allocate(seq.seq_id, seq.tokens, seq.request.cache_salt)
             if seq.num_computed:  # readmitted after preemption: count the work redone
                 self.recomputed_tokens += len(seq.tokens) - cached
@@ -74,8 +77,17 @@ class Scheduler:
             budget -= len(seq.tokens) - cached
         return batch, copies, rejected
 
+    @staticmethod
+    def _width(seq: Sequence) -> int:
+        """Seats ``seq`` takes under ``max_num_seqs``: a first sequence not yet forked also
+        holds them for its n - 1 parallel-sampling children, forked right after its prefill."""
+        request = seq.request
+        return 1 + (request.params.n - len(request.sequences) if seq.index == 0 else 0)
+
     def preempt(self, seq: Sequence) -> None:
-        self.bm.free(seq.seq_id)
+        """Back to the front of the queue.  Blocks past ``num_computed`` (reserved for a pass
+        that never ran) leave the prefix cache."""
+        self.bm.free(seq.seq_id, seq.num_computed)
         self.running.remove(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -85,3 +97,13 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.bm.free(seq.seq_id)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` wherever it is; a running one frees its blocks."""
+        if seq.status is Status.RUNNING:
+            self.bm.free(seq.seq_id, seq.num_computed)
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,30 +11,81 @@ from enum import Enum
 import torch
 
 from ..generation.sampling import SamplingConfig
+from .stops import StopState
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to sample one request; checked here, so a bad value fails before it reaches the engine."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     n: int = 1  # completions of one prompt, forked from one prefill
     seed: int | None = None
-    stop: tuple[str, ...] | list[str] | None = None  # stop strings (checked on the decoded text)
+    stop: str | tuple[str, ...] | list[str] | None = None  # stop strings, cut from the text (a str means [str])
     stop_token_ids: tuple[int, ...] | list[int] | None = None  # in addition to the model's EOS
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be a positive integer, got {self.n!r}")
-        self.sampling  # validates temperature/top_k/top_p
+        for name in ("max_new_tokens", "n"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not _is_real(self.temperature):
+            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k is not None and not _is_int(self.top_k):
+            raise TypeError(f"top_k must be an int or None, got {self.top_k!r}")
+        if self.top_p is not None and not _is_real(self.top_p):
+            raise TypeError(f"top_p must be a number or None, got {self.top_p!r}")
+        self.sampling  # range checks of top_k and top_p
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop_token_ids", _stop_ids(self.stop_token_ids))
 
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
+    if not all(stop):
+        raise ValueError("stop strings must not be empty")
+    return tuple(stop)
+
+
+def _stop_ids(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+        raise TypeError(f"stop_token_ids must be a list of ints, got {ids!r}")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"stop_token_ids must be >= 0, got {list(ids)}")
+    return tuple(ids)
 
 
 class Status(Enum):
@@ -56,6 +108,8 @@ class Sequence:
         self.num_computed = 0  # tokens whose KV is in the cache
         self.status = Status.WAITING
         self.finish_reason: str | None = None
+        self.stop_state = StopState()  # incremental stop-string check (engine/stops.py)
+        self.stopped_on_string = False
         seed = request.params.seed
         self.generator = torch.Generator().manual_seed(seed + index) if seed is not None else None
 
@@ -82,15 +136,28 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     cached_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # over all completions, set when the request finishes
+    num_completions: int = 0
 
     @property
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
-    def tokens_per_second(self, num_tokens: int) -> float | None:
+    @property
+    def output_tokens_per_second(self) -> float | None:
+        """Decode speed: tokens produced after the first step, per second from the first token to the
+        finish (vLLM's 1 / time per output token).  None with nothing after the first step."""
+        if self.first_token_time is None or self.finish_time is None:
+            return None
+        later, span = self.num_output_tokens - self.num_completions, self.finish_time - self.first_token_time
+        return later / span if later > 0 and span > 0 else None
+
+    def tokens_per_second(self, num_tokens: int | None = None) -> float | None:
+        """``num_tokens`` (default: all output tokens) per second from arrival to finish."""
         if self.finish_time is None or self.finish_time <= self.arrival_time:
             return None
-        return num_tokens / (self.finish_time - self.arrival_time)
+        count = self.num_output_tokens if num_tokens is None else num_tokens
+        return count / (self.finish_time - self.arrival_time)
 
 
 @dataclass
