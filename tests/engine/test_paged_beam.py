@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcache.engine import beam as beam_mod
 from kvcache.engine.beam import paged_beam_search
 from kvcache.engine.block_manager import OutOfBlocks
 from kvcache.engine.llm import LLM
@@ -29,6 +30,12 @@ def assert_same(paged, ref):
 
 def in_use(llm):
     return llm.block_manager.stats().blocks_in_use
+
+
+def held_by_engine(llm):
+    """Blocks in the tables of the engine's running sequences."""
+    bm = llm.block_manager
+    return len(set().union(*(bm.block_table(s.seq_id) for s in llm.scheduler.running)))
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -79,6 +86,71 @@ def test_out_of_blocks_preempts_the_group_and_leaks_nothing(model):
         generate(model, PROMPT, 10, stop_token_ids=[])
     out = llm.generate([PROMPT], SamplingParams(max_new_tokens=16))[0]
     assert out.outputs[0].token_ids == generate(model, PROMPT, 16)
+    assert in_use(llm) == 0
+
+
+OTHERS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+
+
+def start_others(llm, new_tokens=12):
+    """Two engine requests in flight (prefilled and decoding) holding blocks of the pool."""
+    rids = [llm.add_request(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for p in OTHERS]
+    llm.step()
+    llm.step()
+    assert in_use(llm) > 0
+    return rids
+
+
+def finish_others(llm, model, rids, new_tokens=12):
+    """Step to the end; each other request is reported exactly once and equals running alone."""
+    reported = []
+    while llm.has_unfinished():
+        reported += [r.request_id for r in llm.step()]
+    assert sorted(reported) == sorted(rids)
+    for rid, prompt in zip(rids, OTHERS):
+        assert llm.output(rid).token_ids == generate(model, prompt, new_tokens, stop_token_ids=[])
+    assert in_use(llm) == 0 and not llm.requests
+
+
+def count_admissions(monkeypatch):
+    calls = []
+    real = beam_mod._BeamGroup.admit
+
+    def spy(self, seqs, when):
+        calls.append(when)
+        return real(self, seqs, when)
+
+    monkeypatch.setattr(beam_mod._BeamGroup, "admit", spy)
+    return calls
+
+
+def test_short_of_memory_the_group_waits_for_other_requests_and_resumes(model, monkeypatch):
+    """10 blocks: the other requests hold some, the 3 beams outgrow the rest mid-search. The group
+    is preempted, the others are stepped until it fits, the beams are recomputed: same result."""
+    ref = beam_search(model, PROMPT, 3, 12, stop_token_ids=[])
+    llm = LLM(model, num_blocks=10, block_size=4)
+    rids = start_others(llm)
+    admissions = count_admissions(monkeypatch)
+    paged = paged_beam_search(llm, PROMPT, 3, 12, stop_token_ids=[])
+    assert_same(paged, ref)
+    assert admissions[0] == "prefilling the prompt" and len(admissions) > 1  # resumed by recompute
+    assert all(w.startswith("at new token") for w in admissions[1:])
+    assert in_use(llm) == held_by_engine(llm)  # the group freed everything it held
+    finish_others(llm, model, rids)
+    # and the same search with the pool to itself agrees too
+    assert_same(paged_beam_search(llm, PROMPT, 3, 12, stop_token_ids=[]), ref)
+    assert in_use(llm) == 0
+
+
+def test_group_that_can_never_fit_raises_even_with_others_running(model):
+    llm = LLM(model, num_blocks=10, block_size=4)  # 4 beams of 7 + 24 tokens need more than 10 blocks
+    rids = start_others(llm)
+    with pytest.raises(OutOfBlocks, match="pool has 10 blocks"):
+        paged_beam_search(llm, PROMPT, 4, 24, stop_token_ids=[])
+    assert in_use(llm) == held_by_engine(llm)
+    finish_others(llm, model, rids)
+    out = llm.generate([PROMPT], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    assert out.token_ids == generate(model, PROMPT, 16, stop_token_ids=[])
     assert in_use(llm) == 0
 
 

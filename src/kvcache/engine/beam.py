@@ -17,10 +17,16 @@ The selection is the reference's :class:`~kvcache.generation.beam.BeamSearch`,
 so both drivers agree token for token (scores up to float rounding).
 
 Memory: before touching the block manager, each step computes exactly how many
-blocks it needs.  If the pool cannot provide them the beam group is preempted
-as a whole (all its sequences freed) and :class:`OutOfBlocks` is raised; there
-is no concurrent work to wait for in this call.  Every sequence of the group is
-freed when the call returns or raises, so no block leaks.
+blocks it needs.  If the pool cannot provide them, the beam group is preempted
+as a whole (every beam's blocks freed; their full blocks stay in the prefix
+cache) and resumed by recompute: the engine's other in-flight requests are
+stepped until the group fits, then every beam is prefilled again in one pass
+(mostly prefix-cache hits) and the search continues with the same logits, so
+the result equals a run with ample memory.  :class:`OutOfBlocks` is raised only
+when the group can never fit: nothing else is running and it still does not.
+Every sequence of the group is freed when the call returns or raises, and blocks
+reserved for a pass that never ran leave the prefix cache, so no block leaks and
+no later hit returns unwritten KV.
 """
 
 from __future__ import annotations
@@ -66,8 +72,105 @@ def _step_need(bm: BlockManager, seq_ids: Sequence) -> int:
     return need
 
 
-def _held(bm: BlockManager, seq_ids) -> int:
-    return len(set().union(*(bm.block_table(s) for s in seq_ids))) if seq_ids else 0
+def _admit_need(bm: BlockManager, seqs: list[list[int]]) -> int:
+    """Blocks that allocating ``seqs`` one after another takes from the pool at most: equal
+    prefixes share their full blocks (the prefix cache), the block holding each last token is
+    always new.  Exact when no other sequence holds any of them and hashes do not collide."""
+    bs = bm.block_size
+    shared = {tuple(s[:(i + 1) * bs]) for s in seqs for i in range((len(s) - 1) // bs)}
+    return len(shared) + len(seqs)
+
+
+class _BeamGroup:
+    """The beams' sequences in the block manager, and how many of each one's tokens have KV."""
+
+    def __init__(self, llm, beam_width: int):
+        self.llm, self.bm, self.width = llm, llm.block_manager, beam_width
+        self.live: list = []  # seq id of each running beam, in search.sequences order
+        self.written: dict = {}  # every sequence the group holds -> tokens whose KV is written
+
+    def admit(self, seqs: list[list[int]], when: str) -> torch.Tensor:
+        """Prefill ``seqs`` as the live beams; their last positions' logits.  Steps the engine's
+        other requests while the pool is too full; raises OutOfBlocks if it can never fit."""
+        need = _admit_need(self.bm, seqs)
+        while not (need <= self.bm.num_free_blocks() and self._allocate(seqs)):
+            if need > self.bm.num_blocks or not self.llm.scheduler.has_work():
+                raise self._out_of_blocks(need, when)
+            self.llm._step_aside()
+        tokens, positions, entries, last = [], [], [], []
+        for sid, seq in zip(self.live, seqs):
+            start = self.written[sid]
+            tokens += seq[start:]
+            positions += range(start, len(seq))
+            entries.append(BatchEntry(len(seq) - start, len(seq), self.bm.block_table(sid)))
+            last.append(len(tokens) - 1)
+        return self._forward(tokens, positions, entries, last)
+
+    def _allocate(self, seqs: list[list[int]]) -> bool:
+        """All or nothing (a hash collision can make ``_admit_need`` too low)."""
+        for seq in seqs:
+            if not self.bm.can_allocate(seq):
+                self.release()
+                return False
+            sid = _new_id()
+            self.written[sid] = self.bm.allocate(sid, seq)
+            self.live.append(sid)
+        return True
+
+    def reorder(self, parents: list[int]) -> None:
+        """Fork first (a parent's first child keeps its sequence), then free the unchosen parents."""
+        chosen, live = set(), []
+        for p in parents:
+            if p in chosen:
+                child = _new_id()
+                self.bm.fork(self.live[p], child)
+                self.written[child] = self.written[self.live[p]]
+                live.append(child)
+            else:
+                chosen.add(p)
+                live.append(self.live[p])
+        for i, sid in enumerate(self.live):
+            if i not in chosen:
+                self.bm.free(sid)
+                del self.written[sid]
+        self.live = live
+
+    def fits_step(self) -> bool:
+        return _step_need(self.bm, self.live) <= self.bm.num_free_blocks()
+
+    def decode(self, new_tokens: list[int]) -> torch.Tensor:
+        """Append one token to every beam and run them in one pass; their logits."""
+        ops, positions, entries = [], [], []
+        for sid, token in zip(self.live, new_tokens):
+            ops += self.bm.append_slots(sid, [token])
+            n = self.bm.num_tokens(sid)
+            positions.append(n - 1)
+            entries.append(BatchEntry(1, n, self.bm.block_table(sid)))
+        self.llm.cache.copy_blocks(ops)  # copy-on-write BEFORE the forward writes the new KV
+        return self._forward(new_tokens, positions, entries, list(range(len(new_tokens))))
+
+    def _forward(self, tokens, positions, entries, last) -> torch.Tensor:
+        self.llm.cache.prepare(entries)
+        logits = self.llm.model(torch.tensor([tokens]), torch.tensor([positions]), cache=self.llm.cache,
+                                logits_index=torch.tensor(last))
+        for sid in self.live:
+            self.written[sid] = self.bm.num_tokens(sid)
+        return logits
+
+    def release(self) -> None:
+        """Free every sequence; blocks reserved for a pass that never ran leave the prefix cache."""
+        for sid, written in self.written.items():
+            self.bm.free(sid, written)
+        self.written.clear()
+        self.live = []
+
+    def _out_of_blocks(self, needed: int, when: str) -> OutOfBlocks:
+        return OutOfBlocks(
+            f"beam search (beam_width={self.width}) ran out of KV blocks {when}: the beam group needed "
+            f"{needed} blocks of {self.bm.block_size} tokens but the pool has {self.bm.num_blocks} blocks in "
+            f"total ({self.bm.num_free_blocks()} free) and no other request is running to free more; the group "
+            f"was preempted and all its blocks freed. Give the engine more KV memory, or use a smaller "
+            f"beam_width or max_new_tokens.")
 
 
 def paged_beam_search(
@@ -81,89 +184,28 @@ def paged_beam_search(
     """Beam search over ``llm``'s paged KV cache; ``beam_width`` hypotheses, best first.
 
     Same arguments and results as :func:`kvcache.generation.beam.beam_search`.
-    Raises :class:`OutOfBlocks` (after freeing the whole beam group) when the
-    pool cannot hold the beams.
+    Short of memory, the group waits for the engine's other requests (stepping
+    them); raises :class:`OutOfBlocks` (after freeing the group) only when it
+    can never fit.
     """
-    model, bm, cache = llm.model, llm.block_manager, llm.cache
-    ids, search = start_search(model, llm.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
+    ids, search = start_search(llm.model, llm.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty,
+                               stop_token_ids)
     if search.done:
         return []
-
-    owned: set = set()  # every live sequence of this beam group
-    live: list = []  # seq id of each running beam, in search.sequences order
-    unwritten = False  # blocks reserved (maybe registered in the prefix cache) but KV not yet written
-
-    def preempt(needed: int, when: str) -> OutOfBlocks:
-        free_now = bm.num_free_blocks()
-        for sid in list(owned):
-            bm.free(sid)
-            owned.discard(sid)
-        return OutOfBlocks(
-            f"beam search (beam_width={beam_width}) ran out of KV blocks {when}: the beam group needed "
-            f"{needed} blocks of {bm.block_size} tokens but the pool has {bm.num_blocks} blocks in total "
-            f"({free_now} free besides the group's own); the group was preempted and all its blocks freed. "
-            f"Give the engine more KV memory, or use a smaller beam_width or max_new_tokens.")
-
+    group = _BeamGroup(llm, beam_width)
     try:
         with torch.inference_mode():
-            # Prefill the prompt once (a cached prefix is reused, not recomputed).
-            root = _new_id()
-            if not bm.can_allocate(ids):
-                hits = bm.cached_prefix_len(ids) // bm.block_size
-                raise preempt(bm.blocks_for(len(ids)) - hits, "prefilling the prompt")
-            unwritten = True
-            cached = bm.allocate(root, ids)
-            owned.add(root)
-            live = [root]
-            cache.prepare([BatchEntry(len(ids) - cached, len(ids), bm.block_table(root))])
-            logits = model(torch.tensor([ids[cached:]]), torch.tensor([list(range(cached, len(ids)))]),
-                           cache=cache, logits_index=slice(-1, None))
-            unwritten = False
-
+            logits = group.admit([ids], "prefilling the prompt")  # a cached prefix is reused, not recomputed
             while True:
                 parents = search.advance(logits)
                 if search.done:
                     break
-                # Fork first (a parent's first child keeps its sequence), then free the unchosen parents.
-                chosen, new_live = set(), []
-                for p in parents:
-                    if p in chosen:
-                        child = _new_id()
-                        bm.fork(live[p], child)
-                        owned.add(child)
-                        new_live.append(child)
-                    else:
-                        chosen.add(p)
-                        new_live.append(live[p])
-                for i, sid in enumerate(live):
-                    if i not in chosen:
-                        bm.free(sid)
-                        owned.discard(sid)
-                live = new_live
-
-                need = _step_need(bm, live)
-                if need > bm.num_free_blocks():
-                    raise preempt(_held(bm, live) + need, f"at new token {search.length}")
-                unwritten = True
-                ops, tokens, positions, entries = [], [], [], []
-                for sid, seq in zip(live, search.sequences):
-                    ops += bm.append_slots(sid, [seq[-1]])
-                    n = bm.num_tokens(sid)
-                    tokens.append(seq[-1])
-                    positions.append(n - 1)
-                    entries.append(BatchEntry(1, n, bm.block_table(sid)))
-                cache.copy_blocks(ops)  # copy-on-write BEFORE the forward writes the new KV
-                cache.prepare(entries)
-                logits = model(torch.tensor([tokens]), torch.tensor([positions]), cache=cache,
-                               logits_index=torch.arange(len(live)))
-                unwritten = False
+                group.reorder(parents)
+                if group.fits_step():
+                    logits = group.decode([seq[-1] for seq in search.sequences])
+                else:  # preempt the whole group (its KV is all written), resume by recompute
+                    group.release()
+                    logits = group.admit([ids + seq for seq in search.sequences], f"at new token {search.length}")
     finally:
-        for sid in owned:
-            bm.free(sid)
-        owned.clear()
-        if unwritten:
-            # Interrupted between reserving slots and writing their KV: blocks filled in
-            # that step may be registered in the prefix cache without valid KV.  Drop
-            # every unreferenced cached block so no later request can hit them.
-            bm.reset_prefix_cache()
+        group.release()
     return search.results()
