@@ -46,9 +46,9 @@ def make_requests(rng):
             prompt = []
         prompt += [rng.randrange(1, 90) for _ in range(length - len(prompt))]
         max_new = rng.randint(1, 16)
-        # some parallel-greedy requests (forks + copy-on-write under preemption); max_new >= 2
-        # because n > 1 finishing on its first token is a known, separately tested bug
-        n = 2 if max_new >= 2 and rng.random() < 0.1 else 1
+        # some parallel-greedy requests (forks + copy-on-write under preemption), including
+        # ones that finish on their first token
+        n = 2 if rng.random() < 0.1 else 1
         out.append((prompt, SamplingParams(max_new_tokens=max_new, n=n, ignore_eos=True)))
     return out
 
