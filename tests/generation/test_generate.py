@@ -258,3 +258,11 @@ def test_numpy_sampling_arguments_and_stop_ids(model):
     first = greedy.index(stop) + 1
     for stops in (np.array([stop]), torch.tensor([stop]), (t for t in [stop]), {stop}, [np.int32(stop)]):
         assert generate(model, PROMPT, 8, stop_token_ids=stops) == greedy[:first]
+
+
+def test_a_paused_or_abandoned_stream_does_not_leave_the_caller_in_inference_mode(llama):
+    tokens = stream(llama, [1, 2, 3], 8, stop_token_ids=[])
+    next(tokens)
+    assert not torch.is_inference_mode_enabled()
+    del tokens
+    assert not torch.is_inference_mode_enabled()

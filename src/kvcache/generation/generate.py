@@ -51,24 +51,28 @@ def stream(
 
 def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, config: SamplingConfig,
                  stops: set[int], generator: torch.Generator | None) -> Iterator[int]:
+    # inference mode is entered per step, never held across a yield: a paused or abandoned
+    # stream must not leave the caller's code running in inference mode
     if max_new_tokens == 0:
         return
+    cache = None
     with torch.inference_mode():
         if use_cache:
             cache = ContiguousKVCache.for_model(model, capacity=len(ids) + max_new_tokens, check_finite=False)
-            logits = model(torch.tensor([ids]), cache=cache, logits_index=slice(-1, None))
-        else:
-            logits = model(torch.tensor([ids]), logits_index=slice(-1, None))
-        for step in range(max_new_tokens):
-            token = int(sample(logits, config, generator))
-            yield token
-            if token in stops or step == max_new_tokens - 1:
-                return
-            ids.append(token)
-            if use_cache:
-                logits = model(torch.tensor([[token]]), cache=cache, logits_index=slice(-1, None))
-            else:
-                logits = model(torch.tensor([ids]), logits_index=slice(-1, None))
+        token = _next_token(model, torch.tensor([ids]), cache, config, generator)
+    for step in range(max_new_tokens):
+        yield token
+        if token in stops or step == max_new_tokens - 1:
+            return
+        ids.append(token)
+        with torch.inference_mode():
+            token = _next_token(model, torch.tensor([[token]] if use_cache else [ids]), cache, config, generator)
+
+
+def _next_token(model, input_ids: torch.Tensor, cache: ContiguousKVCache | None, config: SamplingConfig,
+                generator: torch.Generator | None) -> int:
+    logits = model(input_ids, cache=cache, logits_index=slice(-1, None))
+    return int(sample(logits, config, generator))
 
 
 def generate(
