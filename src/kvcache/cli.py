@@ -1,4 +1,4 @@
-"""The ``kvcache`` command: demo, generate, memory, bench, serve-bench.
+"""The ``kvcache`` command: demo, generate, memory, bench (decode, hf, kernels, append, throughput, prefix, memory).
 
 User errors (a bad option value, a missing or unsupported model folder) are
 reported as one ``kvcache <command>: error: ...`` line on stderr with exit
