@@ -55,6 +55,23 @@ def save_hf_llama(path, **overrides):
     return model
 
 
+def widen_weights(model, std=0.2, seed=0):
+    """The GPT-2 fixture has tiny init weights: its greedy output just repeats the last prompt
+    token whatever the context, so it could not notice wrong KV. Widen its matrices (in memory)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def widen():
+    """``widen(model)``: see widen_weights."""
+    return widen_weights
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2")

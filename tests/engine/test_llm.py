@@ -7,7 +7,6 @@ import random
 import weakref
 
 import pytest
-import torch
 
 from kvcache.caches.paged import PagedKVCache
 from kvcache.engine.llm import LLM, parse_bytes
@@ -20,19 +19,8 @@ pytestmark = pytest.mark.usefixtures("flush_denormals")
 BS = 4
 
 
-def widen(model, std=0.2, seed=0):
-    """The GPT-2 fixture has tiny init weights: its greedy output just repeats the last prompt
-    token whatever the context, so it could not notice wrong KV. Widen its matrices (in memory)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 @pytest.fixture(scope="module")
-def model(model_dir):
+def model(model_dir, widen):
     m = load_model(model_dir)
     return widen(m) if m.config.arch == "gpt2" else m
 
@@ -394,7 +382,7 @@ def test_stop_token_ids_and_length(model):
     assert_no_leak(llm)
 
 
-def test_eos_stop_and_ignore_eos(model_dir):
+def test_eos_stop_and_ignore_eos(model_dir, widen):
     model = load_model(model_dir)  # own copy: its tokenizer's EOS ids are changed below
     if model.config.arch == "gpt2":
         widen(model)
@@ -442,7 +430,7 @@ def test_stop_strings(model):
 
 
 @pytest.fixture(scope="module")
-def gpt2(gpt2_dir):
+def gpt2(gpt2_dir, widen):
     return widen(load_model(gpt2_dir))
 
 

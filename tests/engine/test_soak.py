@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from kvcache.engine.llm import LLM
 from kvcache.engine.sequence import SamplingParams
@@ -22,16 +21,9 @@ BS = 4
 
 
 @pytest.fixture(scope="module")
-def model(gpt2_dir):
-    """The 2-layer, 64-wide GPT-2 fixture with widened weights: with its tiny init weights the
-    greedy output just repeats the last prompt token, blind to the KV it reads."""
-    m = load_model(gpt2_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+def model(gpt2_dir, widen):
+    """The 2-layer, 64-wide GPT-2 fixture with widened weights (see conftest.widen_weights)."""
+    return widen(load_model(gpt2_dir))
 
 
 def make_requests(rng):

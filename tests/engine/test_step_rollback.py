@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from kvcache.engine.llm import LLM
 from kvcache.engine.sequence import SamplingParams, Status
@@ -24,15 +23,9 @@ PROMPTS = [BASE[:5], BASE[:9], BASE[:9] + [7]]
 
 
 @pytest.fixture(scope="module")
-def model(model_dir):
+def model(model_dir, widen):
     m = load_model(model_dir)
-    if m.config.arch == "gpt2":  # tiny init weights make GPT-2 blind to its KV: widen them
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return widen(m) if m.config.arch == "gpt2" else m  # tiny init weights make GPT-2 blind to its KV
 
 
 def params():
