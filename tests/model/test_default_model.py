@@ -60,8 +60,9 @@ def test_validation_perplexity_is_far_below_the_unigram_baseline(model, validati
             losses.append(torch.nn.functional.cross_entropy(model(x[:, s:e])[0], y[s:e], reduction="sum"))
     loss = float(sum(losses)) / len(y)
     baseline = unigram_entropy(validation_slice)
-    # perplexity at most half the unigram model's (in practice far lower; docs/default-model.md)
-    assert math.exp(loss) < 0.5 * math.exp(baseline), (loss, baseline)
+    # the shipped model measures 0.07x the unigram perplexity on this slice; a model that had learned
+    # only token frequencies and little context would sit near 1x
+    assert math.exp(loss) < 0.15 * math.exp(baseline), (loss, baseline)
 
 
 def test_cached_and_uncached_generation_agree(model):
