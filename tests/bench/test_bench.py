@@ -62,3 +62,11 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert main(["bench", "append", "--quick", "--json", str(out)]) == 0
     assert "re-stacking" in capsys.readouterr().out
     assert json.loads(out.read_text())["append"][0]["n"] == 1000
+
+
+def test_all_runs_each_scenario_in_its_own_process(capfd):
+    from kvcache.bench import runner
+
+    rows = runner._run_isolated("append", quick=True, plot=None)
+    assert rows[0]["n"] == 1000 and rows[0]["kvcache_s"] > 0
+    assert "## append" in capfd.readouterr().out  # printed by the child on the inherited stdout

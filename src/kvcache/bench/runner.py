@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,55 +24,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import append, decode, hf_compare, kernels, serving
-
-    quick = args.quick
-    results: dict[str, object] = {}
+    """One scenario in this process; ``all`` runs each in a fresh process, so that one scenario's
+    memory and kernel caches cannot speed up or slow down the next (measured: up to 15%)."""
     print(f"# kvcache bench ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')})\n")
-    todo = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    for name in todo:
-        print(f"## {name}\n", flush=True)
-        if name == "decode":
-            rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
-            if not quick:
-                rows += decode.bench_decode("gpt2-small", lengths=(64, 128, 256))
-            print("\n" + decode.format_decode_table(rows))
-            if args.plot and not quick:
-                print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == 'tiny-llama'], args.plot)}")
-        elif name == "hf":
-            rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3,
-                                       shapes=("gpt2-small",) if quick else ("gpt2-small", "llama-135m"))
-            print("\n" + hf_compare.format_hf_table(rows))
-        elif name == "kernels":
-            rows = {"attention": kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),
-                    "growth": kernels.bench_cache_growth((64,) if quick else (1024, 4096))}
-            print(kernels.format_attention_table(rows["attention"]) + "\n")
-            print(kernels.format_growth_table(rows["growth"]))
-        elif name == "append":
-            rows = append.bench_append(sizes=(1000,) if quick else (10_000, 100_000))
-            print("\n" + append.format_append_table(rows))
-        elif name == "throughput":
-            rows = []
-            for shape in (("tiny-llama",) if quick else ("gpt2-small", "llama-135m")):
-                rows += serving.bench_throughput(shape, concurrency=(1, 4) if quick else (1, 4, 16, 64),
-                                                 new_tokens=8 if quick else 64,
-                                                 sequential_requests=2 if quick else 4)
-            print("\n" + serving.format_throughput_table(rows))
-        elif name == "prefix":
-            rows = serving.bench_prefix("tiny-llama", requests=4, prefix_len=64, new_tokens=4) if quick \
-                else serving.bench_prefix()
-            print("\n" + serving.format_prefix_table(rows))
-            on, off = rows
-            print(f"\nprefill tokens: {off['prefill_tokens'] / on['prefill_tokens']:.1f}x fewer; mean TTFT "
-                  f"{off['mean_ttft_s'] / on['mean_ttft_s']:.1f}x lower; total {off['total_s'] / on['total_s']:.1f}x "
-                  f"faster; identical outputs: {on['identical_outputs']}")
-        elif name == "memory":
-            rows = serving.bench_memory_efficiency(requests=8 if quick else 64)
-            print("\n" + serving.format_memory_table(rows))
-        results[name] = rows
-        print(flush=True)
+    if args.scenario == "all":
+        results = {name: _run_isolated(name, args.quick, args.plot) for name in SCENARIOS}
+    else:
+        results = {args.scenario: run_scenario(args.scenario, args.quick, args.plot)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
     return 0
+
+
+def _run_isolated(name: str, quick: bool, plot: str | None) -> object:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        code = "import sys; from kvcache.bench.runner import scenario_main; scenario_main(sys.argv[1:])"
+        subprocess.run([sys.executable, "-c", code, name, str(out), "1" if quick else "0", plot or ""], check=True)
+        return json.loads(out.read_text())
+
+
+def scenario_main(argv: list[str]) -> None:
+    """Child-process entry of ``_run_isolated``: name, JSON path, quick flag, plot path."""
+    name, out, quick, plot = argv
+    rows = run_scenario(name, quick == "1", plot or None)
+    Path(out).write_text(json.dumps(rows, default=str))
+
+
+def run_scenario(name: str, quick: bool, plot: str | None) -> object:
+    """Run one scenario, print its markdown table(s); the raw rows."""
+    from . import append, decode, hf_compare, kernels, serving
+
+    print(f"## {name}\n", flush=True)
+    if name == "decode":
+        rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
+        if not quick:
+            rows += decode.bench_decode("gpt2-small", lengths=(64, 128, 256))
+        print("\n" + decode.format_decode_table(rows))
+        if plot and not quick:
+            print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == 'tiny-llama'], plot)}")
+    elif name == "hf":
+        rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3,
+                                   shapes=("gpt2-small",) if quick else ("gpt2-small", "llama-135m"))
+        print("\n" + hf_compare.format_hf_table(rows))
+    elif name == "kernels":
+        rows = {"attention": kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),
+                "growth": kernels.bench_cache_growth((64,) if quick else (1024, 4096))}
+        print(kernels.format_attention_table(rows["attention"]) + "\n")
+        print(kernels.format_growth_table(rows["growth"]))
+    elif name == "append":
+        rows = append.bench_append(sizes=(1000,) if quick else (10_000, 100_000))
+        print("\n" + append.format_append_table(rows))
+    elif name == "throughput":
+        rows = []
+        for shape in (("tiny-llama",) if quick else ("gpt2-small", "llama-135m")):
+            rows += serving.bench_throughput(shape, concurrency=(1, 4) if quick else (1, 4, 16, 64),
+                                             new_tokens=8 if quick else 64,
+                                             sequential_requests=2 if quick else 4)
+        print("\n" + serving.format_throughput_table(rows))
+    elif name == "prefix":
+        rows = serving.bench_prefix("tiny-llama", requests=4, prefix_len=64, new_tokens=4) if quick \
+            else serving.bench_prefix()
+        print("\n" + serving.format_prefix_table(rows))
+        on, off = rows
+        print(f"\nprefill tokens: {off['prefill_tokens'] / on['prefill_tokens']:.1f}x fewer; mean TTFT "
+              f"{off['mean_ttft_s'] / on['mean_ttft_s']:.1f}x lower; total {off['total_s'] / on['total_s']:.1f}x "
+              f"faster; identical outputs: {on['identical_outputs']}")
+    elif name == "memory":
+        rows = serving.bench_memory_efficiency(requests=8 if quick else 64)
+        print("\n" + serving.format_memory_table(rows))
+    print(flush=True)
+    return rows

@@ -34,7 +34,8 @@ def bench_throughput(shape: str = "gpt2-small", concurrency=(1, 4, 16, 64), prom
     for n in concurrency:
         llm = LLM(model, kv_memory=kv_memory, max_num_seqs=max(concurrency))
         prompts = _prompts(n, prompt_len, model.config.vocab_size, n)
-        llm.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
+        # warm up on other prompts of the same shape: oneDNN builds its kernels per matrix shape
+        llm.generate(_prompts(n, prompt_len, model.config.vocab_size, -n), SamplingParams(max_new_tokens=4, ignore_eos=True))
         t, outs = timed(lambda: llm.generate(prompts, params))
         tokens = sum(len(o.token_ids) for o in outs)
         rows.append({"shape": shape, "concurrent": n, "tok_s": tokens / t, "sequential_tok_s": seq_tps,
