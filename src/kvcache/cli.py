@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime import tune_malloc
+
+    tune_malloc()  # the command owns its process (kvcache/runtime.py)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -55,8 +55,10 @@ def scenario_main(argv: list[str]) -> None:
 
 def run_scenario(name: str, quick: bool, plot: str | None) -> object:
     """Run one scenario, print its markdown table(s); the raw rows."""
+    from ..runtime import tune_malloc
     from . import append, decode, hf_compare, kernels, serving
 
+    tune_malloc()  # the same allocator settings for every contender (the engine sets them anyway)
     print(f"## {name}\n", flush=True)
     if name == "decode":
         rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))

@@ -61,7 +61,9 @@ def bench_prefix(shape: str = "llama-135m", requests: int = 32, prefix_len: int 
     rows, outputs = [], {}
     for caching in (True, False):
         llm = LLM(model, kv_memory=kv_memory, enable_prefix_caching=caching, max_batch_tokens=4096)
-        llm.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm up
+        # warm up on one prompt of the same length but other tokens (kernels for this shape, allocator)
+        warm = [rng.randrange(1, model.config.vocab_size) for _ in range(prefix_len + suffix_len)]
+        llm.generate([warm], SamplingParams(max_new_tokens=2, ignore_eos=True))
         llm.block_manager.reset_prefix_cache()
         before = llm.stats()["prefill_tokens_computed"]
         t, outs = timed(lambda: llm.generate(prompts, params))

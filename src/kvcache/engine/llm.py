@@ -25,6 +25,7 @@ from ..generation.generate import check_prompt
 from ..generation.sampling import sample
 from ..model.loader import load_model
 from ..model.transformer import Transformer
+from ..runtime import tune_malloc
 from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
@@ -67,6 +68,7 @@ class LLM:
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks)):
             _check_count(name, value, optional=name == "num_blocks")
+        tune_malloc()  # an engine owns its process: reuse freed activation memory (kvcache/runtime.py)
         self.model = model if isinstance(model, Transformer) else load_model(model)
         self.config = self.model.config
         self.model.pack_for_batching()
