@@ -213,3 +213,16 @@ def test_attend_requires_matching_prepare(model):
 def test_constructor_validates():
     with pytest.raises(ValueError):
         PagedKVCache(num_layers=1, num_blocks=0, block_size=4, num_kv_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 12])
+def test_heads_matmul_equals_a_batched_matmul(heads, monkeypatch):
+    from kvcache.caches.paged import _heads_matmul
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)  # the per-head oneDNN path for every count
+    g = torch.Generator().manual_seed(heads)
+    x, w = torch.randn(heads, 7, 16, generator=g), torch.randn(heads, 40, 16, generator=g)
+    torch.testing.assert_close(_heads_matmul(x, w), torch.matmul(x, w.transpose(-1, -2)))
+    v = torch.randn(heads, 40, 16, generator=g)  # (tokens, d): passed as a transposed view, as the cascade does
+    y = torch.randn(heads, 7, 40, generator=g)
+    torch.testing.assert_close(_heads_matmul(y, v.transpose(-1, -2)), torch.matmul(y, v))

@@ -7,6 +7,7 @@ import random
 import weakref
 
 import pytest
+import torch
 
 from kvcache.caches.paged import PagedKVCache
 from kvcache.engine.llm import LLM, parse_bytes
@@ -537,8 +538,13 @@ def test_kv_memory_capacity(model):
         LLM(model, kv_memory=per_block - 1, block_size=BS)
 
 
-def test_shared_prefix_decodes_through_cascade_attention(model):
-    """Sequences sharing cached prefix blocks attend to them once (cascade); results equal generate."""
+@pytest.mark.parametrize("threads", [1, 16], ids=["batched-matmul", "onednn-per-head"])
+def test_shared_prefix_decodes_through_cascade_attention(model, threads, monkeypatch):
+    """Sequences sharing cached prefix blocks attend to them once (cascade); results equal generate.
+
+    ``threads`` steers the cascade's shared-prefix products (paged._heads_matmul): with few KV
+    heads per thread it threads each head's product with oneDNN instead of a batched matmul."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = random.Random(5)
     system = [rng.randrange(1, 90) for _ in range(37)]
     prompts = [system + [rng.randrange(1, 90) for _ in range(rng.randint(1, 6))] for _ in range(5)]

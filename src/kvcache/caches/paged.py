@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import attention
+from ..model.transformer import ONEDNN_LINEAR
 
 
 @dataclass
@@ -186,11 +187,27 @@ class PagedKVCache:
         # softmaxes are merged through their maxima and sums.
         shared_k = k_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
         shared_v = v_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
-        s1 = torch.matmul(qd.reshape(kv_heads, batch * group, dim), shared_k.transpose(-1, -2))
+        s1 = _heads_matmul(qd.reshape(kv_heads, batch * group, dim), shared_k)
         s1 = s1.view(kv_heads, batch, group, -1)
         m1, m2 = s1.amax(-1, keepdim=True), scores.amax(-1, keepdim=True)
         m = torch.maximum(m1, m2)
         e1, e2 = torch.exp(s1 - m), torch.exp(scores - m)
-        o1 = torch.matmul(e1.view(kv_heads, batch * group, -1), shared_v).view(kv_heads, batch, group, dim)
+        o1 = _heads_matmul(e1.view(kv_heads, batch * group, -1), shared_v.transpose(-1, -2))
+        o1 = o1.view(kv_heads, batch, group, dim)
         out = (o1 + torch.matmul(e2, values)) / (e1.sum(-1, keepdim=True) + e2.sum(-1, keepdim=True))
         return out.transpose(1, 2).reshape(heads, batch, dim)
+
+
+def _heads_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (H, M, K) times w (H, N, K) transposed, per head -> (H, M, N).
+
+    A batched matmul runs each head's product on one thread, so with fewer
+    heads than twice the threads (Llama-135M's 3 KV heads on 2 cores) a core
+    idles half the time; oneDNN's linear threads each product instead.
+    Measured here for 3 heads, M=96, 1,024 shared tokens: 146 vs 254 us (q.K)
+    and 127 vs 251 us (p.V).  With many heads the batched matmul stays.
+    """
+    if not ONEDNN_LINEAR or x.shape[0] >= 2 * torch.get_num_threads() or x.dtype != torch.float32:
+        return torch.matmul(x, w.transpose(-1, -2))
+    return torch.stack([torch.ops.mkldnn._linear_pointwise(x[h], w[h], None, "none", [], "")
+                        for h in range(x.shape[0])])
