@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..caches.paged import BatchEntry, PagedKVCache
+from ..checks import check_int
 from ..generation.generate import check_prompt
 from ..generation.sampling import sample
 from ..model.loader import load_model
@@ -45,15 +46,6 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def _check_count(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 class LLM:
     def __init__(
         self,
@@ -67,7 +59,8 @@ class LLM:
     ):
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks)):
-            _check_count(name, value, optional=name == "num_blocks")
+            if value is not None or name != "num_blocks":
+                check_int(value, name, minimum=1)
         tune_malloc()  # an engine owns its process: reuse freed activation memory (kvcache/runtime.py)
         self.model = model if isinstance(model, Transformer) else load_model(model)
         self.config = self.model.config

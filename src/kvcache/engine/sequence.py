@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
+from ..checks import check_int, is_int
 from ..generation.sampling import SamplingConfig
+from ..generation.validation import check_seed
 from .stops import StopState
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -38,24 +31,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "n"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not _is_real(self.temperature):
-            raise TypeError(f"temperature must be a number, got {self.temperature!r}")
-        if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k is not None and not _is_int(self.top_k):
-            raise TypeError(f"top_k must be an int or None, got {self.top_k!r}")
-        if self.top_p is not None and not _is_real(self.top_p):
-            raise TypeError(f"top_p must be a number or None, got {self.top_p!r}")
-        self.sampling  # range checks of top_k and top_p
-        if self.seed is not None and not _is_int(self.seed):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        if self.seed is not None and not -2**63 <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=1))
+        self.sampling  # SamplingConfig checks temperature, top_k and top_p
+        object.__setattr__(self, "seed", check_seed(self.seed))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         object.__setattr__(self, "stop", _stop_strings(self.stop))
@@ -81,11 +59,11 @@ def _stop_strings(stop) -> tuple[str, ...]:
 def _stop_ids(ids) -> tuple[int, ...]:
     if ids is None:
         return ()
-    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(is_int(i) for i in ids):
         raise TypeError(f"stop_token_ids must be a list of ints, got {ids!r}")
     if any(i < 0 for i in ids):
         raise ValueError(f"stop_token_ids must be >= 0, got {list(ids)}")
-    return tuple(ids)
+    return tuple(int(i) for i in ids)
 
 
 class Status(Enum):
