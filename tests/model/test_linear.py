@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcache.model.transformer import ONEDNN_LINEAR, PACKED_MIN_ROWS, Linear
+from kvcache.model.transformer import ONEDNN_LINEAR, Linear
 
 pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="no oneDNN linear in this torch build")
 
@@ -26,7 +26,7 @@ def check(layer: Linear, rows: int) -> None:
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MIN_ROWS, 16])
+@pytest.mark.parametrize("rows", [1, 4, 16, 300])
 def test_packed_and_plain_paths_equal_f_linear(linear, rows):
     check(linear, rows)
 
@@ -46,3 +46,15 @@ def test_load_state_dict_repacks(linear):
 def test_replaced_weight_repacks(linear):
     linear.weight = torch.nn.Parameter(torch.randn(48, 32), requires_grad=False)
     check(linear, 16)
+
+
+def test_load_model_packs_unless_asked_not_to(llama_dir):
+    from kvcache.model.loader import load_model
+
+    packed, plain = load_model(llama_dir), load_model(llama_dir, pack=False)
+    layers = [m for m in packed.modules() if isinstance(m, Linear)]
+    assert layers and all(m.packed is not None for m in layers)
+    assert all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), atol=1e-5, rtol=1e-5)

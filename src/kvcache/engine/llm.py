@@ -64,7 +64,7 @@ class LLM:
         tune_malloc()  # an engine owns its process: reuse freed activation memory (kvcache/runtime.py)
         self.model = model if isinstance(model, Transformer) else load_model(model)
         self.config = self.model.config
-        self.model.pack_for_batching()
+        self.model.pack_weights()  # load_model packs already; a model built otherwise is packed here
         per_block = PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype)
         self.num_blocks = num_blocks if num_blocks is not None else parse_bytes(kv_memory) // per_block
         if self.num_blocks < 1:

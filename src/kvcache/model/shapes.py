@@ -54,4 +54,6 @@ def random_model(name: str = "gpt2-small", seed: int = 0) -> Transformer:
                 p.normal_(0.0, std)
     model.tokenizer = Tokenizer.bytes([])
     model.source = f"random {name} (seed {seed})"
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    model.pack_weights()  # as load_model does by default
+    return model
