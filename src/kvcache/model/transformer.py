@@ -36,7 +36,6 @@ def _has_onednn_linear() -> bool:
 ONEDNN_LINEAR = _has_onednn_linear()
 
 
-
 class Linear(nn.Linear):
     """nn.Linear that, at inference on CPU, calls oneDNN's linear directly.
 
@@ -65,16 +64,13 @@ class Linear(nn.Linear):
         source, version, pointer = self._packed_from
         return source is not self.weight or (version, pointer) != (self.weight._version, self.weight.data_ptr())
 
-    def _current_packed(self) -> torch.Tensor:
-        """The blocked copy, re-made if the weight was replaced or changed in place since it was packed."""
-        self.pack()
-        return self.packed
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
             weight = self.weight
             if self.packed is not None:
-                weight = self._current_packed()
+                if self._stale():  # the weight was replaced or changed in place since it was packed
+                    self.pack()
+                weight = self.packed
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
