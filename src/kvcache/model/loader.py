@@ -1,4 +1,4 @@
-"""Load a local Hugging Face checkpoint folder into a ``Transformer``.
+"""Load a local Hugging Face checkpoint folder (or a GGUF file, via ``gguf.py``) into a ``Transformer``.
 
 A folder holds ``config.json``, ``*.safetensors`` (one file or shards) and
 optionally ``tokenizer.json``.  Checkpoint names are mapped onto ours and the
@@ -171,19 +171,58 @@ def _eos_ids(folder: Path, config: ModelConfig) -> list[int]:
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
                pack: bool = True) -> Transformer:
-    """A ready-to-run model (eval mode, tokenizer attached) from a local HF folder.
+    """A ready-to-run model (eval mode, tokenizer attached) from a local HF folder or a GGUF file.
 
+    ``path``: a Hugging Face folder (config.json + safetensors), a ``.gguf`` file
+    (or a folder holding one), or a model name (``kvcache.hub``: pulled on first use).
     With no path, loads the small code model shipped inside the package.
     ``pack`` keeps a oneDNN-blocked copy of every linear weight (fp32 only):
-    18-24% faster decode here, at twice the weight memory; ``pack=False``
-    keeps only the plain weights.
+    faster decode, at twice the weight memory; ``pack=False`` keeps only the plain weights.
     """
-    folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    config = ModelConfig.from_file(folder)
+    source = resolve_source(path)
+    if source.suffix == ".gguf" or source.is_file():
+        from .gguf import read_gguf
+
+        ckpt = read_gguf(source)
+        config = ModelConfig.from_hf(ckpt.config)
+        tokenizer = Tokenizer.from_backend(ckpt.tokenizer, config.eos_token_ids, ckpt.tokenizer_config)
+        model = _build(config, dtype, ckpt.tensors)
+    else:
+        config = ModelConfig.from_file(source)
+        model = _build(config, dtype, read_safetensors(source))
+        tokenizer = Tokenizer.from_folder(source, _eos_ids(source, config))
+    model.tokenizer = tokenizer
+    model.source = str(source)
+    model = model.eval().requires_grad_(False)
+    if pack:
+        model.pack_weights()
+    return model
+
+
+def resolve_source(path: str | Path | None) -> Path:
+    """The folder or GGUF file ``path`` names: a path, or a model name of ``kvcache.hub`` (pulled if needed)."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    candidate = Path(path)
+    if not candidate.exists():
+        from . import hub
+
+        if hub.is_model_name(str(path)):
+            return hub.ensure(str(path))
+        raise FileNotFoundError(f"model not found: {path} (not a folder, a .gguf file or a model name; "
+                                f"known names: {', '.join(hub.names())})")
+    if candidate.is_dir() and not (candidate / "config.json").exists():
+        from .gguf import find_gguf
+
+        gguf_file = find_gguf(candidate)
+        if gguf_file is not None:
+            return gguf_file
+    return candidate
+
+
+def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device="cpu").to(dtype)
@@ -193,12 +232,5 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
         model.rope_cos, model.rope_sin = rope_tables(config)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_state(model, read_safetensors(folder))
-    eos = _eos_ids(folder, config)
-    tok_file = folder / "tokenizer.json"
-    model.tokenizer = Tokenizer.from_file(tok_file, eos) if tok_file.exists() else Tokenizer.bytes(eos)
-    model.source = str(folder)
-    model = model.eval().requires_grad_(False)
-    if pack:
-        model.pack_weights()
+    load_state(model, tensors)
     return model
