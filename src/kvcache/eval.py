@@ -1,0 +1,131 @@
+"""Quality of a model and of a cache configuration: perplexity, bits per byte, KL divergence vs the exact cache.
+
+Corpora need no download: ``code`` is the held-out validation split of the
+running Python's standard library sources (the files the shipped model never
+trained on, ``model/stdlib_corpus.py``), ``english`` is the English reference
+documentation that ships with Python (``pydoc_data.topics``).  Texts are joined
+in a fixed order, tokenized once, and cut into non-overlapping windows of
+``context`` tokens from the start, as many as ``max_tokens`` allows: the same
+command gives the same windows on any machine with the same Python version.
+In each window every token after the first is predicted from the ones before it.
+
+The reference is the exact, uncached forward pass over each window.  Given a
+cache factory (a lossy cache of a later issue: quantized, windowed, evicting),
+the same windows are fed through the cache ``chunk`` tokens per forward
+(``chunk=1`` is token-by-token decoding), and the next-token distributions are
+compared with the reference position by position: mean KL(exact || cache) in
+nats and the share of positions whose top-1 token agrees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CORPORA = ("code", "english")
+CacheFactory = Callable[..., object]  # (model, batch=..., capacity=...) -> a cache with attend()
+
+
+@dataclass
+class EvalResult:
+    corpus: str
+    context: int
+    windows: int
+    tokens: int  # predicted tokens
+    bytes: int  # UTF-8 bytes of the predicted tokens' text
+    nll_per_token: float  # nats
+    perplexity: float
+    bits_per_byte: float
+    kl_vs_exact: float | None = None  # mean over predicted positions, nats; only with a cache
+    top1_agreement: float | None = None
+    exact_perplexity: float | None = None  # the reference's, when a cache was evaluated
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def corpus_text(name: str) -> str:
+    """The text of a shipped corpus: ``code`` or ``english``."""
+    if name == "code":
+        from .model.stdlib_corpus import corpus_files, read_text
+
+        _, validation, _ = corpus_files()
+        return "\n\n".join(read_text(p) for p in validation)
+    if name == "english":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)} or pass a text file")
+
+
+def windows(ids: list[int], context: int, max_tokens: int) -> list[list[int]]:
+    """Non-overlapping ``context``-token windows from the start, within ``max_tokens`` tokens in all."""
+    if context < 2:
+        raise ValueError(f"context must be >= 2 tokens (one to read, one to predict), got {context}")
+    if max_tokens < context:
+        raise ValueError(f"max_tokens ({max_tokens}) must be at least the context ({context})")
+    count = min(len(ids) // context, max_tokens // context)
+    if count == 0:
+        raise ValueError(f"the text is {len(ids)} tokens, shorter than one window of {context}")
+    return [ids[i * context:(i + 1) * context] for i in range(count)]
+
+
+def _log_probs_exact(model, window: torch.Tensor) -> torch.Tensor:
+    """(T-1, vocab) log-probabilities of the uncached forward pass, for positions 0..T-2."""
+    return F.log_softmax(model(window[None, :-1]).float()[0], dim=-1)
+
+
+def _log_probs_cached(model, window: torch.Tensor, make_cache: CacheFactory, chunk: int) -> torch.Tensor:
+    cache = make_cache(model, batch=1, capacity=len(window))
+    parts = []
+    for start in range(0, len(window) - 1, chunk):
+        piece = window[start:min(start + chunk, len(window) - 1)]
+        parts.append(model(piece[None], cache=cache).float()[0])
+    return F.log_softmax(torch.cat(parts), dim=-1)
+
+
+def evaluate(model, text: str | None = None, corpus: str = "code", context: int = 512, max_tokens: int = 8192,
+             cache: CacheFactory | None = None, chunk: int = 64, progress: bool = False) -> EvalResult:
+    """Perplexity of ``model`` on ``text`` (or a shipped corpus); with ``cache``, also KL/top-1 vs exact."""
+    from tqdm import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    context = min(context, model.config.max_positions)
+    name = "text" if text is not None else corpus
+    ids = model.tokenizer.encode(text if text is not None else corpus_text(corpus))
+    wins = windows(ids, context, max_tokens)
+    nll = nll_exact = kl = 0.0
+    agree = tokens = nbytes = 0
+    with torch.inference_mode():
+        for win in tqdm(wins, desc=f"eval {name}", unit="window", disable=not progress, leave=False):
+            window = torch.tensor(win)
+            targets = window[1:]
+            exact = _log_probs_exact(model, window)
+            nll_exact += -exact.gather(1, targets[:, None]).sum().item()
+            if cache is not None:
+                got = _log_probs_cached(model, window, cache, chunk)
+                nll += -got.gather(1, targets[:, None]).sum().item()
+                kl += F.kl_div(got, exact, log_target=True, reduction="sum").item()
+                agree += int((got.argmax(-1) == exact.argmax(-1)).sum())
+            tokens += len(targets)
+            nbytes += len(model.tokenizer.decode(win[1:]).encode("utf-8"))
+    measured = nll if cache is not None else nll_exact
+    result = EvalResult(name, context, len(wins), tokens, nbytes, measured / tokens, math.exp(measured / tokens),
+                        measured / math.log(2) / max(nbytes, 1))
+    if cache is not None:
+        result.kl_vs_exact, result.top1_agreement = kl / tokens, agree / tokens
+        result.exact_perplexity = math.exp(nll_exact / tokens)
+    return result
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    return path.read_text(encoding="utf-8", errors="replace")
