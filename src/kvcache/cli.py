@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help=MODEL_HELP)
     demo.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None,
                       help="use a random-weight model of this shape instead")
-    demo.add_argument("--prompt", default="def fibonacci(n):")
+    demo.add_argument("--prompt", default=None,
+                      help="default: a question for a chat model, 'def fibonacci(n):' for the code model")
     demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.set_defaults(func=_demo)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .checks import check_int
 from .generation.generate import stream
+from .model import hub
 from .model.loader import DEFAULT_MODEL_DIR, load_model
 from .model.shapes import random_model
 from .model.tokenizer import StreamDecoder
@@ -28,17 +29,26 @@ def describe(model) -> str:
             f"{c.num_kv_heads} KV heads ({attn}), {params:.1f} M parameters")
 
 
+REAL_MODEL = "smollm2-135m"
+DEFAULT_CHAT_PROMPT = "Explain in a few sentences why a KV cache makes text generation faster."
+
+
 def pick_model(path: str | None, random_shape: str | None):
+    """The model to demo and a line saying what it is (and, with no --model, how to get the other one)."""
     if random_shape:
         return random_model(random_shape), f"RANDOM WEIGHTS ({random_shape} shape, seed 0): output is noise, timings are real"
+    if path is None and hub.is_pulled(REAL_MODEL):
+        return load_model(REAL_MODEL), (f"{REAL_MODEL} (real pretrained model, pulled); the shipped code model: "
+                                        f"--model {DEFAULT_MODEL_DIR}")
     if path is None and not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
         return random_model("gpt2-small"), "RANDOM WEIGHTS (GPT-2-small shape, seed 0): no trained model is shipped in this install"
     model = load_model(path)
-    note = "the shipped code model (trained on the Python standard library)" if path is None else path
+    note = path if path is not None else (f"the shipped code model (trained on the Python standard library); "
+                                          f"for a real model: kvcache pull {REAL_MODEL}")
     return model, note
 
 
-def run_generation(model, ids, n, use_cache, echo):
+def run_generation(model, ids, n, use_cache, echo, stop_at_eos=False):
     out, decoder = [], StreamDecoder(model.tokenizer)
     bar = None
     if not echo:
@@ -46,9 +56,10 @@ def run_generation(model, ids, n, use_cache, echo):
 
         bar = tqdm(total=n, desc="  uncached", unit="tok", leave=False, file=sys.stderr)
     start = time.perf_counter()
-    for token in stream(model, ids, n, use_cache=use_cache, stop_token_ids=[]):
+    stops = None if stop_at_eos else []
+    for token in stream(model, ids, n, use_cache=use_cache, stop_token_ids=stops):
         out.append(token)
-        if echo:
+        if echo and token not in model.tokenizer.eos_token_ids:
             print(decoder.push(token), end="", flush=True)
         else:
             bar.update(1)
@@ -70,23 +81,28 @@ class Demo:
     prompt: str
     ids: list[int]
     n: int
+    chat: bool = False  # the prompt went through the chat template; the reply stops at end of turn
 
 
-def plan(model, note: str, load_seconds: float, prompt: str = "def fibonacci(n):",
+def plan(model, note: str, load_seconds: float, prompt: str | None = None,
          max_new_tokens: int = 128) -> Demo:
     """Check the request against the loaded model; ValueError/TypeError on bad input, before any output."""
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)  # timing 0 tokens divides by 0
+    if prompt is None:  # a chat model gets a question, the code model a function header
+        prompt = DEFAULT_CHAT_PROMPT if model.tokenizer.chat_template else "def fibonacci(n):"
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, got {type(prompt).__name__}")
-    ids = model.tokenizer.encode(prompt) or [0]
+    chat = bool(model.tokenizer.chat_template)
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = model.tokenizer.encode(text) or [0]
     room = model.config.max_positions - len(ids)
     if room < 1:
         raise ValueError(f"the prompt is {len(ids)} tokens: the model's {model.config.max_positions} positions "
                          "leave no room to generate")
-    return Demo(model, note, load_seconds, prompt, ids, min(max_new_tokens, room))
+    return Demo(model, note, load_seconds, prompt, ids, min(max_new_tokens, room), chat)
 
 
-def main(path: str | None = None, prompt: str = "def fibonacci(n):", max_new_tokens: int = 128,
+def main(path: str | None = None, prompt: str | None = None, max_new_tokens: int = 128,
          random_shape: str | None = None) -> int:
     check_int(max_new_tokens, "max_new_tokens", minimum=1)  # before the load
     t0 = time.perf_counter()
@@ -100,14 +116,16 @@ def run(demo: Demo) -> int:
     print("kvcache demo: KV caching, measured live\n")
     print(f"model : {demo.note}")
     print(f"        {describe(model)}; ready in {demo.load_seconds:.1f} s")
-    print(f"prompt: {prompt!r} ({len(ids)} tokens); {n} new tokens, greedy\n")
+    how = "as a chat message, up to" if demo.chat else ""
+    print(f"prompt: {prompt!r} ({len(ids)} tokens{', chat template' if demo.chat else ''}); {how} {n} new tokens, "
+          "greedy\n".replace("  ", " "))
     print("[with KV cache] prefill once, then one token per step:")
-    print(prompt, end="")
-    cached, t_cached = run_generation(model, ids, n, True, echo=True)
+    print(prompt + ("\n" if demo.chat else ""), end="")
+    cached, t_cached = run_generation(model, ids, n, True, echo=True, stop_at_eos=demo.chat)
     print(f"  {len(cached)} tokens in {t_cached:.2f} s = {1e3 * t_cached / len(cached):.1f} ms/token "
           f"({len(cached) / t_cached:.1f} tok/s)\n")
     print("[without cache] every step recomputes the whole prefix:")
-    plain, t_plain = run_generation(model, ids, n, False, echo=False)
+    plain, t_plain = run_generation(model, ids, n, False, echo=False, stop_at_eos=demo.chat)
     print(f"  {len(plain)} tokens in {t_plain:.2f} s = {1e3 * t_plain / len(plain):.1f} ms/token "
           f"({len(plain) / t_plain:.1f} tok/s)\n")
     same = cached == plain

@@ -76,9 +76,15 @@ def _open(path: Path):
     if not is_gguf(path):
         raise GGUFError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
-        return GGUFReader(str(path))
+        reader = GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
         raise GGUFError(f"cannot read GGUF file {path}: truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:  # a memory map does not notice a file cut inside the tensor data: check the ends
+        if t.data_offset + t.n_bytes > size:
+            raise GGUFError(f"cannot read GGUF file {path}: truncated or corrupt (tensor {t.name!r} ends at byte "
+                            f"{t.data_offset + t.n_bytes:,} of a {size:,}-byte file)")
+    return reader
 
 
 class _Metadata:
@@ -161,7 +167,8 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
                         f"({exc})") from None
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
     if values.size != int(np.prod(shape)):
-        raise GGUFError(f"GGUF tensor {tensor.name!r} holds {values.size} values, expected shape {shape}")
+        raise GGUFError(f"GGUF tensor {tensor.name!r} holds {values.size} values, expected shape {shape}: "
+                        "truncated or corrupt")
     return values.reshape(shape)
 
 
