@@ -13,11 +13,20 @@ shipped = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model.safetensors").exist
 
 
 @shipped
-def test_demo_reports_identical_outputs_speed_and_memory(capsys):
+def test_demo_reports_identical_outputs_speed_and_memory(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCACHE_HOME", str(tmp_path))  # nothing pulled: the shipped model, and how to get the other
     assert main(["demo", "--max-new-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "identical outputs : yes (16/16 tokens agree)" in out
     assert "ms/token" in out and "speedup" in out and "3,072 B per token" in out
+    assert "the shipped code model" in out and "kvcache pull smollm2-135m" in out
+
+
+def test_demo_uses_the_real_model_once_pulled(capsys, real_model_dir):
+    assert main(["demo", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m (real pretrained model, pulled)" in out and "chat template" in out
+    assert "identical outputs : yes" in out and "46,080 B per token" in out
 
 
 def test_demo_on_a_local_checkpoint(capsys, gpt2_dir):
@@ -144,3 +153,80 @@ def test_demo_python_api_rejects_zero_tokens():
 def test_memory_accepts_the_gpt2_small_name(capsys):
     assert main(["memory", "gpt2-small", "--tokens", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bytes_per_token"] == 2 * 12 * 768 * 2
+
+
+# ------------------------------------------------------------ named models, chat, eval
+
+def test_models_lists_shipped_cached_and_pullable(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCACHE_HOME", str(tmp_path))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "(shipped)" in out and "pullable" in out and "kvcache pull smollm2-135m" in out
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["status"] for r in rows} == {"shipped", "pullable"}
+
+
+def test_pull_errors_are_one_line(capsys):
+    assert main(["pull", "gpt-17"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvcache pull: error: unknown model name 'gpt-17'") and "Traceback" not in err
+
+
+def test_pull_when_cached(capsys, real_model_dir):
+    assert main(["pull", "smollm2-135m"]) == 0
+    assert f"already cached at {real_model_dir}" in capsys.readouterr().out
+
+
+def test_generate_chat_with_a_model_name(capsys, real_model_dir):
+    assert main(["generate", "--chat", "What is the capital of France?", "--model", "smollm2-135m", "-n", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "<|im_end|>" not in out
+
+
+def test_generate_chat_needs_a_template(capsys):
+    assert main(["generate", "--chat", "hi", "-n", "4"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_chat_session_in_the_terminal(capsys, monkeypatch, real_model_dir):
+    lines = iter(["What is the capital of France?", "/reset", "What is the capital of Italy?", "/bogus", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", "smollm2-135m", "-n", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and captured.out.count("assistant> ") == 2
+    assert "[conversation reset]" in captured.err and "unknown command '/bogus'" in captured.err
+    assert captured.err.count(" 0 from the KV cache") == 2  # the turn after /reset starts from nothing
+
+
+def test_chat_exits_cleanly_on_eof_and_interrupt(capsys, monkeypatch, real_model_dir):
+    for error in (EOFError, KeyboardInterrupt):
+        def read(prompt="", error=error):
+            raise error
+        monkeypatch.setattr("builtins.input", read)
+        assert main(["chat", "--model", "smollm2-135m"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_chat_bad_options(capsys):
+    assert main(["chat", "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+@shipped
+def test_eval_json(capsys):
+    assert main(["eval", "--corpus", "english", "--context", "64", "--max-tokens", "256", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "nll_per_token", "bits_per_byte", "tokens"} <= set(result)
+    assert result["tokens"] == 4 * 63 and result["corpus"] == "english"
+
+
+def test_eval_text_file_and_errors(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, " * 200)
+    assert main(["eval", "--text", str(text), "--context", "32", "--max-tokens", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["eval", "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "text file not found" in capsys.readouterr().err
+    assert main(["eval", "--context", "1"]) == 2
+    assert "--context must be >= 2" in capsys.readouterr().err

@@ -209,7 +209,8 @@ def test_kv_cache_bytes_takes_a_preset_name_like_memory_report():
     import kvcache
 
     assert kvcache.kv_cache_bytes("llama-2-7b", tokens=1) == 524_288
-    assert kvcache.kv_cache_bytes("LLaMA-3-8B", 4096, 8, "bf16") == kv_cache_bytes(PRESETS["llama-3-8b"], 4096, 8, "bf16")
+    expected = kv_cache_bytes(PRESETS["llama-3-8b"], 4096, 8, "bf16")
+    assert kvcache.kv_cache_bytes("LLaMA-3-8B", 4096, 8, "bf16") == expected
     assert kv_cache_bytes("gpt3-175b") == memory_report("gpt3-175b").total_bytes == 9_663_676_416  # tokens: max
     assert kv_cache_elements("gpt3-175b", tokens=2048) == 4_831_838_208
     assert kv_cache_bytes(shape=PRESETS["gpt2"], tokens=2) == kv_cache_bytes("gpt2", 2)  # old keyword still works

@@ -1,6 +1,7 @@
 """Measure the shipped model and print docs/default-model.md's numbers.
 
-    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl --plot docs/default-model-training.png
+    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl \
+        --plot docs/default-model-training.png
 
 Validation loss per token over the whole held-out split (consecutive windows of
 the model's context), perplexity, bits per byte, the unigram-entropy
@@ -71,7 +72,8 @@ def plot_curve(log: Path, out: Path, tokens_per_step: int) -> None:
     ax.plot(steps, [records[s]["loss"] for s in steps], lw=0.8, alpha=0.6, label="train loss (batch)")
     val = [(s, records[s]["val_loss"]) for s in steps if "val_loss" in records[s]]
     ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation loss")
-    ax.set(xlabel=f"step ({tokens_per_step:,} tokens each)", ylabel="loss (nats/token)", title="kvcache default model training")
+    ax.set(xlabel=f"step ({tokens_per_step:,} tokens each)", ylabel="loss (nats/token)",
+           title="kvcache default model training")
     ax.set_ylim(0, 8)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -16,7 +16,8 @@ Steps (each resumable; a rerun continues from the last checkpoint):
 
     python tools/train_default_model.py --out runs/default_model --steps 3000
     python tools/train_default_model.py --out runs/default_model --export src/kvcache/data/default_model
-    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl --plot docs/default-model-training.png
+    python tools/evaluate_default_model.py --record --log runs/default_model/log.jsonl \
+        --plot docs/default-model-training.png
 
 The evaluation step adds the measured validation numbers to the exported
 folder's training.json.
@@ -37,8 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from kvcache.model.config import ModelConfig  # noqa: E402
-from kvcache.model.stdlib_corpus import corpus_files, read_text  # noqa: E402
 from kvcache.model.export import save_hf_checkpoint  # noqa: E402
+from kvcache.model.stdlib_corpus import corpus_files, read_text  # noqa: E402
 from kvcache.model.transformer import Transformer  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -144,7 +145,8 @@ def main() -> None:
     if not tok_path.exists():
         t0 = time.time()
         train_tokenizer(train_files, args.vocab, tok_path)
-        print(f"tokenizer: {args.vocab} tokens trained on {len(train_files)} files in {time.time() - t0:.0f}s", flush=True)
+        print(f"tokenizer: {args.vocab} tokens trained on {len(train_files)} files in {time.time() - t0:.0f}s",
+              flush=True)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tok_path))
@@ -210,7 +212,8 @@ def main() -> None:
         if step % 10 == 0:
             now = time.time()
             record["tok_s"] = round(tokens_since / (now - t_last), 1)
-            print(f"step {step}/{args.steps} loss {loss.item():.3f} lr {record['lr']:.2e} {record['tok_s']:.0f} tok/s", flush=True)
+            print(f"step {step}/{args.steps} loss {loss.item():.3f} lr {record['lr']:.2e} "
+                  f"{record['tok_s']:.0f} tok/s", flush=True)
             t_last, tokens_since = now, 0
         if step % args.eval_every == 0 or step == args.steps:
             record["val_loss"] = round(evaluate(model, val, args.context, args.eval_tokens), 4)

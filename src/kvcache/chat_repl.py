@@ -23,8 +23,9 @@ def turn_summary(session: ChatSession) -> str:
             f"conversation tokens, {s.reused_tokens} from the KV cache; cache {session.cache_bytes / 2**20:.1f} MiB]")
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input, out=sys.stdout, err=sys.stderr) -> int:
-    """Read-eval-print loop; returns the exit status (0, also on Ctrl-C / Ctrl-D)."""
+def repl(session: ChatSession, read: Callable[[str], str] | None = None, out=None, err=None) -> int:
+    """Read-eval-print loop; returns the exit status (0, also on Ctrl-C / Ctrl-D).  Defaults: input, stdout, stderr."""
+    read, out, err = read or input, out or sys.stdout, err or sys.stderr
     print(HELP, file=err)
     while True:
         try:

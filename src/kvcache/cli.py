@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 
-
 MODEL_HELP = "a Hugging Face folder, a .gguf file or a model name (kvcache models); default: the shipped model"
 
 
@@ -59,7 +58,8 @@ def _generate(args: argparse.Namespace) -> int:
     model = random_model(args.random) if args.random else _load(load_model, args.model)
     if args.chat:
         try:
-            ids = model.tokenizer.encode(model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+            message = [{"role": "user", "content": args.prompt}]
+            ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(message))
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
     elif ids is None:
@@ -89,10 +89,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .chat_repl import repl
     from .generation.chat import ChatSession
-    from .model.loader import load_model
-
     from .generation.sampling import SamplingConfig
     from .generation.validation import check_seed
+    from .model.loader import load_model
 
     try:  # the sampling options, before the (slow) model load
         SamplingConfig(args.temperature, args.top_k, args.top_p)

@@ -36,12 +36,14 @@ DEFAULT_CHAT_PROMPT = "Explain in a few sentences why a KV cache makes text gene
 def pick_model(path: str | None, random_shape: str | None):
     """The model to demo and a line saying what it is (and, with no --model, how to get the other one)."""
     if random_shape:
-        return random_model(random_shape), f"RANDOM WEIGHTS ({random_shape} shape, seed 0): output is noise, timings are real"
+        return random_model(random_shape), (f"RANDOM WEIGHTS ({random_shape} shape, seed 0): output is noise, "
+                                            "timings are real")
     if path is None and hub.is_pulled(REAL_MODEL):
         return load_model(REAL_MODEL), (f"{REAL_MODEL} (real pretrained model, pulled); the shipped code model: "
                                         f"--model {DEFAULT_MODEL_DIR}")
     if path is None and not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
-        return random_model("gpt2-small"), "RANDOM WEIGHTS (GPT-2-small shape, seed 0): no trained model is shipped in this install"
+        return random_model("gpt2-small"), ("RANDOM WEIGHTS (GPT-2-small shape, seed 0): no trained model is shipped "
+                                            "in this install")
     model = load_model(path)
     note = path if path is not None else (f"the shipped code model (trained on the Python standard library); "
                                           f"for a real model: kvcache pull {REAL_MODEL}")

@@ -46,7 +46,8 @@ def test_throughput_counts_every_output_token():
 
 
 def test_prefix_caching_computes_fewer_prefill_tokens_with_identical_outputs():
-    on, off = serving.bench_prefix("tiny-llama", requests=3, prefix_len=64, suffix_len=4, new_tokens=3, kv_memory="32MiB")
+    on, off = serving.bench_prefix("tiny-llama", requests=3, prefix_len=64, suffix_len=4, new_tokens=3,
+                                   kv_memory="32MiB")
     assert on["identical_outputs"] and off["identical_outputs"]
     assert on["prefill_tokens"] < off["prefill_tokens"] and on["cached_prompt_tokens"] >= 2 * 64
     assert off["cached_prompt_tokens"] == 0

@@ -7,12 +7,11 @@ sequences against a torch.cat reference holding per-layer tensors.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import numpy as np
 
 from kvcache.caches.contiguous import CacheIndexError, ContiguousKVCache
 
@@ -76,7 +75,8 @@ def test_growth_beyond_capacity_keeps_contents():
     assert cache.capacity >= 6 and len(cache) == 6
     for layer in range(LAYERS):
         torch.testing.assert_close(cache.keys(layer), torch.cat([first[layer][0], second[layer][0]], 2), rtol=0, atol=0)
-        torch.testing.assert_close(cache.values(layer), torch.cat([first[layer][1], second[layer][1]], 2), rtol=0, atol=0)
+        torch.testing.assert_close(cache.values(layer), torch.cat([first[layer][1], second[layer][1]], 2),
+                                   rtol=0, atol=0)
     n = 3 * cache.capacity  # one write larger than doubling provides
     big = fill(cache, n, seed=30)
     assert len(cache) == 6 + n and cache.capacity >= len(cache)

@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 from gguf_files import random_hf_model, write_gguf  # noqa: E402
-
 from kvcache.generation.generate import generate  # noqa: E402
 from kvcache.model.gguf import GGUFError, find_gguf, read_gguf, save_as_hf  # noqa: E402
 from kvcache.model.loader import load_model  # noqa: E402

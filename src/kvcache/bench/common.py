@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[..., object], *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args, **kwargs)
     return time.perf_counter() - start, result
 
 

@@ -13,16 +13,24 @@ from ..generation.generate import generate
 from ..model.shapes import random_model
 from .common import table, timed
 
+REAL = "smollm2-135m"
+
 
 def bench_decode(shape: str = "tiny-llama", lengths=(64, 128, 256, 512, 1024), prompt_len: int = 32,
                  seed: int = 0) -> list[dict]:
-    model = random_model(shape, seed)
+    """``shape``: a random-weight shape, or ``smollm2-135m`` (the real model, pulled if needed)."""
+    if shape == REAL:
+        from ..model.loader import load_model
+
+        model = load_model(REAL)
+    else:
+        model = random_model(shape, seed)
     prompt = [random.Random(seed).randrange(model.config.vocab_size) for _ in range(prompt_len)]
     generate(model, prompt, 8, stop_token_ids=[])  # warm up
     rows = []
     for n in lengths:
-        t_cached, cached = timed(lambda: generate(model, prompt, n, stop_token_ids=[]))
-        t_plain, plain = timed(lambda: generate(model, prompt, n, use_cache=False, stop_token_ids=[]))
+        t_cached, cached = timed(generate, model, prompt, n, stop_token_ids=[])
+        t_plain, plain = timed(generate, model, prompt, n, use_cache=False, stop_token_ids=[])
         rows.append({"shape": shape, "new_tokens": n, "cached_s": t_cached, "uncached_s": t_plain,
                      "cached_ms_per_token": 1e3 * t_cached / n, "uncached_ms_per_token": 1e3 * t_plain / n,
                      "speedup": t_plain / t_cached, "identical": cached == plain})
@@ -55,7 +63,8 @@ def plot_decode(rows: list[dict], path: str | Path) -> Path:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Cached vs uncached decoding ({rows[0]['shape']}, random weights, fp32, 2 CPU cores)")
+    weights = "real weights" if rows[0]["shape"] == REAL else "random weights"
+    fig.suptitle(f"Cached vs uncached decoding ({rows[0]['shape']}, {weights}, fp32, 2 CPU cores)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

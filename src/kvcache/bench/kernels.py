@@ -28,7 +28,8 @@ def _best(fn, repeats: int = 20) -> float:
     return best
 
 
-def bench_decode_attention(seq_lens=(1024, 4096, 16384), heads: int = 32, kv_heads: int = 8, dim: int = 128) -> list[dict]:
+def bench_decode_attention(seq_lens=(1024, 4096, 16384), heads: int = 32, kv_heads: int = 8,
+                           dim: int = 128) -> list[dict]:
     """One query token attending to a (1, kv_heads, seq, dim) fp32 cache (Llama-3-8B-like heads)."""
     rows = []
     for seq in seq_lens:

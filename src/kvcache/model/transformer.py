@@ -105,10 +105,12 @@ class Attention(nn.Module):
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.out = Linear(q_size, config.hidden_size, bias=bool(config.attention_out_bias))
         # Mistral-style sliding window; only passed to caches when set, so simple caches need not know it
-        self.window = config.sliding_window if config.sliding_window and config.sliding_window < config.max_positions else None
+        window = config.sliding_window
+        self.window = window if window and window < config.max_positions else None
         self.cache_kwargs = {"window": self.window} if self.window else {}
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: AttentionCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: AttentionCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
