@@ -71,10 +71,12 @@ def race(hf, ours, prompt_len: int, new_tokens: int, rounds: int) -> dict:
     prompt = [random.Random(1).randrange(ours.config.vocab_size) for _ in range(prompt_len)]
     x = torch.tensor([prompt])
 
+    # no EOS for either: min_new_tokens would instead mask EOS out of transformers' argmax, changing its tokens
+    hf.generation_config.eos_token_id = None
+
     def run_hf():
         with torch.inference_mode():
-            return hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=0)[0, prompt_len:].tolist()
+            return hf.generate(x, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
 
     def run_ours():
         return generate(ours, prompt, new_tokens, stop_token_ids=[])
