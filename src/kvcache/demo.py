@@ -29,7 +29,7 @@ def describe(model) -> str:
             f"{c.num_kv_heads} KV heads ({attn}), {params:.1f} M parameters")
 
 
-REAL_MODEL = "smollm2-135m"
+REAL_MODEL = hub.REAL_MODEL
 DEFAULT_CHAT_PROMPT = "Explain in a few sentences why a KV cache makes text generation faster."
 
 
@@ -95,8 +95,8 @@ def plan(model, note: str, load_seconds: float, prompt: str | None = None,
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, got {type(prompt).__name__}")
     chat = bool(model.tokenizer.chat_template)
-    text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = model.tokenizer.encode(text) or [0]
+    ids = (model.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat
+           else model.tokenizer.encode(prompt)) or [0]
     room = model.config.max_positions - len(ids)
     if room < 1:
         raise ValueError(f"the prompt is {len(ids)} tokens: the model's {model.config.max_positions} positions "

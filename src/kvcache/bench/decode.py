@@ -10,10 +10,11 @@ import random
 from pathlib import Path
 
 from ..generation.generate import generate
+from ..model import hub
 from ..model.shapes import random_model
 from .common import table, timed
 
-REAL = "smollm2-135m"
+REAL = hub.REAL_MODEL
 
 
 def bench_decode(shape: str = "tiny-llama", lengths=(64, 128, 256, 512, 1024), prompt_len: int = 32,

@@ -18,6 +18,7 @@ import tempfile
 import torch
 
 from ..generation.generate import generate
+from ..model import hub
 from ..model.loader import load_model
 from ..model.shapes import hf_config_dict
 from .common import copy_bandwidth, read_bandwidth, table, timed, weight_bytes
@@ -33,14 +34,12 @@ def build_pair(shape: str, path: str):
     return hf, load_model(path)
 
 
-REAL = "smollm2-135m"
+REAL = hub.REAL_MODEL
 
 
 def real_pair():
     """transformers and kvcache on the pulled real model's folder (pulled first if needed)."""
     from transformers import AutoModelForCausalLM
-
-    from ..model import hub
 
     folder = hub.ensure(REAL)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_model(folder)

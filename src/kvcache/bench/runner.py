@@ -53,14 +53,6 @@ def scenario_main(argv: list[str]) -> None:
     Path(out).write_text(json.dumps(rows, default=str))
 
 
-def real_model_available() -> bool:
-    """The real model is pulled, or its wheel is installed so that pulling needs no network."""
-    from ..model import hub
-
-    model = hub.lookup("smollm2-135m")
-    return hub.is_pulled(model.name) or hub._installed_gguf(model) is not None
-
-
 def run_scenario(name: str, quick: bool, plot: str | None) -> object:
     """Run one scenario, print its markdown table(s); the raw rows."""
     from ..runtime import tune_malloc
@@ -68,7 +60,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
 
     tune_malloc()  # the same allocator settings for every contender (the engine sets them anyway)
     print(f"## {name}\n", flush=True)
-    real = not quick and real_model_available()  # the real model joins the full runs once it can be had offline
+    from ..model import hub
+
+    real = not quick and hub.available_offline(hub.REAL_MODEL)  # joins the full runs once it can be had offline
     if name == "decode":
         rows = decode.bench_decode(lengths=(16, 32) if quick else (64, 128, 256, 512, 1024))
         if not quick:

