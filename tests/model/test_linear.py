@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcache.model.transformer import ONEDNN_LINEAR, Linear
+from kvcache.model.linear import ONEDNN_LINEAR, Linear
 
 pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="no oneDNN linear in this torch build")
 

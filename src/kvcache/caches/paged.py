@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import attention
-from ..model.transformer import ONEDNN_LINEAR
+from ..model.attention import attention, merge_partials, softmax_partial
+from ..model.linear import ONEDNN_LINEAR
 
 
 @dataclass
@@ -187,14 +187,12 @@ class PagedKVCache:
         # softmaxes are merged through their maxima and sums.
         shared_k = k_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
         shared_v = v_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
-        s1 = _heads_matmul(qd.reshape(kv_heads, batch * group, dim), shared_k)
-        s1 = s1.view(kv_heads, batch, group, -1)
-        m1, m2 = s1.amax(-1, keepdim=True), scores.amax(-1, keepdim=True)
-        m = torch.maximum(m1, m2)
-        e1, e2 = torch.exp(s1 - m), torch.exp(scores - m)
+        s1 = _heads_matmul(qd.reshape(kv_heads, batch * group, dim), shared_k).view(kv_heads, batch, group, -1)
+        m1 = s1.amax(-1, keepdim=True)
+        e1 = torch.exp(s1 - m1)
         o1 = _heads_matmul(e1.view(kv_heads, batch * group, -1), shared_v.transpose(-1, -2))
-        o1 = o1.view(kv_heads, batch, group, dim)
-        out = (o1 + torch.matmul(e2, values)) / (e1.sum(-1, keepdim=True) + e2.sum(-1, keepdim=True))
+        shared = (o1.view(kv_heads, batch, group, dim), m1, e1.sum(-1, keepdim=True))
+        out = merge_partials([shared, softmax_partial(scores, values)])
         return out.transpose(1, 2).reshape(heads, batch, dim)
 
 

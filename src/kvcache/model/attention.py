@@ -12,6 +12,12 @@ Two kernels, chosen by measurement (docs/benchmarks.md):
   ~15x faster than materialising repeat_kv.
 * many query tokens (prefill): torch's fused SDPA, which never materialises
   the (seq_q, seq_k) score matrix for the causal case.
+
+Attention split over several key sets (a shared prefix and each sequence's
+suffix in cascade attention; quantized chunks and a full-precision residual in
+the quantized cache) computes one *partial* per set -- the unnormalised
+``exp(s - max) @ v``, its row maxima and row sums -- and merges them exactly
+with :func:`merge_partials`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,36 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device | None = None, wind
     if window is not None:
         mask &= cols > rows + offset - window
     return mask
+
+
+Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (exp(s - m) @ v, m, sum exp(s - m)), m/sum keepdim
+
+
+def softmax_partial(scores: torch.Tensor, v: torch.Tensor) -> Partial:
+    """The partial of already scaled ``scores`` (..., n, t) over values ``v`` (..., t, d); -inf masks a key.
+
+    A row whose keys are all masked yields a zero partial (max -inf becomes 0 so it never makes a NaN).
+    """
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    return torch.matmul(e, v), m, e.sum(-1, keepdim=True)
+
+
+def merge_partials(parts: list[Partial]) -> torch.Tensor:
+    """Exact softmax attention over the union of the partials' key sets (each row: sum e*v / sum e)."""
+    if len(parts) == 1:
+        out, _, total = parts[0]
+        return out / total
+    m = parts[0][1]
+    for _, mi, _ in parts[1:]:
+        m = torch.maximum(m, mi)
+    out, total = None, None
+    for o, mi, li in parts:
+        w = torch.exp(mi - m)
+        out = o * w if out is None else out + o * w
+        total = li * w if total is None else total + li * w
+    return out / total
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,7 @@ def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Ten
         model = Transformer(config)
     model = model.to_empty(device="cpu").to(dtype)
     if config.arch == "llama":  # buffers are not in the checkpoint: recompute after to_empty
-        from .transformer import rope_tables
+        from .rope import rope_tables
 
         model.rope_cos, model.rope_sin = rope_tables(config)
     if config.tie_word_embeddings:
