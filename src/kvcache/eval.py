@@ -10,11 +10,14 @@ command gives the same windows on any machine with the same Python version.
 In each window every token after the first is predicted from the ones before it.
 
 The reference is the exact, uncached forward pass over each window.  Given a
-cache factory (a lossy cache of a later issue: quantized, windowed, evicting),
-the same windows are fed through the cache ``chunk`` tokens per forward
-(``chunk=1`` is token-by-token decoding), and the next-token distributions are
-compared with the reference position by position: mean KL(exact || cache) in
-nats and the share of positions whose top-1 token agrees.
+cache (a spec such as ``"int4"``, or a factory), the same windows are fed
+through the cache ``chunk`` tokens per forward, and the next-token
+distributions are compared with the reference position by position: mean
+KL(exact || cache) in nats and the share of positions whose top-1 token agrees.
+Every token then attends to earlier ones through the cache's stored form as
+decoding does: the quantized cache gives each query of a multi-token forward
+exactly the view a token-by-token decode would have had (caches/quantized.py),
+so ``chunk`` changes speed, not results (``chunk=1`` is literal decoding).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .caches.base import make_cache, parse_spec
 
 CORPORA = ("code", "english")
 CacheFactory = Callable[..., object]  # (model, batch=..., capacity=...) -> a cache with attend()
@@ -44,6 +49,7 @@ class EvalResult:
     kl_vs_exact: float | None = None  # mean over predicted positions, nats; only with a cache
     top1_agreement: float | None = None
     exact_perplexity: float | None = None  # the reference's, when a cache was evaluated
+    cache: str | None = None  # the cache spec evaluated, when given as one
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -90,9 +96,20 @@ def _log_probs_cached(model, window: torch.Tensor, make_cache: CacheFactory, chu
 
 
 def evaluate(model, text: str | None = None, corpus: str = "code", context: int = 512, max_tokens: int = 8192,
-             cache: CacheFactory | None = None, chunk: int = 64, progress: bool = False) -> EvalResult:
-    """Perplexity of ``model`` on ``text`` (or a shipped corpus); with ``cache``, also KL/top-1 vs exact."""
+             cache: str | CacheFactory | None = None, chunk: int = 64, progress: bool = False) -> EvalResult:
+    """Perplexity of ``model`` on ``text`` (or a shipped corpus); with ``cache``, also KL/top-1 vs exact.
+
+    cache: a cache spec string (``"int4:residual=0"``) or a factory ``(model, batch=, capacity=) -> cache``.
+    """
     from tqdm import tqdm
+
+    spec = None
+    if isinstance(cache, str):
+        spec = cache
+        parse_spec(spec)  # a bad spec fails before any work
+
+        def cache(m, batch, capacity):
+            return make_cache(spec, m, batch=batch, capacity=capacity)
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -121,6 +138,7 @@ def evaluate(model, text: str | None = None, corpus: str = "code", context: int 
     if cache is not None:
         result.kl_vs_exact, result.top1_agreement = kl / tokens, agree / tokens
         result.exact_perplexity = math.exp(nll_exact / tokens)
+        result.cache = spec
     return result
 
 

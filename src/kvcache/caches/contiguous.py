@@ -24,6 +24,9 @@ import torch
 
 from ..checks import check_int, is_int
 from ..model.attention import attention
+from .base import Cache, Option
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CacheIndexError(IndexError, ValueError):
@@ -62,7 +65,36 @@ def batch_index_tensor(batch_indices, batch: int) -> torch.Tensor:
     return torch.tensor([int(i) for i in values], dtype=torch.long)
 
 
-class ContiguousKVCache:
+def check_kv(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Refuse new keys/values that do not fit ``cache`` (its batch, KV heads, head_dim, dtype, device)."""
+    for name, t in (("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, kv_heads, seq, head_dim), got shape {tuple(t.shape)}")
+        b, h, _, d = t.shape
+        if b != cache.batch:
+            raise ValueError(f"{name} has batch {b} but the cache holds batch {cache.batch}")
+        if h != cache.num_kv_heads:
+            raise ValueError(f"{name} has {h} KV heads but the cache holds {cache.num_kv_heads}")
+        if d != cache.head_dim:
+            raise ValueError(f"{name} has head_dim {d} but the cache holds {cache.head_dim}")
+        if t.dtype != cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the cache stores {cache.dtype}")
+        if t.device != cache.device:
+            raise ValueError(f"{name} is on {t.device} but the cache is on {cache.device}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"key has {k.shape[2]} positions but value has {v.shape[2]}")
+    if cache.check_finite and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+        raise ValueError(f"non-finite values (nan/inf) in the keys or values for layer {layer}")
+
+
+class ContiguousKVCache(Cache):
+    """Full-precision K/V for every layer in two preallocated tensors (lossless)."""
+
+    options = {"dtype": Option(str, None, "storage dtype; must be the model's (default: the model's)",
+                               choices=tuple(DTYPES))}
+
     def __init__(
         self,
         num_layers: int,
@@ -89,10 +121,16 @@ class ContiguousKVCache:
         self.check_finite = check_finite
 
     @classmethod
-    def for_model(cls, model, batch: int = 1, capacity: int | None = None, **kwargs) -> "ContiguousKVCache":
+    def for_model(cls, model, batch: int = 1, capacity: int | None = None, dtype: str | None = None,
+                  check_finite: bool = False) -> "ContiguousKVCache":
+        """Shaped for ``model``; the model's own activations need no finiteness check, so it is off here."""
+        if dtype is not None and DTYPES[dtype] != model.dtype:
+            raise ValueError(f"a {dtype} cache cannot serve this model, which computes in "
+                             f"{str(model.dtype).removeprefix('torch.')}; omit the dtype (or use 'auto')")
         cfg = model.config
         return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=batch,
-                   capacity=cfg.max_positions if capacity is None else capacity, dtype=model.dtype, **kwargs)
+                   capacity=cfg.max_positions if capacity is None else capacity, dtype=model.dtype,
+                   check_finite=check_finite)
 
     # --- shape -------------------------------------------------------------
     @property
@@ -114,6 +152,14 @@ class ContiguousKVCache:
     @property
     def head_dim(self) -> int:
         return self.k.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
     def __len__(self) -> int:
         """Positions cached in every layer (the sequence length seen by the next token)."""
@@ -137,35 +183,13 @@ class ContiguousKVCache:
                                   f"(valid: 0..{self.num_layers - 1})")
         return int(layer)
 
-    def _check(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for name, t in (("key", k), ("value", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be (batch, kv_heads, seq, head_dim), got shape {tuple(t.shape)}")
-            b, h, _, d = t.shape
-            if b != self.batch:
-                raise ValueError(f"{name} has batch {b} but the cache holds batch {self.batch}")
-            if h != self.num_kv_heads:
-                raise ValueError(f"{name} has {h} KV heads but the cache holds {self.num_kv_heads}")
-            if d != self.head_dim:
-                raise ValueError(f"{name} has head_dim {d} but the cache holds {self.head_dim}")
-            if t.dtype != self.k.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but the cache stores {self.k.dtype}")
-            if t.device != self.k.device:
-                raise ValueError(f"{name} is on {t.device} but the cache is on {self.k.device}")
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(f"key has {k.shape[2]} positions but value has {v.shape[2]}")
-        if self.check_finite and not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise ValueError(f"non-finite values (nan/inf) in the keys or values for layer {layer}")
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v (batch, kv_heads, n, d) to ``layer``; return views of all its cached K and V.
 
         All or nothing: a refused call (or a failed reallocation) leaves the cache as it was.
         """
         layer = self._layer(layer)
-        self._check(layer, k, v)
+        check_kv(self, layer, k, v)
         start = self.lengths[layer]
         end = start + k.shape[2]
         if end > self.capacity:

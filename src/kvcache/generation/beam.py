@@ -4,7 +4,7 @@ The selection (:class:`BeamSearch`) knows nothing about models or caches: it is
 fed the last-position logits of every running beam and answers which running
 beam each new beam continues (its *parent*).  Two drivers share it:
 
-* :func:`beam_search` (here), the reference: one ``ContiguousKVCache`` whose
+* :func:`beam_search` (here), the reference: one contiguous cache (any spec) whose
   batch rows are the beams, prefilled once with batch 1, then reordered with
   ``select(parents)`` every step.  ``select`` copies every beam's whole cache,
   O(W * T) bytes per step: simple, and exactly what paged memory avoids.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..caches.contiguous import ContiguousKVCache
+from ..caches.base import Cache, make_cache
 from .validation import check_prompt, resolve_stop_ids
 
 __all__ = ["BeamHypothesis", "BeamSearch", "beam_search", "check_beam_args", "resolve_stop_ids"]
@@ -154,8 +154,11 @@ def beam_search(
     max_new_tokens: int,
     length_penalty: float = 1.0,
     stop_token_ids: Sequence[int] | None = None,
+    cache: str | None = None,
 ) -> list[BeamHypothesis]:
-    """Reference beam search on a ``ContiguousKVCache``; ``beam_width`` hypotheses, best first.
+    """Reference beam search on one cache; ``beam_width`` hypotheses, best first.
+
+    cache: a cache spec (``"int8"``...; default full precision): its ``select`` reorders the beams.
 
     stop_token_ids defaults to the model's EOS ids; ``[]`` disables stopping.
     ``max_new_tokens=0`` returns ``[]``.  (Fewer than ``beam_width`` results
@@ -165,14 +168,16 @@ def beam_search(
                                stop_token_ids)
     if search.done:
         return []
+    if cache is not None and not isinstance(cache, str):
+        raise TypeError(f"cache must be a cache spec string or None, got {type(cache).__name__}")
     with torch.inference_mode():
-        cache = ContiguousKVCache.for_model(model, batch=1, capacity=len(ids) + max_new_tokens, check_finite=False)
-        logits = model(torch.tensor([ids]), cache=cache, logits_index=slice(-1, None))
+        kv: Cache = make_cache(cache, model, batch=1, capacity=len(ids) + max_new_tokens)
+        logits = model(torch.tensor([ids]), cache=kv, logits_index=slice(-1, None))
         while True:
             parents = search.advance(logits)
             if search.done:
                 break
-            cache.select(parents)  # the first step duplicates the prompt's cache: select([0] * W)
+            kv.select(parents)  # the first step duplicates the prompt's cache: select([0] * W)
             last = torch.tensor([[seq[-1]] for seq in search.sequences])
-            logits = model(last, cache=cache, logits_index=slice(None))
+            logits = model(last, cache=kv, logits_index=slice(None))
     return search.results()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..caches.contiguous import ContiguousKVCache
+from ..caches.base import make_cache
 from ..model.chat_template import check_messages
 from ..model.tokenizer import StreamDecoder
 from .generate import stream
@@ -35,13 +35,14 @@ class TurnStats:
 class ChatSession:
     """``send(text)`` streams the assistant's reply as text pieces; ``reset()`` forgets the conversation."""
 
-    def __init__(self, model, system: str | None = None, max_new_tokens: int = 256, **sampling):
+    def __init__(self, model, system: str | None = None, max_new_tokens: int = 256, kv_cache: str | None = None,
+                 **sampling):
         if not model.tokenizer.chat_template:
             raise ValueError("this model has no chat template: chat needs an instruction-tuned model "
                              "(e.g. --model smollm2-135m)")
         self.model, self.system, self.max_new_tokens, self.sampling = model, system, max_new_tokens, sampling
         self.messages: list[dict[str, str]] = []
-        self.cache = ContiguousKVCache.for_model(model, capacity=1024, check_finite=False)
+        self.cache = make_cache(kv_cache, model, capacity=1024)  # any spec: "int8", "int4:residual=64", ...
         self.cached_ids: list[int] = []  # the tokens whose KV the cache holds, in order
         self.last: TurnStats | None = None
         self.reset()

@@ -3,9 +3,11 @@
 ``use_cache=False`` is the naive baseline kept on purpose: every step re-runs
 the whole prefix, so total cost grows quadratically with length.  The
 cached path feeds only the newest token and reads earlier keys/values from
-a ``ContiguousKVCache`` sized exactly for prompt + max_new_tokens.  A caller
-may pass its own cache already holding the keys/values of a prefix of the
-prompt (a chat that goes on, a shared preamble): only the rest is prefilled.
+a cache sized exactly for prompt + max_new_tokens: the caller chooses which
+(``cache="int8"``, any spec of ``caches/base.py``; default full precision).  A
+caller may instead pass its own cache object already holding the keys/values
+of a prefix of the prompt (a chat that goes on, a shared preamble): only the
+rest is prefilled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..caches.contiguous import ContiguousKVCache
+from ..caches.base import Cache, make_cache
 from .sampling import SamplingConfig, sample
 from .validation import check_prompt, check_seed, resolve_stop_ids
 
@@ -32,7 +34,7 @@ def stream(
     top_p: float | None = None,
     seed: int | None = None,
     stop_token_ids: Iterable[int] | None = None,
-    cache: ContiguousKVCache | None = None,
+    cache: str | Cache | None = None,
 ) -> Iterator[int]:
     """Yield new token ids as they are produced.
 
@@ -40,15 +42,21 @@ def stream(
     stop_token_ids defaults to the model's EOS ids; pass ``[]`` to never stop
     early.  A stop token is yielded, then generation ends.  Every argument is
     checked here, at call time, not at the first ``next()``.
-    cache: a batch-1 ``ContiguousKVCache`` holding the KV of ``prompt_ids[:len(cache)]``
-    (the caller vouches for those tokens); the rest of the prompt and every
-    generated token but the last are appended to it.  Default: a fresh cache.
+    cache: a spec string (``"int8"``, ``"int4:group=32,residual=128"``; see
+    ``kvcache caches``) for a fresh cache of that kind, or a batch-1 cache object
+    holding the KV of ``prompt_ids[:len(cache)]`` (the caller vouches for those
+    tokens); the rest of the prompt and every generated token but the last are
+    appended to it.  Default: a fresh full-precision cache.
     """
     ids = check_prompt(model, prompt_ids, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
-    if cache is not None:
+    if isinstance(cache, str):
+        if not use_cache:
+            raise ValueError("a cache spec was passed with use_cache=False")
+        cache = make_cache(cache, model, batch=1, capacity=len(ids) + max_new_tokens)
+    elif cache is not None:
         _check_cache(model, cache, ids, use_cache)
     config = SamplingConfig(temperature, top_k, top_p)
     stops = set(resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size))
@@ -60,13 +68,9 @@ def stream(
 def _check_cache(model, cache, ids: list[int], use_cache: bool) -> None:
     if not use_cache:
         raise ValueError("a cache was passed with use_cache=False")
-    if not isinstance(cache, ContiguousKVCache):
-        raise TypeError(f"cache must be a ContiguousKVCache, got {type(cache).__name__}")
-    c = model.config
-    if (cache.batch, cache.num_layers, cache.num_kv_heads, cache.head_dim) != (1, c.num_layers, c.num_kv_heads,
-                                                                               c.head_dim):
-        raise ValueError(f"cache shape (batch {cache.batch}, {cache.num_layers} layers, {cache.num_kv_heads} KV "
-                         f"heads, head_dim {cache.head_dim}) does not fit this model with batch 1")
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a cache spec string or a kvcache.caches.base.Cache, got {type(cache).__name__}")
+    cache.fits(model, batch=1)
     if len(cache) >= len(ids):
         raise ValueError(f"the cache holds {len(cache)} positions but the prompt has {len(ids)} tokens: at least "
                          "the last prompt token must be new (crop the cache first)")
@@ -74,14 +78,14 @@ def _check_cache(model, cache, ids: list[int], use_cache: bool) -> None:
 
 def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, config: SamplingConfig,
                  stops: set[int], generator: torch.Generator | None,
-                 cache: ContiguousKVCache | None = None) -> Iterator[int]:
+                 cache: Cache | None = None) -> Iterator[int]:
     # inference mode is entered per step, never held across a yield: a paused or abandoned
     # stream must not leave the caller's code running in inference mode
     if max_new_tokens == 0:
         return
     with torch.inference_mode():
         if use_cache and cache is None:
-            cache = ContiguousKVCache.for_model(model, capacity=len(ids) + max_new_tokens, check_finite=False)
+            cache = make_cache(None, model, batch=1, capacity=len(ids) + max_new_tokens)
         start = len(cache) if cache is not None else 0
         token = _next_token(model, torch.tensor([ids[start:]]), cache, config, generator)
     for step in range(max_new_tokens):
@@ -93,7 +97,7 @@ def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, co
             token = _next_token(model, torch.tensor([[token]] if use_cache else [ids]), cache, config, generator)
 
 
-def _next_token(model, input_ids: torch.Tensor, cache: ContiguousKVCache | None, config: SamplingConfig,
+def _next_token(model, input_ids: torch.Tensor, cache: Cache | None, config: SamplingConfig,
                 generator: torch.Generator | None) -> int:
     logits = model(input_ids, cache=cache, logits_index=slice(-1, None))
     return int(sample(logits, config, generator))
@@ -111,7 +115,7 @@ def generate(
     seed: int | None = None,
     stop_token_ids: Iterable[int] | None = None,
     callback: Callable[[int], None] | None = None,
-    cache: ContiguousKVCache | None = None,
+    cache: str | Cache | None = None,
 ) -> list[int]:
     """The new token ids (not the prompt).  ``callback(token)`` is called as each is produced."""
     if callback is not None and not callable(callback):

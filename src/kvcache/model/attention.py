@@ -56,11 +56,10 @@ def softmax_partial(scores: torch.Tensor, v: torch.Tensor) -> Partial:
     return torch.matmul(e, v), m, e.sum(-1, keepdim=True)
 
 
-def merge_partials(parts: list[Partial]) -> torch.Tensor:
-    """Exact softmax attention over the union of the partials' key sets (each row: sum e*v / sum e)."""
+def combine_partials(parts: list[Partial]) -> Partial:
+    """One partial over the union of the parts' key sets (rescaled to their common maximum)."""
     if len(parts) == 1:
-        out, _, total = parts[0]
-        return out / total
+        return parts[0]
     m = parts[0][1]
     for _, mi, _ in parts[1:]:
         m = torch.maximum(m, mi)
@@ -69,6 +68,12 @@ def merge_partials(parts: list[Partial]) -> torch.Tensor:
         w = torch.exp(mi - m)
         out = o * w if out is None else out + o * w
         total = li * w if total is None else total + li * w
+    return out, m, total
+
+
+def merge_partials(parts: list[Partial]) -> torch.Tensor:
+    """Exact softmax attention over the union of the partials' key sets (each row: sum e*v / sum e)."""
+    out, _, total = combine_partials(parts)
     return out / total
 
 

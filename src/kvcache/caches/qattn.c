@@ -1,0 +1,341 @@
+/* Decode attention straight over a group-wise quantized KV cache (kvcache.caches.quantized).
+ *
+ * One query token per sequence; every KV head's group of query heads is served
+ * by one pass over that head's stored codes.  Keys are stored in tiles of 16
+ * tokens, channel-major, so a tile's 16 scores are built with vertical SIMD
+ * (no horizontal sum per token); values are token-major rows.  Scales and offsets are folded
+ * into the dot products (no dequantized copy): a key's score is
+ *   per-token groups:   sum_g scale_g * (q_g . code_g) + offset_g * sum(q_g)
+ *   per-channel groups: (q * scale_block) . code + q . offset_block
+ * and a value row adds (p * scale_g) * code + p * offset_g.  The work is split
+ * over (sequence, KV head, token chunk) items run by OpenMP threads (the same
+ * libgomp PyTorch loads); each item leaves a softmax partial (max, sum,
+ * unnormalised output) and the partials are combined at the end.  The result
+ * is itself a partial, merged in Python with the full-precision residual's.
+ * int4 and the kernel need head_dim and group to be multiples of 16 (else Python uses the reference).
+ * Built at first use with gcc (kvcache/caches/kernels.py); the PyTorch
+ * reference in quant_ops.py computes the same thing and the tests compare them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 256
+#define TILE 16 /* keys are stored in tiles of 16 tokens, channel-major: codes[channel][token] */
+
+#if defined(__FLT16_MAX__)
+static inline float half_to_float(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, sizeof f);
+    return (float)f;
+}
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+/* exp(x) for x <= 0 (scores minus their maximum): 2^n * 2^f with |f| <= 1/2 and a degree-7 Taylor
+ * polynomial (relative error < 1e-8); unlike libm's expf it vectorizes, and the softmax needs one per key. */
+static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
+    x = x > -87.0f ? x : -87.0f;
+    const float t = x * 1.4426950408889634f, n = rintf(t), f = t - n;
+    float p = 1.5252733804059841e-5f;
+    p = p * f + 1.5403530393381609e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* 8 floats: GCC vector extensions, lowered to AVX2 / AVX-512 / SSE by -march=native (no intrinsics) */
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint8_t v8u __attribute__((vector_size(8)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* 8 bytes -> 8 floats: vpmovzxbd + vcvtdq2ps (GCC's generic lowering extracts bytes one by one) */
+static inline __attribute__((always_inline)) v8f to_floats(v8u c) {
+    __m128i bytes;
+    memcpy(&bytes, &c, 8);
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+#else
+static inline v8f to_floats(v8u c) { return __builtin_convertvector(__builtin_convertvector(c, v8i), v8f); }
+#endif
+#define TO_FLOATS(c) to_floats(c)
+
+/* codes of one value row -> floats.  int4 comes out permuted within each run of 16 channels (the 8 even
+ * channels, then the 8 odd ones); run_item un-permutes its output once at the end. */
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *row, int bits, int dim, float *out) {
+    v8f *o = (v8f *)out;
+    v8u c;
+    if (bits == 8) {
+        for (int i = 0; i < dim / 8; i++) {
+            memcpy(&c, row + 8 * i, 8);
+            o[i] = TO_FLOATS(c);
+        }
+    } else {
+        for (int i = 0; i < dim / 16; i++) {
+            memcpy(&c, row + 8 * i, 8);
+            o[2 * i] = TO_FLOATS(c & 15);
+            o[2 * i + 1] = TO_FLOATS(c >> 4);
+        }
+    }
+}
+
+/* one key tile (channel-major) -> tf[channel][2] vectors of 8 tokens each */
+static inline __attribute__((always_inline)) void unpack_tile(const uint8_t *tile, int bits, int dim, v8f *tf) {
+    if (bits == 8) {
+        for (int i = 0; i < dim * 2; i++) {
+            v8u c;
+            memcpy(&c, tile + 8 * i, 8);
+            tf[i] = TO_FLOATS(c);
+        }
+    } else {
+        for (int p = 0; p < dim / 2; p++)
+            for (int h = 0; h < 2; h++) {
+                v8u c;
+                memcpy(&c, tile + p * TILE + 8 * h, 8);
+                tf[(2 * p) * 2 + h] = TO_FLOATS(c & 15);
+                tf[(2 * p + 1) * 2 + h] = TO_FLOATS(c >> 4);
+            }
+    }
+}
+
+typedef struct {
+    const float *q;            /* (B, H, G, D), scaled */
+    const uint8_t *kc, *vc;    /* keys (B, H, cap/TILE, D*bits/8, TILE); values (B, H, cap, D*bits/8) */
+    const uint16_t *ks, *ko;   /* per token (B, H, cap/TILE, D/group, TILE) | per channel (B, H, cap/group, D) */
+    const uint16_t *vs, *vo;   /* (B, H, cap, D/group) */
+    int batch, heads, qgroup, dim, count, cap, bits, group, key_per_channel;
+} Args;
+
+/* Query-side terms that depend on the queries and scales only: per-token groups need sum(q_g) per group;
+ * per-channel blocks fold the block's scales into the queries (qs = q * scale) and offsets into one bias. */
+typedef struct {
+    float qs[64 * 128], bias[64], qsum[64 * 16];
+    int block;
+} QueryTerms;
+
+/* Scores of the G query heads for the tokens of one tile: s[g * TILE + l], l < TILE. */
+static inline __attribute__((always_inline)) void tile_scores(const Args *a, size_t bh, int tile, const float *q,
+                                                               QueryTerms *qt, float *s, const int D,
+                                                               const int group) {
+    const int G = a->qgroup, cw = D * a->bits / 8;
+    v8f tf[D * 2];
+    unpack_tile(a->kc + ((size_t)bh * (a->cap / TILE) + tile) * cw * TILE, a->bits, D, tf);
+    if (a->key_per_channel) {
+        const int block = tile * TILE / group;
+        if (block != qt->block) {
+            const size_t at = ((size_t)bh * (a->cap / group) + block) * D;
+            for (int g = 0; g < G; g++) {
+                float bias = 0.f;
+                for (int d = 0; d < D; d++) {
+                    qt->qs[g * D + d] = q[g * D + d] * half_to_float(a->ks[at + d]);
+                    bias += q[g * D + d] * half_to_float(a->ko[at + d]);
+                }
+                qt->bias[g] = bias;
+            }
+            qt->block = block;
+        }
+        for (int g = 0; g < G; g++) {
+            v8f acc0 = {0}, acc1 = {0};
+            for (int d = 0; d < D; d++) {
+                acc0 += qt->qs[g * D + d] * tf[2 * d];
+                acc1 += qt->qs[g * D + d] * tf[2 * d + 1];
+            }
+            for (int l = 0; l < 8; l++) {
+                s[g * TILE + l] = acc0[l] + qt->bias[g];
+                s[g * TILE + 8 + l] = acc1[l] + qt->bias[g];
+            }
+        }
+    } else {
+        const int ng = D / group;
+        const uint16_t *ks = a->ks + ((size_t)bh * (a->cap / TILE) + tile) * ng * TILE;
+        const uint16_t *ko = a->ko + ((size_t)bh * (a->cap / TILE) + tile) * ng * TILE;
+        v8f sc[ng * 2], of[ng * 2];
+        for (int i = 0; i < ng * 2; i++)
+            for (int l = 0; l < 8; l++) {
+                sc[i][l] = half_to_float(ks[8 * i + l]);
+                of[i][l] = half_to_float(ko[8 * i + l]);
+            }
+        for (int g = 0; g < G; g++) {
+            v8f tot0 = {0}, tot1 = {0};
+            for (int j = 0; j < ng; j++) {
+                v8f acc0 = {0}, acc1 = {0};
+                for (int d = j * group; d < (j + 1) * group; d++) {
+                    acc0 += q[g * D + d] * tf[2 * d];
+                    acc1 += q[g * D + d] * tf[2 * d + 1];
+                }
+                const float qsum = qt->qsum[g * ng + j];
+                tot0 += sc[2 * j] * acc0 + of[2 * j] * qsum;
+                tot1 += sc[2 * j + 1] * acc1 + of[2 * j + 1] * qsum;
+            }
+            for (int l = 0; l < 8; l++) {
+                s[g * TILE + l] = tot0[l];
+                s[g * TILE + 8 + l] = tot1[l];
+            }
+        }
+    }
+}
+
+/* One (sequence, KV head, chunk) item: partial over tokens [t0, t1) for the G query heads (t0 % TILE == 0). */
+static inline __attribute__((always_inline)) void run_item(const Args *a, int bh, int t0, int t1, float *part,
+                                                            const int D, const int group) {
+    /* part: G * (D + 2) floats */
+    const int G = a->qgroup, cw = D * a->bits / 8, ng = D / group, n = t1 - t0;
+    const float *q = a->q + (size_t)bh * G * D;
+    const uint8_t *vc = a->vc + (size_t)bh * a->cap * cw;
+    float scores[G * CHUNK];
+    QueryTerms qt;
+    qt.block = -1;
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < ng; j++) {
+            float sum = 0.f;
+            for (int d = 0; d < group; d++) sum += q[g * D + j * group + d];
+            qt.qsum[g * ng + j] = sum;
+        }
+    for (int t = t0; t < t1; t += TILE) {
+        float s[G * TILE];
+        tile_scores(a, bh, t / TILE, q, &qt, s, D, group);
+        for (int g = 0; g < G; g++)
+            for (int l = 0; l < TILE && t + l < t1; l++) scores[g * n + (t - t0) + l] = s[g * TILE + l];
+    }
+    /* softmax partial per query head */
+    for (int g = 0; g < G; g++) {
+        float m = -INFINITY, l = 0.f;
+        for (int i = 0; i < n; i++) m = scores[g * n + i] > m ? scores[g * n + i] : m;
+        for (int i = 0; i < n; i++) {
+            float e = exp_nonpositive(scores[g * n + i] - m);
+            scores[g * n + i] = e;
+            l += e;
+        }
+        float *p = part + (size_t)g * (D + 2);
+        p[0] = m;
+        p[1] = l;
+        memset(p + 2, 0, sizeof(float) * D);
+    }
+    /* values (token-major rows), 16 at a time: out += (p * scale) * code, plus sum(p * offset) per group */
+    const uint16_t *vs = a->vs + (size_t)bh * a->cap * ng, *vo = a->vo + (size_t)bh * a->cap * ng;
+    for (int t = t0; t < t1; t += TILE) {
+        const int nt = t1 - t < TILE ? t1 - t : TILE;
+        float vf[TILE * D] __attribute__((aligned(32))), vsc[TILE * ng], vof[TILE * ng];
+        for (int l = 0; l < nt; l++) {
+            unpack_row(vc + (size_t)(t + l) * cw, a->bits, D, vf + l * D);
+            for (int j = 0; j < ng; j++) {
+                vsc[l * ng + j] = half_to_float(vs[(size_t)(t + l) * ng + j]);
+                vof[l * ng + j] = half_to_float(vo[(size_t)(t + l) * ng + j]);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const float *pe = scores + g * n + (t - t0);
+            float *out = part + (size_t)g * (D + 2) + 2;
+            for (int j = 0; j < ng; j++) {
+                float acc[group], bias = 0.f;
+                for (int d = 0; d < group; d++) acc[d] = out[j * group + d];
+                for (int l = 0; l < nt; l++) {
+                    const float ps = pe[l] * vsc[l * ng + j];
+                    bias += pe[l] * vof[l * ng + j];
+                    for (int d = 0; d < group; d++) acc[d] += ps * vf[l * D + j * group + d];
+                }
+                for (int d = 0; d < group; d++) out[j * group + d] = acc[d] + bias;
+            }
+        }
+    }
+    if (a->bits == 4) /* back from the (even, odd) order of unpack_row */
+        for (int g = 0; g < G; g++) {
+            float *out = part + (size_t)g * (D + 2) + 2, tmp[16];
+            for (int r = 0; r < D; r += 16) {
+                memcpy(tmp, out + r, sizeof tmp);
+                for (int p = 0; p < 8; p++) {
+                    out[r + 2 * p] = tmp[p];
+                    out[r + 2 * p + 1] = tmp[8 + p];
+                }
+            }
+        }
+}
+
+/* run_item with head_dim and group known at compile time for the common shapes (unrolled loops) */
+typedef void (*ItemFn)(const Args *, int, int, int, float *);
+#define SPECIALISE(DIM, GROUP) \
+    static void item_##DIM##_##GROUP(const Args *a, int bh, int t0, int t1, float *part) { \
+        run_item(a, bh, t0, t1, part, DIM, GROUP); \
+    }
+SPECIALISE(64, 16)
+SPECIALISE(64, 32)
+SPECIALISE(64, 64)
+SPECIALISE(128, 32)
+SPECIALISE(128, 64)
+SPECIALISE(128, 128)
+static void item_any(const Args *a, int bh, int t0, int t1, float *part) {
+    run_item(a, bh, t0, t1, part, a->dim, a->group);
+}
+
+static ItemFn pick(int dim, int group) {
+    if (dim == 64 && group == 16) return item_64_16;
+    if (dim == 64 && group == 32) return item_64_32;
+    if (dim == 64 && group == 64) return item_64_64;
+    if (dim == 128 && group == 32) return item_128_32;
+    if (dim == 128 && group == 64) return item_128_64;
+    if (dim == 128 && group == 128) return item_128_128;
+    return item_any;
+}
+
+/* out (B, H, G, D) unnormalised, m and l (B, H, G): the partial over all `count` stored tokens. */
+int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *ko,
+                    const uint8_t *vc, const uint16_t *vs, const uint16_t *vo, int batch, int heads, int qgroup,
+                    int dim, int count, int cap, int bits, int group, int key_per_channel, float *out, float *m_out,
+                    float *l_out) {
+    Args a = {q, kc, vc, ks, ko, vs, vo, batch, heads, qgroup, dim, count, cap, bits, group, key_per_channel};
+    const int chunks = (count + CHUNK - 1) / CHUNK, items = batch * heads * chunks, width = dim + 2;
+    float *parts = malloc(sizeof(float) * (size_t)items * qgroup * width);
+    if (!parts) return 1;
+    const ItemFn item = pick(dim, group);
+#pragma omp parallel for schedule(static)
+    for (int it = 0; it < items; it++) {
+        int bh = it / chunks, c = it % chunks, t0 = c * CHUNK, t1 = t0 + CHUNK < count ? t0 + CHUNK : count;
+        item(&a, bh, t0, t1, parts + (size_t)it * qgroup * width);
+    }
+    for (int bh = 0; bh < batch * heads; bh++)
+        for (int g = 0; g < qgroup; g++) {
+            float m = -INFINITY;
+            for (int c = 0; c < chunks; c++) {
+                const float mc = parts[((size_t)(bh * chunks + c) * qgroup + g) * width];
+                m = mc > m ? mc : m;
+            }
+            float l = 0.f, *o = out + ((size_t)bh * qgroup + g) * dim;
+            memset(o, 0, sizeof(float) * dim);
+            for (int c = 0; c < chunks; c++) {
+                const float *p = parts + ((size_t)(bh * chunks + c) * qgroup + g) * width;
+                float w = p[0] == -INFINITY ? 0.f : exp_nonpositive(p[0] - m);
+                l += p[1] * w;
+                for (int d = 0; d < dim; d++) o[d] += p[2 + d] * w;
+            }
+            m_out[bh * qgroup + g] = m;
+            l_out[bh * qgroup + g] = l;
+        }
+    free(parts);
+    return 0;
+}

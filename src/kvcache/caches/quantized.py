@@ -1,0 +1,319 @@
+"""A contiguous KV cache stored in 8 or 4 bits per value, group-wise, with full-precision sinks and residual.
+
+Every decode step reads the whole cache, so at long context the cache, not the
+weights, is what decoding streams; stored in int8/int4 it is smaller *and*,
+since attention reads the codes directly (kernels.py / quant_ops.py), faster.
+
+Layout per layer: the first ``sinks`` positions and the most recent tokens
+live in a full-precision buffer; every other token is stored quantized
+(quant_ops.py describes the format).  A token is quantized **once**, when it
+leaves the residual, in blocks of ``group`` tokens: before attending at
+length ``L``, tokens ``[sinks, sinks + qcount(L))`` are quantized, with
+``qcount(L) = floor(max(0, L - sinks - residual) / group) * group``.  So the
+residual holds between ``residual`` and ``residual + group - 1`` tokens.
+
+A multi-token forward (prefill, a speculative verify pass) gives every query
+exactly the view a token-by-token decode would have had: query ``i`` reads key
+``j`` quantized iff ``j`` would already have been quantized at length ``i``.
+Chunking therefore never changes results, and eval can prefill whole windows.
+
+``crop`` keeps every kept token's stored form as it is (quantized tokens are
+never re-quantized or expanded back); ``select`` reorders rows exactly.
+With ``rotate=1`` keys and queries are multiplied by an orthonormal Hadamard
+matrix (q.k unchanged) so outlier channels are spread before int4 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..checks import check_int
+from ..model.attention import merge_partials, softmax_partial
+from . import kernels
+from .base import Cache, Option
+from .contiguous import CacheIndexError, batch_index_tensor, check_kv
+from .quant_ops import (
+    TILE,
+    QuantFormat,
+    QuantizedRows,
+    dequantize,
+    from_tiles,
+    hadamard,
+    quantize,
+    quantized_partial,
+    to_tiles,
+)
+
+
+class QuantizedKVCache(Cache):
+    lossless = False
+    options = {
+        "bits": Option(int, 8, "bits per stored value: 8 or 4"),
+        "group": Option(int, 32, "values per scale: channels of a token (or tokens of a channel for keys=channel)",
+                        minimum=1),
+        "residual": Option(int, 128, "most recent tokens kept in full precision", minimum=0),
+        "sinks": Option(int, 0, "first tokens kept in full precision for ever", minimum=0),
+        "keys": Option(str, "token", "key groups: token (per-token channel groups) or channel (KIVI)",
+                       choices=("token", "channel")),
+        "symmetric": Option(bool, False, "symmetric codes (scale only) instead of min/max"),
+        "rotate": Option(bool, False, "Hadamard-rotate queries and keys (head_dim a power of two)"),
+        "kernel": Option(bool, True, "decode with the compiled kernel when it builds"),
+    }
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1, capacity: int = 256,
+                 dtype: torch.dtype = torch.float32, bits: int = 8, group: int = 32, residual: int = 128,
+                 sinks: int = 0, keys: str = "token", symmetric: bool = False, rotate: bool = False,
+                 kernel: bool = True, check_finite: bool = False):
+        num_layers, num_kv_heads, head_dim, batch, capacity, group = (
+            check_int(value, name, minimum=1) for name, value in (
+                ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                ("batch", batch), ("capacity", capacity), ("group", group)))
+        residual, sinks = check_int(residual, "residual", minimum=0), check_int(sinks, "sinks", minimum=0)
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        if head_dim % group:
+            raise ValueError(f"group {group} must divide head_dim {head_dim} (values are grouped along channels)")
+        if keys not in ("token", "channel"):
+            raise ValueError(f"keys must be 'token' or 'channel', got {keys!r}")
+        if keys == "channel" and group % TILE:
+            raise ValueError(f"keys=channel groups whole tiles of {TILE} tokens: group must be a multiple of {TILE}, "
+                             f"got {group}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.rotation = hadamard(head_dim, dtype) if rotate else None
+        self.key_fmt = QuantFormat(bits, group, bool(symmetric), per_channel=keys == "channel")
+        self.value_fmt = QuantFormat(bits, group, bool(symmetric))
+        self.residual, self.sinks, self.dtype, self.check_finite = residual, sinks, dtype, check_finite
+        self.use_kernel = bool(kernel)
+        self.spec = (f"int{bits}:group={group},residual={residual},sinks={sinks},keys={keys},"
+                     f"symmetric={int(symmetric)},rotate={int(rotate)}")
+        self._shape = (num_layers, num_kv_heads, head_dim)
+        self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + group), head_dim,
+                                dtype=dtype)
+        self.fp_v = torch.zeros_like(self.fp_k)
+        self.store = self._new_store(self._round_up(capacity))
+        self.lengths = [0] * num_layers  # positions per layer
+        self.qcounts = [0] * num_layers  # quantized tokens per layer (positions sinks .. sinks + qcount)
+
+    @classmethod
+    def for_model(cls, model, batch: int = 1, capacity: int | None = None, **options) -> QuantizedKVCache:
+        c = model.config
+        return cls(c.num_layers, c.num_kv_heads, c.head_dim, batch=batch,
+                   capacity=c.max_positions if capacity is None else capacity, dtype=model.dtype, **options)
+
+    # --- shape and size ----------------------------------------------------
+    num_layers = property(lambda self: self._shape[0])
+    batch = property(lambda self: self.fp_k.shape[1])
+    num_kv_heads = property(lambda self: self._shape[1])
+    head_dim = property(lambda self: self._shape[2])
+    device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return self.lengths[-1]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the quantized store holds before it grows (doubling, like the contiguous cache)."""
+        return self.store["vc"].shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.fp_k.nbytes + self.fp_v.nbytes + sum(t.nbytes for t in self.store.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding tokens: codes and scales of quantized tokens, full-precision sinks and residual."""
+        fp_token = 2 * self.batch * self.num_kv_heads * self.head_dim * self.fp_k.element_size()
+        q_token = sum(t.nbytes for t in self.store.values()) // (self.num_layers * self.capacity)
+        return sum(q * q_token + (n - q) * fp_token for n, q in zip(self.lengths, self.qcounts))
+
+    def _round_up(self, n: int) -> int:
+        unit = self.key_fmt.group if self.key_fmt.per_channel else TILE
+        return -(-max(n, 1) // unit) * unit
+
+    def _new_store(self, cap: int) -> dict[str, torch.Tensor]:
+        layers, batch, heads, dim = self.num_layers, self.batch, self.num_kv_heads, self.head_dim
+        lead, width, groups = (layers, batch, heads), self.key_fmt.code_width(dim), dim // self.value_fmt.group
+        key_scales = (cap // self.key_fmt.group, dim) if self.key_fmt.per_channel else (cap // TILE, groups, TILE)
+        half = torch.float16
+        return {"kc": torch.zeros(*lead, cap // TILE, width, TILE, dtype=torch.uint8),
+                "ks": torch.zeros(*lead, *key_scales, dtype=half), "ko": torch.zeros(*lead, *key_scales, dtype=half),
+                "vc": torch.zeros(*lead, cap, width, dtype=torch.uint8),
+                "vs": torch.zeros(*lead, cap, groups, dtype=half), "vo": torch.zeros(*lead, cap, groups, dtype=half)}
+
+    def _qcount(self, length: int) -> int:
+        g = self.key_fmt.group
+        return max(0, length - self.sinks - self.residual) // g * g
+
+    # --- attention ---------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        """Store k/v, then causal attention of q over every held position (quantized ones read in place)."""
+        layer = self._layer(layer)
+        check_kv(self, layer, k, v)
+        n, start = k.shape[2], self.lengths[layer]
+        if window is not None and start + n > window:
+            raise ValueError(f"sequence of {start + n} tokens exceeds the sliding window ({window}); the quantized "
+                             "cache does not evict by window")
+        if self.rotation is not None:
+            q, k = q @ self.rotation, k @ self.rotation
+        self._flush(layer, max(self.qcounts[layer], self._qcount(start)))  # lazy: what a decode at `start` sees
+        qc = self.qcounts[layer]
+        fp_end = start + n - qc
+        self._reserve_fp(fp_end)
+        self.fp_k[layer, :, :, start - qc:fp_end] = k
+        self.fp_v[layer, :, :, start - qc:fp_end] = v
+        batch, heads, _, dim = q.shape
+        kv_heads = self.num_kv_heads
+        qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
+        parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc, n)]
+        parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
+        self.lengths[layer] = start + n
+        out = merge_partials(parts)
+        return out.reshape(batch, heads, n, dim).to(q.dtype)
+
+    def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int, n: int):
+        s = self.store
+        if n == 1 and self.use_kernel and qg.dtype == torch.float32 and self._kernel_fits(qg.shape[2]) \
+                and kernels.library() is not None:
+            return kernels.quant_decode(qg.contiguous(), s["kc"][layer], s["ks"][layer], s["ko"][layer],
+                                        s["vc"][layer], s["vs"][layer], s["vo"][layer], qc, self.key_fmt.bits,
+                                        self.key_fmt.group, self.key_fmt.per_channel)
+        rows = QuantizedRows(*(s[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
+        return quantized_partial(qg, rows, self.key_fmt, self.value_fmt)
+
+    def _kernel_fits(self, query_group: int) -> bool:
+        """The compiled kernel's limits: 16-multiples of head_dim and group, head_dim <= 128, <= 64 heads a group."""
+        dim, group = self.head_dim, self.key_fmt.group
+        return dim % 16 == 0 and group % 16 == 0 and dim <= 128 and query_group <= 64 and dim // group <= 16
+
+    def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):
+        """Partial over the full-precision buffer (sinks, residual, new tokens) with the decode-equivalent view."""
+        keys, values = self.fp_k[layer, :, :, :fp_end], self.fp_v[layer, :, :, :fp_end]
+        scores = torch.matmul(qg, keys.transpose(-1, -2))
+        if n == 1:
+            return softmax_partial(scores, values)
+        group_q = qg.shape[2] // n
+        key_pos = torch.arange(fp_end)
+        key_pos = torch.where(key_pos < min(self.sinks, start + n), key_pos, key_pos + qc)
+        query_pos = torch.arange(start, start + n)
+        causal = (key_pos[None, :] <= query_pos[:, None]).repeat(group_q, 1)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        last = max(qc, self._qcount(start + n - 1))
+        if last == qc:
+            return softmax_partial(scores, values)
+        # queries later in this pass would, decoding, already read tokens [qc, last) quantized
+        first = min(self.sinks, start + n)  # buffer index of quantized position sinks + qc
+        codes = self._quantize_range(layer, qc, last)
+        dq_k = dequantize(codes["kc"], codes["ks"], codes["ko"], self.key_fmt, qg.dtype)
+        dq_v = dequantize(codes["vc"], codes["vs"], codes["vo"], self.value_fmt, qg.dtype)
+        bound = torch.tensor([max(qc, self._qcount(p)) for p in range(start, start + n)]) - qc
+        use_dq = (torch.arange(last - qc)[None, :] < bound[:, None]).repeat(group_q, 1)
+        span = slice(first, first + last - qc)
+        scores[..., span] = torch.where(use_dq, torch.matmul(qg, dq_k.transpose(-1, -2)), scores[..., span])
+        m = scores.amax(-1, keepdim=True)
+        e = torch.exp(scores - m)
+        e_dq = e[..., span] * use_dq
+        e_fp = e.clone()
+        e_fp[..., span] = e[..., span] * ~use_dq
+        return torch.matmul(e_fp, values) + torch.matmul(e_dq, dq_v), m, e.sum(-1, keepdim=True)
+
+    # --- quantizing tokens that leave the residual ---------------------------
+    def _quantize_range(self, layer: int, qc: int, target: int) -> dict[str, torch.Tensor]:
+        """Codes of quantized-region tokens [qc, target) from the buffer, without storing them."""
+        first = self.sinks  # their buffer index starts right after the sinks
+        keys = self.fp_k[layer, :, :, first:first + target - qc]
+        values = self.fp_v[layer, :, :, first:first + target - qc]
+        codes = dict(zip(("vc", "vs", "vo"), quantize(values, self.value_fmt)))
+        g = self.key_fmt.group
+        if not self.key_fmt.per_channel or qc % g == 0:
+            codes.update(zip(("kc", "ks", "ko"), quantize(keys, self.key_fmt)))
+            return codes
+        # a cropped, partly kept block: refill it against its stored scales, then fresh blocks
+        head = -qc % g
+        block = qc // g
+        scale, offset = self.store["ks"][layer, :, :, block], self.store["ko"][layer, :, :, block]
+        fill = torch.round((keys[:, :, :head].float() - offset.float()[:, :, None]) / scale.float()[:, :, None])
+        fill = fill.clamp_(0, self.key_fmt.levels).to(torch.uint8)
+        if self.key_fmt.bits == 4:
+            fill = fill[..., 0::2] | (fill[..., 1::2] << 4)
+        rest = quantize(keys[:, :, head:], self.key_fmt)
+        codes["kc"] = torch.cat((fill, rest[0]), dim=2)
+        codes["ks"] = torch.cat((scale[:, :, None], rest[1]), dim=2)
+        codes["ko"] = torch.cat((offset[:, :, None], rest[2]), dim=2)
+        return codes
+
+    def _flush(self, layer: int, target: int) -> None:
+        qc = self.qcounts[layer]
+        if target <= qc:
+            return
+        codes = self._quantize_range(layer, qc, target)
+        if target > self.capacity:
+            self._grow_store(target)
+        s, g = self.store, self.key_fmt.group
+        for name in ("vc", "vs", "vo"):
+            s[name][layer, :, :, qc:target] = codes[name]
+        self._write_tiles("kc", layer, qc, target, codes["kc"])
+        if self.key_fmt.per_channel:
+            s["ks"][layer, :, :, qc // g:-(-target // g)] = codes["ks"]
+            s["ko"][layer, :, :, qc // g:-(-target // g)] = codes["ko"]
+        else:
+            self._write_tiles("ks", layer, qc, target, codes["ks"])
+            self._write_tiles("ko", layer, qc, target, codes["ko"])
+        first, end = self.sinks, self.lengths[layer] - qc
+        for buf in (self.fp_k, self.fp_v):  # the residual moves down over the tokens just stored
+            buf[layer, :, :, first:end - (target - qc)] = buf[layer, :, :, first + target - qc:end].clone()
+        self.qcounts[layer] = target
+
+    def _write_tiles(self, name: str, layer: int, start: int, end: int, rows: torch.Tensor) -> None:
+        """Write token rows [start, end) into a tiled store tensor (read-modify-write of the tiles they touch)."""
+        first, last = start // TILE, -(-end // TILE)
+        block = from_tiles(self.store[name][layer, :, :, first:last]).clone()
+        block[:, :, start - first * TILE:end - first * TILE] = rows
+        self.store[name][layer, :, :, first:last] = to_tiles(block)
+
+    def _reserve_fp(self, needed: int) -> None:
+        if needed > self.fp_k.shape[3]:
+            size = max(needed, 2 * self.fp_k.shape[3])
+            grown = [torch.cat((b, b.new_zeros(*b.shape[:3], size - b.shape[3], b.shape[4])), 3)
+                     for b in (self.fp_k, self.fp_v)]
+            self.fp_k, self.fp_v = grown
+
+    def _grow_store(self, needed: int) -> None:
+        old = self.store
+        new = self._new_store(self._round_up(max(needed, 2 * self.capacity)))
+        for name, t in old.items():
+            new[name][:, :, :, : t.shape[3]] = t
+        self.store = new
+
+    # --- edits ---------------------------------------------------------------
+    def _layer(self, layer: int) -> int:
+        layer = check_int(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
+                                  f"(valid: 0..{self.num_layers - 1})")
+        return layer
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` positions; every kept token keeps its stored form."""
+        length = check_int(length, "length")
+        if not 0 <= length <= len(self):
+            raise ValueError(f"cannot crop to {length}: the cache holds {len(self)} positions")
+        for layer, (n, qc) in enumerate(zip(self.lengths, self.qcounts)):
+            new_n = min(n, length)
+            new_qc = min(qc, max(0, new_n - self.sinks))  # below qc only when the whole residual is dropped
+            self.lengths[layer], self.qcounts[layer] = new_n, new_qc
+
+    def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
+        idx = batch_index_tensor(batch_indices, self.batch)
+        picked = {name: t.index_select(1, idx) for name, t in self.store.items()}
+        fp_k, fp_v = self.fp_k.index_select(1, idx), self.fp_v.index_select(1, idx)
+        self.store, self.fp_k, self.fp_v = picked, fp_k, fp_v
+
+    reorder = select
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.num_layers
+        self.qcounts = [0] * self.num_layers
