@@ -230,3 +230,40 @@ def test_eval_text_file_and_errors(capsys, tmp_path):
     assert "text file not found" in capsys.readouterr().err
     assert main(["eval", "--context", "1"]) == 2
     assert "--context must be >= 2" in capsys.readouterr().err
+
+
+def test_caches_lists_every_spec(capsys):
+    assert main(["caches"]) == 0
+    out = capsys.readouterr().out
+    for name in ("auto", "fp32", "int8", "int4", "residual=128", "keys=token (token|channel)"):
+        assert name in out
+
+
+def test_generate_with_a_kv_cache_spec(capsys, llama_dir):
+    assert main(["generate", "--model", str(llama_dir), "--ids", "1,2,3", "-n", "6"]) == 0
+    exact = capsys.readouterr().out
+    assert main(["generate", "--model", str(llama_dir), "--ids", "1,2,3", "-n", "6", "--kv-cache",
+                 "int4:residual=100"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == exact and "int4:residual=100" in captured.err
+
+
+@pytest.mark.parametrize("argv", [["generate", "--ids", "1"], ["eval"], ["chat"], ["demo"]])
+def test_a_bad_kv_cache_spec_is_one_line(capsys, argv):
+    run_error(capsys, argv + ["--kv-cache", "int4:group=x"], argv[0], "--kv-cache: option group='x'")
+
+
+@shipped
+def test_eval_with_a_kv_cache_reports_kl(capsys):
+    assert main(["eval", "--corpus", "code", "--context", "64", "--max-tokens", "128", "--kv-cache",
+                 "int4:residual=0,group=16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache"] == "int4:residual=0,group=16" and result["kl_vs_exact"] > 0
+    assert 0 < result["top1_agreement"] < 1
+
+
+@shipped
+def test_demo_with_a_lossy_cache_says_so(capsys):
+    assert main(["demo", "--max-new-tokens", "8", "--kv-cache", "int8:residual=0,group=16"]) == 0
+    out = capsys.readouterr().out
+    assert "int8:residual=0,group=16" in out and "identical outputs" in out and "stored as" in out

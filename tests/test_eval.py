@@ -78,3 +78,15 @@ def test_lossy_cache_is_measured(shipped):
 def test_real_model_perplexity_is_sane(real_model):
     r = quality.evaluate(real_model, corpus="english", context=256, max_tokens=512)
     assert 2.0 < r.perplexity < 40.0 and 0.3 < r.bits_per_byte < 1.5
+
+
+def test_a_spec_string_is_evaluated_with_kl_and_chunking_does_not_matter(shipped):
+    exact = quality.evaluate(shipped, corpus="code", context=96, max_tokens=192, cache="int8:residual=1000")
+    assert exact.kl_vs_exact < 1e-6 and exact.cache == "int8:residual=1000"
+    by_chunk = [quality.evaluate(shipped, corpus="code", context=96, max_tokens=192, chunk=chunk,
+                                 cache="int4:residual=0,group=16") for chunk in (1, 13, 96)]
+    assert by_chunk[0].kl_vs_exact > 1e-4 and by_chunk[0].top1_agreement < 1.0
+    for other in by_chunk[1:]:  # each query sees the stored form decoding would: chunk changes nothing
+        assert math.isclose(other.kl_vs_exact, by_chunk[0].kl_vs_exact, rel_tol=0.05)
+    with pytest.raises(ValueError, match="unknown cache"):
+        quality.evaluate(shipped, corpus="code", context=96, max_tokens=192, cache="int5")

@@ -144,3 +144,16 @@ def test_max_new_tokens_zero_and_validation(pair):
         beam_search(model, PROMPT, 2, 4, stop_token_ids=[10**6])
     with pytest.raises(ValueError, match="length_penalty"):
         beam_search(model, PROMPT, 2, 4, length_penalty=float("nan"))
+
+
+def test_beam_search_takes_a_cache_spec(pair):
+    model = pair[0]
+    prompt = [1, 5, 9, 20]
+    exact = beam_search(model, prompt, 3, 10, stop_token_ids=[])
+    same = beam_search(model, prompt, 3, 10, stop_token_ids=[], cache="int4:residual=1000")
+    assert [h.token_ids for h in same] == [h.token_ids for h in exact]
+    assert [h.score for h in same] == pytest.approx([h.score for h in exact], rel=1e-5)
+    lossy = beam_search(model, prompt, 3, 10, stop_token_ids=[], cache="int8:residual=0,group=16")
+    assert len(lossy) == 3 and all(len(h.token_ids) == 10 for h in lossy)
+    with pytest.raises(TypeError, match="cache spec string"):
+        beam_search(model, prompt, 3, 10, cache=object())

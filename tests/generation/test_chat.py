@@ -76,3 +76,14 @@ def test_interrupted_reply_keeps_the_conversation_consistent(real_model):
 def test_a_model_without_a_template_is_refused(model_dir):
     with pytest.raises(ValueError, match="no chat template"):
         ChatSession(load_model(model_dir))
+
+
+def test_a_session_with_a_quantized_cache(real_model):
+    """The whole conversation in one int8 cache: turns go on, the cache holds codes and stays small."""
+    session = ChatSession(real_model, max_new_tokens=16, kv_cache="int8:residual=16")
+    for question in QUESTIONS[:2]:
+        assert "".join(session.send(question)).strip()
+    assert session.last.reused_tokens > 0
+    assert type(session.cache).__name__ == "QuantizedKVCache" and session.cache.qcounts[0] > 0
+    with pytest.raises(ValueError, match="unknown cache"):
+        ChatSession(real_model, kv_cache="int2")

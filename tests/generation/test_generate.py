@@ -266,3 +266,27 @@ def test_a_paused_or_abandoned_stream_does_not_leave_the_caller_in_inference_mod
     assert not torch.is_inference_mode_enabled()
     del tokens
     assert not torch.is_inference_mode_enabled()
+
+
+# ---------------------------------------------------------- cache specs
+
+@pytest.mark.parametrize("spec", ["auto", "fp32", "int8:residual=1000", "int4:residual=1000"])
+def test_a_lossless_spec_generates_the_default_tokens(llama, spec):
+    """A cache spec builds the cache; a residual longer than the run keeps a quantized cache exact."""
+    assert generate(llama, PROMPT, 24, stop_token_ids=[], cache=spec) == generate(llama, PROMPT, 24,
+                                                                                   stop_token_ids=[])
+
+
+def test_a_quantized_spec_generates_close_to_exact(llama):
+    exact = generate(llama, PROMPT, 40, stop_token_ids=[])
+    got = generate(llama, PROMPT, 40, stop_token_ids=[], cache="int8:residual=0,group=16")
+    assert len(got) == 40 and sum(a == b for a, b in zip(got, exact)) >= 30
+
+
+def test_bad_specs_are_refused_before_any_work(llama):
+    with pytest.raises(ValueError, match="unknown cache 'int3'"):
+        stream(llama, PROMPT, 4, cache="int3")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        stream(llama, PROMPT, 4, cache="int8", use_cache=False)
+    with pytest.raises(TypeError, match="cache spec string or a kvcache"):
+        stream(llama, PROMPT, 4, cache=object())

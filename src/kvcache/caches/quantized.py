@@ -7,10 +7,12 @@ since attention reads the codes directly (kernels.py / quant_ops.py), faster.
 Layout per layer: the first ``sinks`` positions and the most recent tokens
 live in a full-precision buffer; every other token is stored quantized
 (quant_ops.py describes the format).  A token is quantized **once**, when it
-leaves the residual, in blocks of ``group`` tokens: before attending at
+leaves the residual, in blocks of ``g`` tokens (the key group: ``group``
+capped at head_dim for per-token groups, ``group`` tokens for KIVI keys;
+values are grouped along ``min(group, head_dim)`` channels): before attending at
 length ``L``, tokens ``[sinks, sinks + qcount(L))`` are quantized, with
-``qcount(L) = floor(max(0, L - sinks - residual) / group) * group``.  So the
-residual holds between ``residual`` and ``residual + group - 1`` tokens.
+``qcount(L) = floor(max(0, L - sinks - residual) / g) * g``.  So the
+residual holds between ``residual`` and ``residual + g - 1`` tokens.
 
 A multi-token forward (prefill, a speculative verify pass) gives every query
 exactly the view a token-by-token decode would have had: query ``i`` reads key
@@ -51,8 +53,8 @@ class QuantizedKVCache(Cache):
     lossless = False
     options = {
         "bits": Option(int, 8, "bits per stored value: 8 or 4"),
-        "group": Option(int, 32, "values per scale: channels of a token (or tokens of a channel for keys=channel)",
-                        minimum=1),
+        "group": Option(int, 32, "values per scale: channels of a token, at most head_dim (keys=channel: tokens "
+                                  "of a channel, a multiple of 16)", minimum=1),
         "residual": Option(int, 128, "most recent tokens kept in full precision", minimum=0),
         "sinks": Option(int, 0, "first tokens kept in full precision for ever", minimum=0),
         "keys": Option(str, "token", "key groups: token (per-token channel groups) or channel (KIVI)",
@@ -73,7 +75,8 @@ class QuantizedKVCache(Cache):
         residual, sinks = check_int(residual, "residual", minimum=0), check_int(sinks, "sinks", minimum=0)
         if bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-        if head_dim % group:
+        channels = min(group, head_dim)  # a small model's head_dim caps the channel groups
+        if head_dim % channels:
             raise ValueError(f"group {group} must divide head_dim {head_dim} (values are grouped along channels)")
         if keys not in ("token", "channel"):
             raise ValueError(f"keys must be 'token' or 'channel', got {keys!r}")
@@ -83,8 +86,9 @@ class QuantizedKVCache(Cache):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.rotation = hadamard(head_dim, dtype) if rotate else None
-        self.key_fmt = QuantFormat(bits, group, bool(symmetric), per_channel=keys == "channel")
-        self.value_fmt = QuantFormat(bits, group, bool(symmetric))
+        self.key_fmt = QuantFormat(bits, group if keys == "channel" else channels, bool(symmetric),
+                                   per_channel=keys == "channel")
+        self.value_fmt = QuantFormat(bits, channels, bool(symmetric))
         self.residual, self.sinks, self.dtype, self.check_finite = residual, sinks, dtype, check_finite
         self.use_kernel = bool(kernel)
         self.spec = (f"int{bits}:group={group},residual={residual},sinks={sinks},keys={keys},"
@@ -185,9 +189,11 @@ class QuantizedKVCache(Cache):
         return quantized_partial(qg, rows, self.key_fmt, self.value_fmt)
 
     def _kernel_fits(self, query_group: int) -> bool:
-        """The compiled kernel's limits: 16-multiples of head_dim and group, head_dim <= 128, <= 64 heads a group."""
+        """The compiled kernel's limits: 16-multiples of head_dim and group, head_dim <= 128, <= 64 heads a group,
+        one group size for keys and values."""
         dim, group = self.head_dim, self.key_fmt.group
-        return dim % 16 == 0 and group % 16 == 0 and dim <= 128 and query_group <= 64 and dim // group <= 16
+        return (dim % 16 == 0 and group % 16 == 0 and dim <= 128 and query_group <= 64 and dim // group <= 16
+                and group == self.value_fmt.group)
 
     def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):
         """Partial over the full-precision buffer (sinks, residual, new tokens) with the decode-equivalent view."""
