@@ -267,3 +267,12 @@ def test_demo_with_a_lossy_cache_says_so(capsys):
     assert main(["demo", "--max-new-tokens", "8", "--kv-cache", "int8:residual=0,group=16"]) == 0
     out = capsys.readouterr().out
     assert "int8:residual=0,group=16" in out and "identical outputs" in out and "stored as" in out
+
+
+@shipped
+def test_eval_compares_several_caches_in_one_run(capsys):
+    assert main(["eval", "--context", "64", "--max-tokens", "128", "--kv-cache", "int8:residual=1000",
+                 "--kv-cache", "int4:residual=0,group=16", "--json"]) == 0
+    lossless, lossy = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert lossless["exact_perplexity"] == lossy["exact_perplexity"]
+    assert lossless["kl_vs_exact"] < 1e-6 < lossy["kl_vs_exact"]

@@ -164,32 +164,39 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     model = _load(load_model, args.model)
     try:
-        result = quality.evaluate(model, text=text, corpus=args.corpus, context=args.context,
-                                  max_tokens=args.max_tokens, cache=args.kv_cache, chunk=args.chunk,
-                                  progress=not args.json)
+        results = quality.evaluate_many(model, args.kv_cache or [None], text=text, corpus=args.corpus,
+                                        context=args.context, max_tokens=args.max_tokens, chunk=args.chunk,
+                                        progress=not args.json)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if args.json:
-        print(json.dumps({"model": model.source, **result.to_dict()}))
-        return 0
+    for result in results:
+        if args.json:
+            print(json.dumps({"model": model.source, **result.to_dict()}))
+        else:
+            _print_eval(model, result)
+    return 0
+
+
+def _print_eval(model, result) -> None:
     print(f"model {model.source}, corpus {result.corpus}: {result.windows} windows x {result.context} tokens, "
           f"{result.tokens:,} predicted tokens ({result.bytes:,} bytes)")
     print(f"perplexity {result.perplexity:.3f}   {result.nll_per_token:.4f} nats/token   "
           f"{result.bits_per_byte:.4f} bits/byte")
     if result.kl_vs_exact is not None:
         delta = 100 * (result.perplexity / result.exact_perplexity - 1)
-        print(f"cache {args.kv_cache}: exact perplexity {result.exact_perplexity:.3f} ({delta:+.3f}%), "
+        print(f"cache {result.cache}: exact perplexity {result.exact_perplexity:.3f} ({delta:+.3f}%), "
               f"KL vs exact {result.kl_vs_exact:.5f} nats/token, top-1 agreement {100 * result.top1_agreement:.2f}%")
-    return 0
 
 
 def _check_spec(args: argparse.Namespace) -> None:
     """A bad --kv-cache spec is a usage error, found before the (slow) model load."""
     from .caches.base import parse_spec
 
-    if args.kv_cache is not None:
+    for spec in args.kv_cache if isinstance(args.kv_cache, list) else [args.kv_cache]:
+        if spec is None:
+            continue
         try:
-            parse_spec(args.kv_cache)
+            parse_spec(spec)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"--kv-cache: {exc}") from exc
 
@@ -282,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--max-tokens", type=int, default=8192, help="tokens in all windows together (default 8192)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
+    ev.add_argument("--kv-cache", action="append", default=None, metavar="SPEC",
+                    help=KV_HELP + "; repeat it to compare several caches in one run (one exact pass)")
     ev.add_argument("--chunk", type=int, default=256, help="tokens per forward through the cache (default 256; "
                     "results do not depend on it)")
     ev.set_defaults(func=_eval)

@@ -101,45 +101,61 @@ def evaluate(model, text: str | None = None, corpus: str = "code", context: int 
 
     cache: a cache spec string (``"int4:residual=0"``) or a factory ``(model, batch=, capacity=) -> cache``.
     """
+    return evaluate_many(model, [cache], text, corpus, context, max_tokens, chunk, progress)[0]
+
+
+def evaluate_many(model, caches: list[str | CacheFactory | None], text: str | None = None, corpus: str = "code",
+                  context: int = 512, max_tokens: int = 8192, chunk: int = 64,
+                  progress: bool = False) -> list[EvalResult]:
+    """One result per cache (None: the exact model itself), sharing one exact pass per window."""
     from tqdm import tqdm
-
-    spec = None
-    if isinstance(cache, str):
-        spec = cache
-        parse_spec(spec)  # a bad spec fails before any work
-
-        def cache(m, batch, capacity):
-            return make_cache(spec, m, batch=batch, capacity=capacity)
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    factories = [_factory(cache) for cache in caches]  # bad specs fail before any work
     context = min(context, model.config.max_positions)
     name = "text" if text is not None else corpus
     ids = model.tokenizer.encode(text if text is not None else corpus_text(corpus))
     wins = windows(ids, context, max_tokens)
-    nll = nll_exact = kl = 0.0
-    agree = tokens = nbytes = 0
+    nll, kl, agree = [0.0] * len(caches), [0.0] * len(caches), [0] * len(caches)
+    nll_exact, tokens, nbytes = 0.0, 0, 0
     with torch.inference_mode():
         for win in tqdm(wins, desc=f"eval {name}", unit="window", disable=not progress, leave=False):
             window = torch.tensor(win)
             targets = window[1:]
             exact = _log_probs_exact(model, window)
             nll_exact += -exact.gather(1, targets[:, None]).sum().item()
-            if cache is not None:
-                got = _log_probs_cached(model, window, cache, chunk)
-                nll += -got.gather(1, targets[:, None]).sum().item()
-                kl += F.kl_div(got, exact, log_target=True, reduction="sum").item()
-                agree += int((got.argmax(-1) == exact.argmax(-1)).sum())
+            for i, factory in enumerate(factories):
+                if factory is None:
+                    continue
+                got = _log_probs_cached(model, window, factory, chunk)
+                nll[i] += -got.gather(1, targets[:, None]).sum().item()
+                kl[i] += F.kl_div(got, exact, log_target=True, reduction="sum").item()
+                agree[i] += int((got.argmax(-1) == exact.argmax(-1)).sum())
             tokens += len(targets)
             nbytes += len(model.tokenizer.decode(win[1:]).encode("utf-8"))
-    measured = nll if cache is not None else nll_exact
-    result = EvalResult(name, context, len(wins), tokens, nbytes, measured / tokens, math.exp(measured / tokens),
-                        measured / math.log(2) / max(nbytes, 1))
-    if cache is not None:
-        result.kl_vs_exact, result.top1_agreement = kl / tokens, agree / tokens
-        result.exact_perplexity = math.exp(nll_exact / tokens)
-        result.cache = spec
-    return result
+    results = []
+    for i, (cache, factory) in enumerate(zip(caches, factories)):
+        measured = nll[i] if factory is not None else nll_exact
+        result = EvalResult(name, context, len(wins), tokens, nbytes, measured / tokens, math.exp(measured / tokens),
+                            measured / math.log(2) / max(nbytes, 1))
+        if factory is not None:
+            result.kl_vs_exact, result.top1_agreement = kl[i] / tokens, agree[i] / tokens
+            result.exact_perplexity = math.exp(nll_exact / tokens)
+            result.cache = cache if isinstance(cache, str) else None
+        results.append(result)
+    return results
+
+
+def _factory(cache: str | CacheFactory | None) -> CacheFactory | None:
+    if not isinstance(cache, str):
+        return cache
+    parse_spec(cache)
+
+    def build(model, batch, capacity):
+        return make_cache(cache, model, batch=batch, capacity=capacity)
+
+    return build
 
 
 def read_text_file(path: str | Path) -> str:

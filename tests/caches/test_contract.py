@@ -26,7 +26,8 @@ def test_every_registered_name_is_covered():
 
 
 def tiny_llama(dtype=torch.float32) -> Transformer:
-    config = ModelConfig(arch="llama", vocab_size=61, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+    config = ModelConfig(arch="llama", vocab_size=61, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=32,
                          intermediate_size=96, max_positions=256)
     torch.manual_seed(0)
     model = Transformer(config).eval()

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from kvcache.caches import kernels
-from kvcache.caches.quant_ops import (QuantFormat, QuantizedRows, dequantize, from_tiles, hadamard, quantize,
-                                      quantized_partial, to_tiles)
+from kvcache.caches.quant_ops import (
+    QuantFormat,
+    QuantizedRows,
+    dequantize,
+    from_tiles,
+    hadamard,
+    quantize,
+    quantized_partial,
+    to_tiles,
+)
 from kvcache.caches.quantized import QuantizedKVCache
 
 
