@@ -133,25 +133,41 @@ class QuantizedRows:
     count: int  # tokens stored
 
 
+def _chunk(rows: QuantizedRows, key_fmt: QuantFormat, value_fmt: QuantFormat, start: int, end: int,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored tokens [start, end) dequantized (start a multiple of the tile and of a KIVI key group)."""
+    tiles = slice(start // TILE, -(-end // TILE))
+    if key_fmt.per_channel:  # whole token blocks (a cropped cache may end inside one)
+        whole = -(-end // key_fmt.group) * key_fmt.group
+        kg = slice(start // key_fmt.group, whole // key_fmt.group)
+        codes = from_tiles(rows.k_codes[:, :, start // TILE: whole // TILE])
+        keys = dequantize(codes, rows.k_scale[:, :, kg], rows.k_offset[:, :, kg], key_fmt, dtype)[:, :, : end - start]
+    else:
+        codes = from_tiles(rows.k_codes[:, :, tiles])[:, :, : end - start]
+        keys = dequantize(codes, from_tiles(rows.k_scale[:, :, tiles])[:, :, : end - start],
+                          from_tiles(rows.k_offset[:, :, tiles])[:, :, : end - start], key_fmt, dtype)
+    values = dequantize(rows.v_codes[:, :, start:end], rows.v_scale[:, :, start:end],
+                        rows.v_offset[:, :, start:end], value_fmt, dtype)
+    return keys, values
+
+
+def _step(key_fmt: QuantFormat) -> int:
+    return CHUNK if not key_fmt.per_channel else max(key_fmt.group, CHUNK // key_fmt.group * key_fmt.group)
+
+
 def quantized_partial(qg: torch.Tensor, rows: QuantizedRows, key_fmt: QuantFormat, value_fmt: QuantFormat
                       ) -> Partial:
     """Partial softmax of scaled, grouped queries qg (B, H, n, D) over every stored token, chunk by chunk."""
     parts = []
-    step = CHUNK if not key_fmt.per_channel else max(key_fmt.group, CHUNK // key_fmt.group * key_fmt.group)
-    for start in range(0, rows.count, step):
-        end = min(start + step, rows.count)
-        tiles = slice(start // TILE, -(-end // TILE))
-        codes = from_tiles(rows.k_codes[:, :, tiles])[:, :, : end - start]
-        if key_fmt.per_channel:  # whole token blocks (a cropped cache may end inside one)
-            whole = -(-end // key_fmt.group) * key_fmt.group
-            kg = slice(start // key_fmt.group, whole // key_fmt.group)
-            codes = from_tiles(rows.k_codes[:, :, start // TILE: whole // TILE])
-            keys = dequantize(codes, rows.k_scale[:, :, kg], rows.k_offset[:, :, kg], key_fmt,
-                              qg.dtype)[:, :, : end - start]
-        else:
-            keys = dequantize(codes, from_tiles(rows.k_scale[:, :, tiles])[:, :, : end - start],
-                              from_tiles(rows.k_offset[:, :, tiles])[:, :, : end - start], key_fmt, qg.dtype)
-        values = dequantize(rows.v_codes[:, :, start:end], rows.v_scale[:, :, start:end],
-                            rows.v_offset[:, :, start:end], value_fmt, qg.dtype)
+    for start in range(0, rows.count, _step(key_fmt)):
+        keys, values = _chunk(rows, key_fmt, value_fmt, start, min(start + _step(key_fmt), rows.count), qg.dtype)
         parts.append(softmax_partial(torch.matmul(qg, keys.transpose(-1, -2)), values))
     return combine_partials(parts)
+
+
+def dequantize_rows(rows: QuantizedRows, key_fmt: QuantFormat, value_fmt: QuantFormat,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """All stored tokens as full keys and values (B, H, count, D): only for callers that need tensors."""
+    pieces = [_chunk(rows, key_fmt, value_fmt, start, min(start + _step(key_fmt), rows.count), dtype)
+              for start in range(0, rows.count, _step(key_fmt))]
+    return torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2)

@@ -41,6 +41,7 @@ from .quant_ops import (
     QuantFormat,
     QuantizedRows,
     dequantize,
+    dequantize_rows,
     from_tiles,
     hadamard,
     quantize,
@@ -163,12 +164,7 @@ class QuantizedKVCache(Cache):
                              "cache does not evict by window")
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
-        self._flush(layer, max(self.qcounts[layer], self._qcount(start)))  # lazy: what a decode at `start` sees
-        qc = self.qcounts[layer]
-        fp_end = start + n - qc
-        self._reserve_fp(fp_end)
-        self.fp_k[layer, :, :, start - qc:fp_end] = k
-        self.fp_v[layer, :, :, start - qc:fp_end] = v
+        qc, fp_end = self._store_new(layer, start, k, v)
         batch, heads, _, dim = q.shape
         kv_heads = self.num_kv_heads
         qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
@@ -177,6 +173,44 @@ class QuantizedKVCache(Cache):
         self.lengths[layer] = start + n
         out = merge_partials(parts)
         return out.reshape(batch, heads, n, dim).to(q.dtype)
+
+    def _store_new(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+        """Quantize what a decode at ``start`` would have, write k/v (rotated) to the buffer: (qcount, buffer end)."""
+        self._flush(layer, max(self.qcounts[layer], self._qcount(start)))  # lazy: what a decode at `start` sees
+        qc = self.qcounts[layer]
+        fp_end = start + k.shape[2] - qc
+        self._reserve_fp(fp_end)
+        self.fp_k[layer, :, :, start - qc:fp_end] = k
+        self.fp_v[layer, :, :, start - qc:fp_end] = v
+        return qc, fp_end
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v without attending (for callers that attend themselves: the transformers adapter)."""
+        layer = self._layer(layer)
+        check_kv(self, layer, k, v)
+        start = self.lengths[layer]
+        self._store_new(layer, start, k if self.rotation is None else k @ self.rotation, v)
+        self.lengths[layer] = start + k.shape[2]
+
+    def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held position of ``layer`` as full tensors (quantized ones dequantized, keys un-rotated).
+
+        This is the one place a whole layer is expanded: transformers' attention needs tensors; kvcache's
+        own attention never calls it.
+        """
+        layer = self._layer(layer)
+        n, qc, s = self.lengths[layer], self.qcounts[layer], self.store
+        sinks = min(self.sinks, n)
+        rows = QuantizedRows(*(s[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
+        keys, values = [self.fp_k[layer, :, :, :sinks]], [self.fp_v[layer, :, :, :sinks]]
+        if qc:
+            k_q, v_q = dequantize_rows(rows, self.key_fmt, self.value_fmt, self.dtype)
+            keys.append(k_q)
+            values.append(v_q)
+        keys.append(self.fp_k[layer, :, :, sinks:n - qc])
+        values.append(self.fp_v[layer, :, :, sinks:n - qc])
+        k, v = torch.cat(keys, 2), torch.cat(values, 2)
+        return (k if self.rotation is None else k @ self.rotation.T), v
 
     def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int, n: int):
         s = self.store
