@@ -405,3 +405,33 @@ def test_cli_no_model(capsys):
 def test_cli_bad_tokens(capsys):
     assert run(_cli(["gpt2", "--tokens", "0"])) == 2
     assert "tokens" in capsys.readouterr().err
+
+
+def test_quantized_sizes_match_the_quantized_cache():
+    import torch
+
+    from kvcache.caches.quantized import QuantizedKVCache
+
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
+             "head_dim": 64, "max_position_embeddings": 4096}
+    cache = QuantizedKVCache(2, 2, 64, bits=4, group=32, residual=16, sinks=2, capacity=512)
+    k = torch.randn(1, 2, 300, 64)
+    for layer in range(2):
+        cache.attend(layer, torch.randn(1, 4, 300, 64), k, k)
+        cache.attend(layer, torch.randn(1, 4, 1, 64), k[:, :, :1], k[:, :, :1])  # quantizes what 300 tokens leave
+    report = memory_report(shape, tokens=300, dtype="int4", group_size=32, residual=16, sinks=2, full_dtype="fp32")
+    one_fp_token = 2 * 2 * 2 * 64 * 4
+    assert report.total_bytes + one_fp_token == cache.used_bytes
+    assert report.bytes_per_element == 0.5 + 4 / 32
+    with pytest.raises(ValueError, match="int8/int4"):
+        memory_report(shape, tokens=8, dtype="fp16", group_size=32)
+
+
+def test_memory_cli_quantized(capsys):
+    from kvcache.cli import main
+
+    assert main(["memory", "smollm2-135m", "--tokens", "4096", "--dtype", "int8", "--group-size", "32", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["bytes_per_element"] == 1.125 and report["total_bytes"] == 30 * 2 * 3 * 64 * 4096 * 9 // 8

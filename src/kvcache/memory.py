@@ -411,19 +411,38 @@ class MemoryReport:
         return d
 
 
+def quantized_bytes_per_element(dtype: str, group_size: int) -> Fraction:
+    """kvcache's int8/int4 caches: the codes plus a float16 scale and offset per group of ``group_size`` values."""
+    bits = {"int8": 8, "int4": 4}.get(_normalize_dtype(dtype))
+    if bits is None:
+        raise ValueError(f"--group-size applies to int8/int4 caches, not {dtype!r}")
+    return Fraction(bits, 8) + Fraction(4, _check_count(group_size, "group size"))
+
+
 def memory_report(
     model: str | Path | ModelShape | Mapping[str, Any],
     tokens: int | None = None,
     batch: int = 1,
     dtype: str = "fp16",
+    group_size: int | None = None,
+    residual: int = 0,
+    sinks: int = 0,
+    full_dtype: str = "fp16",
 ) -> MemoryReport:
     """KV-cache memory for ``model`` at ``tokens`` context (default: the model's
-    max positions) and ``batch`` sequences stored as ``dtype``."""
+    max positions) and ``batch`` sequences stored as ``dtype``.
+
+    With ``group_size`` (int8/int4), sizes are those of kvcache's quantized cache: codes plus float16 scales and
+    offsets, the first ``sinks`` and the last ``residual`` tokens (plus the group still being filled) kept in
+    ``full_dtype``: what the cache holds when the next token arrives.
+    """
     shape = resolve_model(model)
-    per = dtype_bytes(dtype)
     tokens = _tokens_for(shape, tokens)
     _check_count(batch, "batch")
     elements = kv_cache_elements(shape, tokens, batch)
+    if group_size is not None:
+        return _quantized_report(shape, tokens, batch, dtype, group_size, residual, sinks, full_dtype, elements)
+    per = dtype_bytes(dtype)
     return MemoryReport(
         model=shape.name,
         dtype=_normalize_dtype(dtype),
@@ -437,6 +456,21 @@ def memory_report(
         bytes_per_element=per,
         shape=shape,
     )
+
+
+def _quantized_report(shape, tokens, batch, dtype, group_size, residual, sinks, full_dtype, elements):
+    per = quantized_bytes_per_element(dtype, group_size)
+    for value, what in ((residual, "residual"), (sinks, "sinks")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+    full = Fraction(dtype_bytes(full_dtype))
+    kept_full = tokens - max(0, tokens - sinks - residual) // group_size * group_size  # as caches/quantized.py
+    sequence = math.ceil(shape.elements_per_token * ((tokens - kept_full) * per + kept_full * full))
+    label = f"{_normalize_dtype(dtype)}, group {group_size}, residual {residual}, sinks {sinks} ({full_dtype})"
+    return MemoryReport(model=shape.name, dtype=label, tokens=tokens, batch=batch,
+                        bytes_per_token=math.ceil(shape.elements_per_token * per),
+                        bytes_per_layer=math.ceil(sequence / shape.num_layers), bytes_per_sequence=sequence,
+                        total_bytes=sequence * batch, elements=elements, bytes_per_element=float(per), shape=shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -545,6 +579,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp16",
         help=f"KV storage dtype: {', '.join(DTYPE_BYTES)} (default: fp16)",
     )
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="int8/int4 only: size kvcache's quantized cache (codes + fp16 scale/offset per group)")
+    parser.add_argument("--residual", type=int, default=0,
+                        help="with --group-size: most recent tokens kept in full precision (default 0)")
+    parser.add_argument("--sinks", type=int, default=0,
+                        help="with --group-size: first tokens kept in full precision (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--list", action="store_true", help="list the presets with their per-token KV bytes and exit"
@@ -585,6 +625,9 @@ def run(args: argparse.Namespace) -> int:
             tokens=getattr(args, "tokens", None),
             batch=getattr(args, "batch", 1),
             dtype=dtype,
+            group_size=getattr(args, "group_size", None),
+            residual=getattr(args, "residual", 0),
+            sinks=getattr(args, "sinks", 0),
         )
     except (ValueError, TypeError, OSError) as exc:
         return _error(str(exc))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory")
+SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,5 +103,11 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
     elif name == "memory":
         rows = serving.bench_memory_efficiency(requests=8 if quick else 64)
         print("\n" + serving.format_memory_table(rows))
+    elif name == "kv-quant":
+        from . import quantized
+
+        rows = quantized.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
+                                         steps=2 if quick else 8, rounds=2 if quick else 4, quick=quick)
+        print("\n" + quantized.format_quantized_table(rows))
     print(flush=True)
     return rows
