@@ -151,7 +151,7 @@ DESCRIPTIONS = {
     "fp16": "full precision, float16 (lossless; the model must compute in float16)",
     "bf16": "full precision, bfloat16 (lossless; the model must compute in bfloat16)",
     "int8": "8-bit group-wise quantized keys and values, full-precision residual (lossy)",
-    "int4": "4-bit group-wise quantized, two per byte; KIVI keys and rotation optional (lossy)",
+    "int4": "4-bit group-wise quantized, two per byte; KIVI per-channel keys by default, rotation optional (lossy)",
 }
 
 

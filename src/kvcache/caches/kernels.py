@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from ..model.hub import cache_dir
 SOURCE = Path(__file__).with_name("qattn.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c99", "-fno-math-errno",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast"]
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.append("-mprefer-vector-width=512")  # full-width loops where AVX-512 exists (measured ~10% here)
 
 _library: ctypes.CDLL | None = None
 _tried = False

@@ -241,25 +241,29 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int bh
     const uint16_t *vs = a->vs + (size_t)bh * a->cap * ng, *vo = a->vo + (size_t)bh * a->cap * ng;
     for (int t = t0; t < t1; t += TILE) {
         const int nt = t1 - t < TILE ? t1 - t : TILE;
-        float vf[TILE * D] __attribute__((aligned(32))), vsc[TILE * ng], vof[TILE * ng];
+        float vf[TILE * D] __attribute__((aligned(32))), vsc[ng * TILE], vof[ng * TILE]; /* scales [group][token] */
+        for (int l = 0; l < TILE; l++) /* a partial last tile: zero weights for the missing tokens */
+            for (int j = 0; j < ng; j++) vsc[j * TILE + l] = vof[j * TILE + l] = 0.f;
         for (int l = 0; l < nt; l++) {
             unpack_row(vc + (size_t)(t + l) * cw, a->bits, D, vf + l * D);
             for (int j = 0; j < ng; j++) {
-                vsc[l * ng + j] = half_to_float(vs[(size_t)(t + l) * ng + j]);
-                vof[l * ng + j] = half_to_float(vo[(size_t)(t + l) * ng + j]);
+                vsc[j * TILE + l] = half_to_float(vs[(size_t)(t + l) * ng + j]);
+                vof[j * TILE + l] = half_to_float(vo[(size_t)(t + l) * ng + j]);
             }
         }
         for (int g = 0; g < G; g++) {
-            const float *pe = scores + g * n + (t - t0);
+            float pe[TILE] = {0};
+            for (int l = 0; l < nt; l++) pe[l] = scores[g * n + (t - t0) + l];
             float *out = part + (size_t)g * (D + 2) + 2;
             for (int j = 0; j < ng; j++) {
-                float acc[group], bias = 0.f;
-                for (int d = 0; d < group; d++) acc[d] = out[j * group + d];
-                for (int l = 0; l < nt; l++) {
-                    const float ps = pe[l] * vsc[l * ng + j];
-                    bias += pe[l] * vof[l * ng + j];
-                    for (int d = 0; d < group; d++) acc[d] += ps * vf[l * D + j * group + d];
+                float acc[group], ps[TILE], bias = 0.f;
+                for (int l = 0; l < TILE; l++) { /* vectorised over the tile's tokens: no serial chain */
+                    ps[l] = pe[l] * vsc[j * TILE + l];
+                    bias += pe[l] * vof[j * TILE + l];
                 }
+                for (int d = 0; d < group; d++) acc[d] = out[j * group + d];
+                for (int l = 0; l < nt; l++)
+                    for (int d = 0; d < group; d++) acc[d] += ps[l] * vf[l * D + j * group + d];
                 for (int d = 0; d < group; d++) out[j * group + d] = acc[d] + bias;
             }
         }

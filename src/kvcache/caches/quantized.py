@@ -58,7 +58,8 @@ class QuantizedKVCache(Cache):
                                   "of a channel, a multiple of 16)", minimum=1),
         "residual": Option(int, 128, "most recent tokens kept in full precision", minimum=0),
         "sinks": Option(int, 0, "first tokens kept in full precision for ever", minimum=0),
-        "keys": Option(str, "token", "key groups: token (per-token channel groups) or channel (KIVI)",
+        "keys": Option(str, None, "key groups: token (per-token channel groups) or channel (KIVI); default: "
+                       "token for int8, channel for int4 (measured best, docs/quantized-cache.md)",
                        choices=("token", "channel")),
         "symmetric": Option(bool, False, "symmetric codes (scale only) instead of min/max"),
         "rotate": Option(bool, False, "Hadamard-rotate queries and keys (head_dim a power of two)"),
@@ -67,7 +68,7 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1, capacity: int = 256,
                  dtype: torch.dtype = torch.float32, bits: int = 8, group: int = 32, residual: int = 128,
-                 sinks: int = 0, keys: str = "token", symmetric: bool = False, rotate: bool = False,
+                 sinks: int = 0, keys: str | None = None, symmetric: bool = False, rotate: bool = False,
                  kernel: bool = True, check_finite: bool = False):
         num_layers, num_kv_heads, head_dim, batch, capacity, group = (
             check_int(value, name, minimum=1) for name, value in (
@@ -79,6 +80,8 @@ class QuantizedKVCache(Cache):
         channels = min(group, head_dim)  # a small model's head_dim caps the channel groups
         if head_dim % channels:
             raise ValueError(f"group {group} must divide head_dim {head_dim} (values are grouped along channels)")
+        if keys is None:
+            keys = "channel" if bits == 4 and group % TILE == 0 else "token"
         if keys not in ("token", "channel"):
             raise ValueError(f"keys must be 'token' or 'channel', got {keys!r}")
         if keys == "channel" and group % TILE:
