@@ -77,28 +77,32 @@ def library() -> ctypes.CDLL | None:
               file=sys.stderr)
         return None
     lib.kv_quant_decode.restype = ctypes.c_int
-    lib.kv_quant_decode.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 9 + [ctypes.c_void_p] * 3
+    lib.kv_quant_decode.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 9 + [ctypes.c_void_p] * 2
+                                    + [ctypes.c_int] * 2 + [ctypes.c_void_p])
     _library = lib
     return lib
 
 
 def quant_decode(qg: torch.Tensor, k_codes, k_scale, k_offset, v_codes, v_scale, v_offset, count: int, bits: int,
-                 group: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial (out, max, sum) of fp32 queries qg (B, H, G, D) over ``count`` stored tokens of one layer.
+                 group: int, per_channel: bool, full_k: torch.Tensor | None = None, full_v: torch.Tensor | None = None,
+                 full_count: int = 0) -> torch.Tensor:
+    """Decode attention of fp32 queries qg (B, H, G, D) (scaled) over ``count`` stored tokens of one layer and
+    ``full_count`` full-precision ones: the normalised output (B, H, G, D).
 
     The storage tensors are one layer's contiguous blocks: key codes and per-token key scales as tiles
-    (B, H, capacity/16, W, 16), per-channel key scales (B, H, capacity/group, D), values (B, H, capacity, W).
+    (B, H, capacity/16, W, 16), per-channel key scales (B, H, capacity/group, D), values (B, H, capacity, W);
+    ``full_k``/``full_v`` (B, H, full capacity, D) float32, the first ``full_count`` positions used.
     """
     lib = library()
     assert lib is not None, "quant_decode called without a kernel"
     batch, heads, group_q, dim = qg.shape
     out = torch.empty_like(qg)
-    m = torch.empty(batch, heads, group_q, 1)
-    total = torch.empty(batch, heads, group_q, 1)
+    fk = full_k.data_ptr() if full_count else None
+    fv = full_v.data_ptr() if full_count else None
     status = lib.kv_quant_decode(
         qg.data_ptr(), k_codes.data_ptr(), k_scale.data_ptr(), k_offset.data_ptr(), v_codes.data_ptr(),
         v_scale.data_ptr(), v_offset.data_ptr(), batch, heads, group_q, dim, count, v_codes.shape[2], bits, group,
-        int(per_channel), out.data_ptr(), m.data_ptr(), total.data_ptr())
+        int(per_channel), fk, fv, full_count, full_k.shape[2] if full_count else 0, out.data_ptr())
     if status != 0:
         raise MemoryError("the quantized-cache kernel could not allocate its partials")
-    return out, m, total
+    return out

@@ -10,8 +10,8 @@
  * and a value row adds (p * scale_g) * code + p * offset_g.  The work is split
  * over (sequence, KV head, token chunk) items run by OpenMP threads (the same
  * libgomp PyTorch loads); each item leaves a softmax partial (max, sum,
- * unnormalised output) and the partials are combined at the end.  The result
- * is itself a partial, merged in Python with the full-precision residual's.
+ * unnormalised output) and the partials are combined at the end, together with
+ * those of the full-precision sinks and residual: one call, the final output.
  * int4 and the kernel need head_dim and group to be multiples of 16 (else Python uses the reference).
  * Built at first use with gcc (kvcache/caches/kernels.py); the PyTorch
  * reference in quant_ops.py computes the same thing and the tests compare them.
@@ -307,20 +307,55 @@ static ItemFn pick(int dim, int group) {
     return item_any;
 }
 
-/* out (B, H, G, D) unnormalised, m and l (B, H, G): the partial over all `count` stored tokens. */
+/* Partial over full-precision tokens [t0, t1) of one (sequence, KV head): fk/fv rows (B, H, fcap, D). */
+static void run_full_item(const float *q, const float *fk, const float *fv, int G, int D, int t0, int t1,
+                          float *part) {
+    const int n = t1 - t0;
+    float scores[G * CHUNK];
+    for (int t = t0; t < t1; t++)
+        for (int g = 0; g < G; g++) {
+            float acc = 0.f;
+            for (int d = 0; d < D; d++) acc += q[g * D + d] * fk[(size_t)t * D + d];
+            scores[g * n + (t - t0)] = acc;
+        }
+    for (int g = 0; g < G; g++) {
+        float m = -INFINITY, l = 0.f, *p = part + (size_t)g * (D + 2), *o = p + 2;
+        for (int i = 0; i < n; i++) m = scores[g * n + i] > m ? scores[g * n + i] : m;
+        memset(o, 0, sizeof(float) * D);
+        for (int i = 0; i < n; i++) {
+            const float e = exp_nonpositive(scores[g * n + i] - m), *row = fv + (size_t)(t0 + i) * D;
+            l += e;
+            for (int d = 0; d < D; d++) o[d] += e * row[d];
+        }
+        p[0] = m;
+        p[1] = l;
+    }
+}
+
+/* Decode attention of q (B, H, G, D), already scaled, over `count` stored tokens and `fcount` full-precision
+ * ones (fk/fv: (B, H, fcap, D), the sinks and residual, NULL if none): the normalised output (B, H, G, D). */
 int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *ko,
                     const uint8_t *vc, const uint16_t *vs, const uint16_t *vo, int batch, int heads, int qgroup,
-                    int dim, int count, int cap, int bits, int group, int key_per_channel, float *out, float *m_out,
-                    float *l_out) {
+                    int dim, int count, int cap, int bits, int group, int key_per_channel, const float *fk,
+                    const float *fv, int fcount, int fcap, float *out) {
     Args a = {q, kc, vc, ks, ko, vs, vo, batch, heads, qgroup, dim, count, cap, bits, group, key_per_channel};
-    const int chunks = (count + CHUNK - 1) / CHUNK, items = batch * heads * chunks, width = dim + 2;
+    const int qchunks = (count + CHUNK - 1) / CHUNK, fchunks = (fcount + CHUNK - 1) / CHUNK;
+    const int chunks = qchunks + fchunks, items = batch * heads * chunks, width = dim + 2;
     float *parts = malloc(sizeof(float) * (size_t)items * qgroup * width);
     if (!parts) return 1;
     const ItemFn item = pick(dim, group);
 #pragma omp parallel for schedule(static)
     for (int it = 0; it < items; it++) {
-        int bh = it / chunks, c = it % chunks, t0 = c * CHUNK, t1 = t0 + CHUNK < count ? t0 + CHUNK : count;
-        item(&a, bh, t0, t1, parts + (size_t)it * qgroup * width);
+        const int bh = it / chunks, c = it % chunks;
+        float *part = parts + (size_t)it * qgroup * width;
+        if (c < qchunks) {
+            const int t0 = c * CHUNK, t1 = t0 + CHUNK < count ? t0 + CHUNK : count;
+            item(&a, bh, t0, t1, part);
+        } else {
+            const int t0 = (c - qchunks) * CHUNK, t1 = t0 + CHUNK < fcount ? t0 + CHUNK : fcount;
+            run_full_item(q + (size_t)bh * qgroup * dim, fk + (size_t)bh * fcap * dim, fv + (size_t)bh * fcap * dim,
+                          qgroup, dim, t0, t1, part);
+        }
     }
     for (int bh = 0; bh < batch * heads; bh++)
         for (int g = 0; g < qgroup; g++) {
@@ -337,8 +372,8 @@ int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const
                 l += p[1] * w;
                 for (int d = 0; d < dim; d++) o[d] += p[2 + d] * w;
             }
-            m_out[bh * qgroup + g] = m;
-            l_out[bh * qgroup + g] = l;
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            for (int d = 0; d < dim; d++) o[d] *= inv;
         }
     free(parts);
     return 0;

@@ -171,11 +171,17 @@ class QuantizedKVCache(Cache):
         batch, heads, _, dim = q.shape
         kv_heads = self.num_kv_heads
         qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
-        parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc, n)]
-        parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
         self.lengths[layer] = start + n
-        out = merge_partials(parts)
-        return out.reshape(batch, heads, n, dim).to(q.dtype)
+        if n == 1 and self._kernel_fits(qg):  # one call: stored codes and full-precision part together
+            s = self.store
+            out = kernels.quant_decode(qg.contiguous(), s["kc"][layer], s["ks"][layer], s["ko"][layer],
+                                       s["vc"][layer], s["vs"][layer], s["vo"][layer], qc, self.key_fmt.bits,
+                                       self.key_fmt.group, self.key_fmt.per_channel, self.fp_k[layer],
+                                       self.fp_v[layer], fp_end)
+            return out.view(batch, heads, 1, dim)
+        parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc)]
+        parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
+        return merge_partials(parts).reshape(batch, heads, n, dim).to(q.dtype)
 
     def _store_new(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         """Quantize what a decode at ``start`` would have, write k/v (rotated) to the buffer: (qcount, buffer end)."""
@@ -215,22 +221,17 @@ class QuantizedKVCache(Cache):
         k, v = torch.cat(keys, 2), torch.cat(values, 2)
         return (k if self.rotation is None else k @ self.rotation.T), v
 
-    def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int, n: int):
-        s = self.store
-        if n == 1 and self.use_kernel and qg.dtype == torch.float32 and self._kernel_fits(qg.shape[2]) \
-                and kernels.library() is not None:
-            return kernels.quant_decode(qg.contiguous(), s["kc"][layer], s["ks"][layer], s["ko"][layer],
-                                        s["vc"][layer], s["vs"][layer], s["vo"][layer], qc, self.key_fmt.bits,
-                                        self.key_fmt.group, self.key_fmt.per_channel)
-        rows = QuantizedRows(*(s[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
+    def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int):
+        rows = QuantizedRows(*(self.store[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
         return quantized_partial(qg, rows, self.key_fmt, self.value_fmt)
 
-    def _kernel_fits(self, query_group: int) -> bool:
-        """The compiled kernel's limits: 16-multiples of head_dim and group, head_dim <= 128, <= 64 heads a group,
-        one group size for keys and values."""
+    def _kernel_fits(self, qg: torch.Tensor) -> bool:
+        """The compiled kernel's limits: float32, 16-multiples of head_dim and group, head_dim <= 128, <= 64
+        query heads per KV head, one group size for keys and values; and that it built."""
         dim, group = self.head_dim, self.key_fmt.group
-        return (dim % 16 == 0 and group % 16 == 0 and dim <= 128 and query_group <= 64 and dim // group <= 16
-                and group == self.value_fmt.group)
+        return (self.use_kernel and qg.dtype == torch.float32 and dim % 16 == 0 and group % 16 == 0 and dim <= 128
+                and qg.shape[2] <= 64 and dim // group <= 16 and group == self.value_fmt.group
+                and kernels.library() is not None)
 
     def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):
         """Partial over the full-precision buffer (sinks, residual, new tokens) with the decode-equivalent view."""
