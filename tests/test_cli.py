@@ -235,7 +235,7 @@ def test_eval_text_file_and_errors(capsys, tmp_path):
 def test_caches_lists_every_spec(capsys):
     assert main(["caches"]) == 0
     out = capsys.readouterr().out
-    for name in ("auto", "fp32", "int8", "int4", "residual=128", "keys=token (token|channel)"):
+    for name in ("auto", "fp32", "int8", "int4", "residual=128", "keys=auto (token|channel)"):
         assert name in out
 
 

@@ -209,7 +209,8 @@ def _caches(args: argparse.Namespace) -> int:
         print(f"\n{name:6} {description}")
         for key, option in options.items():
             choices = f" ({'|'.join(option.choices)})" if option.choices else ""
-            print(f"         {key}={option.default}{choices}  {option.help}")
+            default = "auto" if option.default is None else option.default
+            print(f"         {key}={default}{choices}  {option.help}")
     return 0
 
 
