@@ -69,11 +69,12 @@ def bench_quantized(lengths=(512, 2048, 4096, 8192), steps: int = 8, rounds: int
                 cache = make_cache(spec, ours, capacity=length + steps * rounds + 1)
                 for start in range(0, length, 1024):
                     ours(prompt[:, start:start + 1024], cache=cache, logits_index=slice(-1, None))
-                contenders[f"kvcache {spec}"] = (cache, _our_step(ours, cache))
+                contenders[f"kvcache {spec}"] = (cache, _stepper(
+                    lambda t, c=cache: ours(t, cache=c, logits_index=slice(-1, None))))
             for label, make in hf_caches.items():
                 cache = make()
                 hf(prompt, cache=cache, logits_to_keep=1)
-                contenders[label] = (cache, _hf_step(hf, cache))
+                contenders[label] = (cache, _stepper(lambda t, c=cache: hf(t, cache=c, logits_to_keep=1)))
             times = {label: [] for label in contenders}
             for _ in range(rounds):
                 for label, (_, step) in contenders.items():
@@ -93,23 +94,14 @@ def bench_quantized(lengths=(512, 2048, 4096, 8192), steps: int = 8, rounds: int
     return rows
 
 
-def _our_step(model, cache):
+def _stepper(forward):
+    """``step(n)``: n decode steps of one fixed token through ``forward(token)``."""
     token = torch.tensor([[5]])
 
     def step(n):
         with torch.inference_mode():
             for _ in range(n):
-                model(token, cache=cache, logits_index=slice(-1, None))
-    return step
-
-
-def _hf_step(model, cache):
-    token = torch.tensor([[5]])
-
-    def step(n):
-        with torch.inference_mode():
-            for _ in range(n):
-                model(token, cache=cache, logits_to_keep=1)
+                forward(token)
     return step
 
 
