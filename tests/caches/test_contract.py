@@ -171,3 +171,17 @@ def test_a_cache_object_is_checked_against_the_model(model):
         make_cache(other, model)
     same = make_cache("int8", model)
     assert make_cache(same, model) is same
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spec", ["auto", "int8:residual=0", "int4:rotate=1,residual=0"])
+def test_every_model_dtype(spec, dtype):
+    """Caches keep the model's dtype for their full-precision part; outputs come back in it and stay finite."""
+    model = tiny_llama(dtype)
+    ids = list(range(3, 50))
+    with torch.inference_mode():
+        exact = model(torch.tensor([ids]))[0].float()
+    got = feed(model, make_cache(spec, model, capacity=8), ids)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    agree = (got[0].float().argmax(-1) == exact.argmax(-1)).float().mean().item()
+    assert agree >= (0.95 if spec == "auto" else 0.6), agree
