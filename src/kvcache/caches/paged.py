@@ -44,7 +44,7 @@ class BatchEntry:
 class _StepPlan:
     """Index tensors for one forward pass, built once and reused by every layer."""
 
-    def __init__(self, entries: Sequence[BatchEntry], block_size: int):
+    def __init__(self, entries: Sequence[BatchEntry], block_size: int, dtype: torch.dtype = torch.float32):
         offsets = torch.arange(block_size)
         self.write_slots: list[torch.Tensor] = []
         self.prefills: list[tuple[int, int, torch.Tensor | None]] = []  # (q_start, q_end, context slots | None)
@@ -85,7 +85,7 @@ class _StepPlan:
             self.decode_width = width = blocks * block_size
             lens = torch.tensor(decode_lens)
             self.decode_all_full = bool((lens == width).all())
-            mask = torch.zeros(len(decode_rows), width)  # additive: 0 on real context, -inf elsewhere
+            mask = torch.zeros(len(decode_rows), width, dtype=dtype)  # additive: 0 on context, -inf elsewhere
             mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
             self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
 
@@ -137,7 +137,7 @@ class PagedKVCache:
 
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""
-        self.plan = _StepPlan(entries, self.block_size)
+        self.plan = _StepPlan(entries, self.block_size, self.k.dtype)  # the mask in the pool's dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
