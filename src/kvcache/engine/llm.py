@@ -73,7 +73,8 @@ class LLM:
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache.for_model(self.model, self.num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
-        self.tokenizer = self.model.tokenizer
+        self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
+        self.eos_ids = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
         self._next_request = 0
         self.requests: dict[int, Request] = {}
         self._finished: list[Request] = []  # finished outside a step's own batch, reported by the next step
@@ -106,6 +107,9 @@ class LLM:
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}: "
                              "its completions could never run together")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {list(params.stop)} need a tokenizer, and this model has none: "
+                             "use stop_token_ids")
         vocab = self.config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids {list(params.stop_token_ids)} outside the vocabulary [0, {vocab})")
@@ -249,7 +253,7 @@ class LLM:
         anything changes, so an error in it leaves the sequence as it was."""
         params = seq.request.params
         reason, state, on_string = None, seq.stop_state, False
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.tokenizer.eos_token_ids):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
             reason = "stop"
         elif params.stop:
             window = seq.tokens[len(seq.tokens) - seq.num_output + state.prefix:] + [token]
@@ -354,6 +358,8 @@ class LLM:
         return RequestOutput(r.request_id, r.prompt_ids, outs, r.metrics, r.error)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
+        if self.tokenizer is None:  # text is a feature of a tokenizer; the token ids are the output
+            return CompletionOutput(seq.index, seq.output_ids, None, seq.finish_reason)
         text = self.tokenizer.decode(seq.output_ids)
         if seq.stopped_on_string:
             text = truncate(text, seq.request.params.stop)  # token ids stay as generated

@@ -104,7 +104,7 @@ class Sequence:
 class CompletionOutput:
     index: int
     token_ids: list[int]
-    text: str
+    text: str | None  # None when the model has no tokenizer
     finish_reason: str | None
 
 
@@ -151,7 +151,7 @@ class RequestOutput:
         return self.outputs[0].token_ids if self.outputs else []
 
     @property
-    def text(self) -> str:
+    def text(self) -> str | None:
         return self.outputs[0].text if self.outputs else ""
 
     @property
