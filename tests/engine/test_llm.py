@@ -563,3 +563,35 @@ def test_shared_prefix_decodes_through_cascade_attention(model, threads, monkeyp
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == ref(model, prompt, 12)
     assert_no_leak(llm)
+
+
+# --------------------------------------------------------------------------- every accepted value works
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63), -1])
+def test_seeds_at_the_ends_of_their_range(model, seed):
+    """n > 1 completions derive seed + index in torch's seed space (mod 2**64): every accepted seed works,
+    and completion 0 is what generate draws with the same seed."""
+    import numpy as np
+
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=np.int64(seed) if seed == -1 else seed, n=3,
+                            ignore_eos=True)
+    out = LLM(model, num_blocks=64, block_size=BS).generate([BASE[:6]], params)[0]
+    assert [len(o.token_ids) for o in out.outputs] == [4, 4, 4]
+    assert out.outputs[0].token_ids == ref(model, BASE[:6], 4, temperature=1.0, seed=seed)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-7])
+def test_tiny_temperatures_sample_the_argmax(model, temperature):
+    want = ref(model, BASE[:6], 5)
+    assert generate(model, BASE[:6], 5, stop_token_ids=[], temperature=temperature, seed=1) == want
+    params = SamplingParams(max_new_tokens=5, temperature=temperature, seed=1, ignore_eos=True)
+    assert LLM(model, num_blocks=64, block_size=BS).generate([BASE[:6]], params)[0].token_ids == want
+
+
+def test_numpy_numbers_are_stored_as_python_numbers():
+    import numpy as np
+
+    params = SamplingParams(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
+                            top_p=np.float64(0.9), n=np.int16(2), seed=np.uint64(7))
+    for name in ("max_new_tokens", "top_k", "n", "seed"):
+        assert type(getattr(params, name)) is int
+    assert type(params.temperature) is float and type(params.top_p) is float

@@ -24,6 +24,7 @@ from ..caches.paged import BatchEntry, PagedKVCache
 from ..checks import check_int
 from ..generation.generate import check_prompt
 from ..generation.sampling import sample
+from ..generation.validation import derived_seed
 from ..model.loader import load_model
 from ..model.transformer import Transformer
 from ..runtime import tune_malloc
@@ -219,7 +220,7 @@ class LLM:
                 seq.generator.set_state(state)
         for seq in reversed(list(self.scheduler.running)):  # reversed: they keep their order at the front
             if seq.num_output == 0 and seq.generator is not None:  # a child forked in this step
-                seq.generator.manual_seed(seq.request.params.seed + seq.index)
+                seq.generator.manual_seed(derived_seed(seq.request.params.seed, seq.index))
             self.scheduler.preempt(seq)
         now = time.perf_counter()
         for request in {seq.request.request_id: seq.request for seq, _ in batch}.values():

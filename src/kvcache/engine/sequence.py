@@ -11,7 +11,7 @@ import torch
 
 from ..checks import check_int, is_int
 from ..generation.sampling import SamplingConfig
-from ..generation.validation import check_seed
+from ..generation.validation import check_seed, derived_seed
 from .stops import StopState
 
 
@@ -32,7 +32,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "n"):
             object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=1))
-        self.sampling  # SamplingConfig checks temperature, top_k and top_p
+        config = self.sampling  # SamplingConfig checks temperature, top_k and top_p; keep its plain numbers
+        for name in ("temperature", "top_k", "top_p"):
+            object.__setattr__(self, name, getattr(config, name))
         object.__setattr__(self, "seed", check_seed(self.seed))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
@@ -89,7 +91,7 @@ class Sequence:
         self.stop_state = StopState()  # incremental stop-string check (engine/stops.py)
         self.stopped_on_string = False
         seed = request.params.seed
-        self.generator = torch.Generator().manual_seed(seed + index) if seed is not None else None
+        self.generator = torch.Generator().manual_seed(derived_seed(seed, index)) if seed is not None else None
 
     @property
     def output_ids(self) -> list[int]:

@@ -57,6 +57,10 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
     """Next token ids (batch,) from logits (batch, vocab)."""
     if config.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    # float64, and the maximum subtracted before dividing: any positive float temperature is a normal number
+    # there (float32 would flush 1e-45 to 0 under flush-denormal), and the rest goes to -inf, never inf - inf
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
+    logits = filter_logits(logits, config.top_k, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -71,3 +71,9 @@ def check_seed(seed: Any) -> int | None:
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
     return seed
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of completion ``index`` of a request seeded ``seed``: ``seed + index`` in torch's seed space
+    (integers mod 2**64, where torch puts negative seeds too), so every accepted seed has valid children."""
+    return (seed + index) % 2**64
