@@ -595,3 +595,26 @@ def test_numpy_numbers_are_stored_as_python_numbers():
     for name in ("max_new_tokens", "top_k", "n", "seed"):
         assert type(getattr(params, name)) is int
     assert type(params.temperature) is float and type(params.top_p) is float
+
+
+# --------------------------------------------------------------------------- misuse gets a message
+def test_unknown_and_ended_request_ids_are_named(model):
+    from kvcache.engine.llm import UnknownRequestError
+
+    llm = LLM(model, num_blocks=64, block_size=BS)
+    for call, words in [(lambda: llm.abort_request(12345), "cannot abort request 12345: this engine has no such"),
+                        (lambda: llm.output("x"), "cannot collect the output of request 'x'")]:
+        with pytest.raises(UnknownRequestError, match=words):
+            call()
+    aborted = llm.add_request(BASE[:5], greedy(3))
+    llm.abort_request(aborted)
+    with pytest.raises(UnknownRequestError, match=f"request {aborted}: it was already aborted"):
+        llm.abort_request(aborted)
+    done = llm.add_request(BASE[:5], greedy(2))
+    while llm.has_unfinished():
+        llm.step()
+    llm.output(done)
+    with pytest.raises(LookupError, match=f"request {done}: it was already collected"):
+        llm.output(done)
+    with pytest.raises(ValueError, match="held now: none"):  # also a ValueError: a bad argument
+        llm.abort_request(999)

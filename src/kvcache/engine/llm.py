@@ -47,6 +47,13 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+class UnknownRequestError(LookupError, ValueError):
+    """A request id the engine does not hold (never added, aborted, or its output already collected)."""
+
+    def __str__(self) -> str:  # not KeyError's quoted repr
+        return str(self.args[0])
+
+
 class LLM:
     def __init__(
         self,
@@ -79,6 +86,7 @@ class LLM:
         self._next_request = 0
         self.requests: dict[int, Request] = {}
         self._finished: list[Request] = []  # finished outside a step's own batch, reported by the next step
+        self._ended: dict[int, str] = {}  # recent request ids no longer held -> how they ended, for errors
 
     # --- capacity ------------------------------------------------------------
     @property
@@ -143,10 +151,26 @@ class LLM:
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request wherever it is (queued, running or finished) and free its blocks."""
-        request = self.requests.pop(request_id)
+        request = self._request(request_id, "abort")
+        del self.requests[request_id]
+        self._end(request_id, "aborted")
         for seq in request.sequences:
             self.scheduler.abort(seq)
         self._finished = [r for r in self._finished if r is not request]
+
+    def _request(self, request_id, action: str) -> Request:
+        if request_id in self.requests:
+            return self.requests[request_id]
+        if request_id in self._ended:
+            raise UnknownRequestError(f"cannot {action} request {request_id}: it was already {self._ended[request_id]}")
+        held = sorted(self.requests)[:8]
+        raise UnknownRequestError(f"cannot {action} request {request_id!r}: this engine has no such request "
+                                  f"(held now: {held if held else 'none'}{', ...' if len(self.requests) > 8 else ''})")
+
+    def _end(self, request_id: int, how: str) -> None:
+        self._ended[request_id] = how
+        if len(self._ended) > 10_000:  # remember recent ids only
+            del self._ended[next(iter(self._ended))]
 
     def has_unfinished(self) -> bool:
         """Work left, or finished requests that ``step`` has not reported yet."""
@@ -351,10 +375,11 @@ class LLM:
 
     def output(self, request_id: int) -> RequestOutput:
         """A finished request's result; removes it from ``requests``."""
-        r = self.requests[request_id]
+        r = self._request(request_id, "collect the output of")
         if not r.finished:
             raise ValueError(f"request {request_id} is not finished: step until it is, or abort_request it")
         del self.requests[request_id]
+        self._end(request_id, "collected (its output was returned)")
         outs = [self._completion(s) for s in sorted(r.sequences, key=lambda s: s.index)] if r.error is None else []
         return RequestOutput(r.request_id, r.prompt_ids, outs, r.metrics, r.error)
 
