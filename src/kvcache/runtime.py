@@ -42,3 +42,32 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _applied
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the kernel's MemAvailable, capped by a cgroup memory limit.
+    None where neither can be read (not Linux)."""
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, ``nbytes`` the machine cannot give (a ValueError naming both numbers),
+    instead of faulting pages in until the out-of-memory killer ends the process."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is "
+                         "available: ask for less")

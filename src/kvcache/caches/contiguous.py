@@ -17,6 +17,7 @@ the cache exactly as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from ..checks import check_int, is_int
 from ..model.attention import attention
+from ..runtime import check_fits
 from .base import Cache, Option
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,6 +117,8 @@ class ContiguousKVCache(Cache):
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        check_fits(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                   f"a KV cache of {capacity:,} positions x batch {batch}")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * num_layers  # per layer: a forward pass fills layers in order
@@ -207,6 +211,7 @@ class ContiguousKVCache(Cache):
 
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)
+        check_fits(self.nbytes // self.capacity * new_cap, f"growing the KV cache to {new_cap:,} positions")
         grown = []
         for old in (self.k, self.v):  # allocate both before replacing either
             new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))

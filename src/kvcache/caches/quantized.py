@@ -33,6 +33,7 @@ import torch
 
 from ..checks import check_int
 from ..model.attention import merge_partials, softmax_partial
+from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
 from .contiguous import CacheIndexError, batch_index_tensor, check_kv
@@ -98,6 +99,8 @@ class QuantizedKVCache(Cache):
         self.spec = (f"int{bits}:group={group},residual={residual},sinks={sinks},keys={keys},"
                      f"symmetric={int(symmetric)},rotate={int(rotate)}")
         self._shape = (num_layers, num_kv_heads, head_dim)
+        per_token = 2 * num_layers * batch * num_kv_heads * head_dim * (bits / 8 + 4 / group)
+        check_fits(int(per_token * capacity), f"a quantized KV cache of {capacity:,} positions x batch {batch}")
         self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + group), head_dim,
                                 dtype=dtype)
         self.fp_v = torch.zeros_like(self.fp_k)

@@ -27,14 +27,14 @@ from ..generation.sampling import sample
 from ..generation.validation import derived_seed
 from ..model.loader import load_model
 from ..model.transformer import Transformer
-from ..runtime import tune_malloc
+from ..runtime import check_fits, tune_malloc
 from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
 from .stops import check_stops, truncate
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -77,6 +77,8 @@ class LLM:
         self.num_blocks = num_blocks if num_blocks is not None else parse_bytes(kv_memory) // per_block
         if self.num_blocks < 1:
             raise ValueError(f"kv_memory {kv_memory!r} holds no block of {per_block} bytes")
+        check_fits(self.num_blocks * per_block, f"a KV pool of {self.num_blocks:,} blocks ({kv_memory!r})"
+                   if num_blocks is None else f"a KV pool of {self.num_blocks:,} blocks")
         self.block_size = block_size
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache.for_model(self.model, self.num_blocks, block_size)
