@@ -12,7 +12,9 @@ has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,36 @@ class ModelConfig:
         for name in ("attention_out_bias", "mlp_bias"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, self.arch == "gpt2")
+        self._validate()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+
+    def _validate(self) -> None:
+        """Type- and range-check every field (ConfigValueError names it), so nonsense never loads silently."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _POSITIVE_INTS:
+                if not _is_int(value) or value < 1:
+                    raise ConfigValueError(f.name, value, "must be an integer >= 1")
+            elif f.name in ("norm_eps", "rope_theta"):
+                if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                    raise ConfigValueError(f.name, value, "must be a finite number")
+                if (f.name == "norm_eps" and value < 0) or (f.name == "rope_theta" and value <= 0):
+                    raise ConfigValueError(f.name, value, "must be >= 0" if f.name == "norm_eps" else "must be > 0")
+            elif f.name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias"):
+                if not isinstance(value, bool):
+                    raise ConfigValueError(f.name, value, "must be true or false")
+            elif f.name == "sliding_window" and value is not None and (not _is_int(value) or value < 1):
+                raise ConfigValueError(f.name, value, "must be null or an integer >= 1")
+            elif f.name in ("bos_token_id", "eos_token_id") and value is not None:
+                ids = value if isinstance(value, list) else [value]
+                if not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                    raise ConfigValueError(f.name, value, f"must be null, a token id or a list of token ids in "
+                                                          f"[0, vocab_size={self.vocab_size})")
+        if self.arch not in ("gpt2", "llama"):
+            raise ConfigValueError("arch", self.arch, "must be 'gpt2' or 'llama'")
 
     @property
     def group_size(self) -> int:
@@ -64,7 +92,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Translate a Hugging Face config dict; unsupported architectures are refused by name."""
+        """Translate a Hugging Face config dict; unsupported architectures are refused by name, and a bad value
+        is named by its config.json key."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = cfg.get("architectures")
@@ -78,10 +109,15 @@ class ModelConfig:
             return cls._from_llama(cfg, model_type)
         except KeyError as exc:
             raise ValueError(f"config.json for {model_type} is missing the key {exc.args[0]!r}") from None
+        except ConfigValueError as exc:
+            key = HF_KEYS["gpt2" if model_type == "gpt2" else "llama"].get(exc.field, exc.field)
+            raise ConfigValueError(exc.field, exc.value, exc.reason, key) from None
+        except TypeError as exc:  # arithmetic on a wrongly typed field while translating
+            raise ValueError(f"config.json for {model_type} has a wrongly typed value: {exc}") from None
 
     @classmethod
     def _from_gpt2(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        hidden, heads = cfg["n_embd"], cfg["n_head"]
+        hidden, heads = _dims(cfg, "n_embd", "n_head", cfg.get("head_dim"))
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation_function {act!r} (supported: gelu_new)")
@@ -94,7 +130,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            intermediate_size=cfg.get("n_inner") or 4 * hidden,
+            intermediate_size=4 * hidden if cfg.get("n_inner") is None else cfg["n_inner"],
             max_positions=cfg["n_positions"],
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
@@ -107,7 +143,7 @@ class ModelConfig:
 
     @classmethod
     def _from_llama(cls, cfg: dict[str, Any], model_type: str) -> "ModelConfig":
-        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        hidden, heads = _dims(cfg, "hidden_size", "num_attention_heads", cfg.get("head_dim"))
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (supported: silu)")
@@ -129,12 +165,12 @@ class ModelConfig:
             hidden_size=hidden,
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
+            num_kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
+            head_dim=hidden // heads if cfg.get("head_dim") is None else cfg["head_dim"],
             intermediate_size=cfg["intermediate_size"],
             max_positions=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rope_theta=theta,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=qkv_bias,
             attention_out_bias=out_bias,
@@ -151,4 +187,49 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        try:
+            return cls.from_hf(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "intermediate_size", "max_positions")
+# our field -> the config.json key it is read from, per family (for error messages)
+HF_KEYS = {
+    "gpt2": {"vocab_size": "vocab_size", "hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+             "num_kv_heads": "n_head", "head_dim": "n_embd / n_head", "intermediate_size": "n_inner",
+             "max_positions": "n_positions", "norm_eps": "layer_norm_epsilon"},
+    "llama": {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "max_positions": "max_position_embeddings",
+              "norm_eps": "rms_norm_eps"},
+}
+
+
+def _dims(cfg: dict[str, Any], hidden_key: str, heads_key: str, head_dim: Any) -> tuple[int, int]:
+    """The hidden size and head count, checked before anything divides by them."""
+    hidden, heads = cfg[hidden_key], cfg[heads_key]
+    for key, value in ((hidden_key, hidden), (heads_key, heads)):
+        if not _is_int(value) or value < 1:
+            raise ConfigValueError(key, value, "must be an integer >= 1", key)
+    if head_dim is None and hidden % heads:
+        raise ConfigValueError(hidden_key, hidden, f"must be a multiple of {heads_key} = {heads} (no head_dim given)",
+                               hidden_key)
+    return hidden, heads
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+class ConfigValueError(ValueError):
+    """A config value of the wrong type or out of range, named by field (and config.json key) and value."""
+
+    def __init__(self, field: str, value: Any, reason: str, key: str | None = None):
+        self.field, self.value, self.reason = field, value, reason
+        name = f"{key!r}" if key and key == field else f"{key!r} ({field})" if key else f"{field!r}"
+        super().__init__(f"{name} = {value!r} {reason}")

@@ -186,7 +186,10 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
         from .gguf import read_gguf
 
         ckpt = read_gguf(source)
-        config = ModelConfig.from_hf(ckpt.config)
+        try:
+            config = ModelConfig.from_hf(ckpt.config)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
         tokenizer = Tokenizer.from_backend(ckpt.tokenizer, config.eos_token_ids, ckpt.tokenizer_config)
         model = _build(config, dtype, ckpt.tensors)
     else:
