@@ -66,7 +66,10 @@ def _generate(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
     elif ids is None:
-        ids = model.tokenizer.encode(args.prompt)
+        try:
+            ids = model.tokenizer.encode(args.prompt)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"the prompt: {exc}") from exc
     decoder = StreamDecoder(model.tokenizer)
     try:  # stream() validates the request before the first token
         tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
@@ -333,6 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a command that closed early (head): quiet, as cat is
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise on the closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

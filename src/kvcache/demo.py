@@ -64,10 +64,10 @@ def run_generation(model, ids, n, use_cache, echo, stop_at_eos=False, kv_cache=N
     stops = None if stop_at_eos else []
     for token in stream(model, ids, n, use_cache=use_cache, stop_token_ids=stops, cache=cache):
         out.append(token)
-        if echo and token not in model.tokenizer.eos_token_ids:
-            print(decoder.push(token), end="", flush=True)
-        else:
+        if not echo:
             bar.update(1)
+        elif token not in model.tokenizer.eos_token_ids:  # a chat reply's end-of-turn token is not text
+            print(decoder.push(token), end="", flush=True)
     elapsed = time.perf_counter() - start
     if echo:
         print(decoder.flush())

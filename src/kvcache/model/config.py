@@ -187,10 +187,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json_object(path)
         try:
             return cls.from_hf(data)
         except ValueError as exc:
@@ -208,6 +205,17 @@ HF_KEYS = {
               "num_kv_heads": "num_key_value_heads", "max_positions": "max_position_embeddings",
               "norm_eps": "rms_norm_eps"},
 }
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, tokenizer_config.json, ...); ValueError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _dims(cfg: dict[str, Any], hidden_key: str, heads_key: str, head_dim: Any) -> tuple[int, int]:

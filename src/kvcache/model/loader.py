@@ -12,14 +12,13 @@ instead of silently running a different model.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json_object
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
@@ -163,9 +162,12 @@ def _eos_ids(folder: Path, config: ModelConfig) -> list[int]:
     gen = folder / "generation_config.json"
     ids = config.eos_token_ids
     if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = read_json_object(gen).get("eos_token_id")
         if eos is not None:
             ids = list(eos) if isinstance(eos, list) else [eos]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids):
+                raise ValueError(f"{gen}: eos_token_id = {eos!r} must be a token id or a list of token ids in "
+                                 f"[0, vocab_size={config.vocab_size})")
     return ids
 
 

@@ -8,9 +8,10 @@ also carries the checkpoint's chat template and special-token strings
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from .config import read_json_object
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -32,7 +33,11 @@ class Tokenizer:
         """``tokenizer.json`` at ``path``; ``config`` is the folder's ``tokenizer_config.json`` if any."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls.from_backend(HFTokenizer.from_file(str(path)), eos_token_ids, config)
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path}: not a readable tokenizer ({exc})") from None
+        return cls.from_backend(backend, eos_token_ids, config)
 
     @classmethod
     def from_backend(cls, backend, eos_token_ids: list[int] | None = None,
@@ -46,7 +51,7 @@ class Tokenizer:
     def from_folder(cls, folder: Path, eos_token_ids: list[int] | None = None) -> "Tokenizer":
         """The folder's tokenizer.json (+ tokenizer_config.json), or the byte fallback without one."""
         config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config = read_json_object(config_file) if config_file.exists() else {}
         tok_file = folder / "tokenizer.json"
         if not tok_file.exists():
             return cls.bytes(eos_token_ids)
@@ -75,6 +80,13 @@ class Tokenizer:
         return self.backend is None
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: bytes that were not UTF-8 (e.g. a raw argv)
+            raise ValueError(f"the text is not valid UTF-8 (at character {exc.start}: {text[exc.start:exc.end]!r})"
+                             ) from None
         if self.backend is None:
             return list(text.encode("utf-8"))
         return self.backend.encode(text, add_special_tokens=False).ids
