@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import attention, merge_partials, softmax_partial
+from ..model.attention import attention, finite_attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
 
 
@@ -48,12 +48,14 @@ class _StepPlan:
         offsets = torch.arange(block_size)
         self.write_slots: list[torch.Tensor] = []
         self.prefills: list[tuple[int, int, torch.Tensor | None]] = []  # (q_start, q_end, context slots | None)
+        self.contexts: list[tuple[int, int, torch.Tensor]] = []  # every entry's (q_start, q_end, context slots)
         decode_rows, decode_tables, decode_lens = [], [], []
         start = 0
         for e in entries:
             table = torch.as_tensor(list(e.block_table), dtype=torch.long)
             slots = (table[:, None] * block_size + offsets).flatten()[: e.context_len]
             self.write_slots.append(slots[e.context_len - e.query_len:])
+            self.contexts.append((start, start + e.query_len, slots))
             if e.query_len == 1:
                 decode_rows.append(start)
                 decode_tables.append(list(e.block_table)[: -(-e.context_len // block_size)])
@@ -161,6 +163,10 @@ class PagedKVCache:
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
         if len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
+        if not torch.isfinite(out).all():  # a fast kernel overflowed on huge inputs: recompute those exactly
+            for q_start, q_end, slots in plan.contexts:
+                keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]
+                out[:, :, q_start:q_end] = finite_attention(q[:, :, q_start:q_end], keys, values)
         return out
 
     @staticmethod

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_int
-from ..model.attention import merge_partials, softmax_partial
+from ..model.attention import finite_attention, merge_partials, softmax_partial
 from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
@@ -168,9 +168,18 @@ class QuantizedKVCache(Cache):
         if window is not None and start + n > window:
             raise ValueError(f"sequence of {start + n} tokens exceeds the sliding window ({window}); the quantized "
                              "cache does not evict by window")
+        original_q = q
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
+        _check_range(k, v)
         qc, fp_end = self._store_new(layer, start, k, v)
+        out = self._attend_stored(layer, q, start, n, qc, fp_end)
+        if torch.isfinite(out).all():
+            return out
+        keys, values = self.materialize(layer)  # huge inputs overflowed a fast path: the stored forms, exactly
+        return finite_attention(original_q, keys, values)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, start: int, n: int, qc: int, fp_end: int) -> torch.Tensor:
         batch, heads, _, dim = q.shape
         kv_heads = self.num_kv_heads
         qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
@@ -201,7 +210,9 @@ class QuantizedKVCache(Cache):
         layer = self._layer(layer)
         check_kv(self, layer, k, v)
         start = self.lengths[layer]
-        self._store_new(layer, start, k if self.rotation is None else k @ self.rotation, v)
+        k = k if self.rotation is None else k @ self.rotation
+        _check_range(k, v)
+        self._store_new(layer, start, k, v)
         self.lengths[layer] = start + k.shape[2]
 
     def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,3 +375,13 @@ class QuantizedKVCache(Cache):
     def reset(self) -> None:
         self.lengths = [0] * self.num_layers
         self.qcounts = [0] * self.num_layers
+
+
+HALF_MAX = 65504.0
+
+
+def _check_range(k: torch.Tensor, v: torch.Tensor) -> None:
+    """Codes are scaled by float16 numbers: refuse, before storing, values beyond float16's range."""
+    if max(k.abs().max().item(), v.abs().max().item()) > HALF_MAX:
+        raise ValueError(f"keys/values beyond float16 range (|x| > {HALF_MAX:g}, after rotation) cannot be stored by "
+                         "the quantized cache, whose scales are float16; use a full-precision cache")

@@ -39,6 +39,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..model.attention import finite_attention
+
 __all__ = ["KVCache", "RestackingKVCache", "dense_causal_attention"]
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -293,15 +295,19 @@ class KVCache:
             K, V = _to_torch(K, q_row.device), _to_torch(V, q_row.device)
             dt = torch.promote_types(_storage_dtype(q_row), K.dtype)
             q_row, K, V = q_row.to(dt), K.to(dt), V.to(dt)
-            s = (K @ q_row) * scale
+            s = K @ (q_row * scale)
             w = torch.exp(s - s.max())
+            out = ((w / w.sum()) @ V).reshape(1, -1)
+            return out if torch.isfinite(out).all() else _finite(q_row, K, V)
         else:
             K, V = _to_numpy(K), _to_numpy(V)
             dt = np.promote_types(_storage_dtype(q_row), K.dtype)
             q_row, K, V = q_row.astype(dt, copy=False), K.astype(dt, copy=False), V.astype(dt, copy=False)
-            s = (K @ q_row) * dt.type(scale)
-            w = np.exp(s - s.max())
-        return ((w / w.sum()) @ V).reshape(1, -1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                s = K @ (q_row * dt.type(scale))
+                w = np.exp(s - s.max())
+                out = ((w / w.sum()) @ V).reshape(1, -1)
+            return out if np.isfinite(out).all() else _finite(q_row, K, V)
 
 
 class RestackingKVCache:
@@ -348,8 +354,23 @@ def dense_causal_attention(Q: Any, K: Any, V: Any) -> np.ndarray:
         raise ValueError(f"incompatible shapes Q{Q.shape} K{K.shape} V{V.shape}")
     dt = np.result_type(Q.dtype, K.dtype, V.dtype, np.float32)
     Q, K, V = (x.astype(dt, copy=False) for x in (Q, K, V))
-    s = (Q @ K.T) * dt.type(1.0 / math.sqrt(d))
     future = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)
-    s[future] = -np.inf
-    w = np.exp(s - s.max(axis=1, keepdims=True))
-    return (w / w.sum(axis=1, keepdims=True)) @ V
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = (Q * dt.type(1.0 / math.sqrt(d))) @ K.T
+        s[future] = -np.inf
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        out = (w / w.sum(axis=1, keepdims=True)) @ V
+    if np.isfinite(out).all():
+        return out
+    mask = torch.from_numpy(~future)
+    return finite_attention(*(torch.from_numpy(np.ascontiguousarray(x))[None, None] for x in (Q, K, V)),
+                            mask)[0, 0].numpy()
+
+
+def _finite(q_row, K, V):
+    """One query row over a whole cache, through the overflow-proof path (returned in q's kind)."""
+    as_torch = isinstance(q_row, torch.Tensor)
+    q, k, v = (x if as_torch else torch.from_numpy(np.ascontiguousarray(x)) for x in (q_row, K, V))
+    out = finite_attention(q.reshape(1, 1, 1, -1), k[None, None], v[None, None],
+                           torch.ones(1, k.shape[0], dtype=torch.bool)).reshape(1, -1)
+    return out if as_torch else out.numpy()

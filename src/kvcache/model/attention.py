@@ -87,8 +87,53 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
 
 
+def finite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Attention that is finite for every finite input, whatever its dtype: the fallback of every path.
+
+    In float64, queries and keys are divided by their largest magnitudes, so no dot product can overflow; the
+    true scale (those maxima times 1/sqrt(d)) multiplies the scores only after their maximum is subtracted,
+    so a huge scale sends the others to -inf, never inf - inf; values are rescaled the same way.  The exact
+    result is a convex combination of the values, so clamping to the dtype's range only removes rounding.
+    ``mask``: bool, broadcastable to (..., seq_q, seq_k), True where a query may attend; None: causal.
+    """
+    dtype, dim = q.dtype, q.shape[-1]
+    qd, kd, vd = q.double(), k.double(), v.double()
+    if qd.shape[-3] != kd.shape[-3]:  # grouped-query attention
+        group = qd.shape[-3] // kd.shape[-3]
+        kd, vd = kd.repeat_interleave(group, -3), vd.repeat_interleave(group, -3)
+    if mask is None:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    tiny = torch.finfo(torch.float64).tiny
+    a = qd.abs().amax(-1, keepdim=True).clamp_min(tiny)
+    b = kd.abs().amax((-1, -2), keepdim=True).clamp_min(tiny)
+    scores = torch.matmul(qd / a, (kd / b).transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    centred = scores - scores.amax(-1, keepdim=True)
+    scale = (a * b / math.sqrt(dim)).clamp(tiny, torch.finfo(torch.float64).max)
+    weights = torch.softmax((centred * scale).masked_fill(~mask, float("-inf")), dim=-1)
+    c = vd.abs().amax((-1, -2), keepdim=True).clamp_min(tiny)
+    out = torch.matmul(weights, vd / c) * c
+    limit = torch.finfo(dtype).max
+    return out.clamp(-limit, limit).to(dtype)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               window: int | None = None) -> torch.Tensor:
+    """Causal attention of q over k/v (see ``_attention``); finite for every finite input.
+
+    Large but finite inputs can overflow a fast kernel's dot products (then inf - inf gives NaN): such a
+    result, checked on the small output, is recomputed by :func:`finite_attention`.
+    """
+    out = _attention(q, k, v, mask, window)
+    if torch.isfinite(out).all():
+        return out
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device, window)
+    return finite_attention(q, k, v, mask)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               window: int | None = None) -> torch.Tensor:
     """Causal attention of q over k/v; the causal offset is seq_k - seq_q.
 
     ``mask`` (bool, broadcastable to (batch, heads, seq_q, seq_k)) replaces the
