@@ -58,3 +58,47 @@ def test_load_model_packs_unless_asked_not_to(llama_dir):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         torch.testing.assert_close(packed(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def _no_grad_mul(w):
+    with torch.no_grad():
+        w.mul_(3.0)
+
+
+EDITS = {
+    "data.mul_": lambda w: w.data.mul_(-2.0),
+    "data.copy_": lambda w: w.data.copy_(torch.randn(w.shape)),
+    "data[...] =": lambda w: w.data.__setitem__((slice(0, 3),), 0.25),
+    "data = new": lambda w: setattr(w, "data", torch.randn(w.shape)),
+    "numpy() in place": lambda w: w.numpy().__imul__(0.5),
+    "detach().add_": lambda w: w.detach().add_(1.0),
+    "no_grad mul_": _no_grad_mul,
+    "untracked alias taken before": None,  # below: the alias is taken first, written after a forward
+}
+
+
+@pytest.mark.parametrize("idiom", EDITS)
+def test_every_in_place_idiom_is_seen(linear, idiom):
+    """The idioms of quantization and weight-surgery code: the next forward uses the edited weight."""
+    if idiom == "untracked alias taken before":
+        alias = linear.weight.data
+        check(linear, 4)
+        alias.mul_(7.0)
+    else:
+        EDITS[idiom](linear.weight)
+    check(linear, 4)
+    check(linear, 16)
+
+
+def test_a_handed_out_weight_is_read_directly_and_a_fresh_model_packs_again(llama_dir):
+    from kvcache.model.loader import load_model
+
+    model = load_model(llama_dir)
+    head = model.layers[0].attn.qkv
+    assert head.packed is not None and not head.weight.aliased
+    head.weight.data  # an alias handed out: this weight is never served from a copy again
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    assert head.packed is None and model.layers[1].attn.qkv.packed is not None
+    model.pack_weights()
+    assert head.packed is None

@@ -235,7 +235,6 @@ def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Ten
         from .rope import rope_tables
 
         model.rope_cos, model.rope_sin = rope_tables(config)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
+    model.watch_weights()  # to_empty/to made plain Parameters: watch them (and re-tie the head)
     load_state(model, tensors)
     return model

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import ModelConfig
-from .linear import Linear
+from .linear import Linear, watched
 from .rope import apply_rope, rope_tables
 
 
@@ -107,13 +107,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:  # the head reads the embedding table: watch it as the head's own weight
+            self.embed.weight = watched(self.embed.weight)
             self.lm_head.weight = self.embed.weight
         if config.arch == "llama":
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.tokenizer = None  # set by load_model
+
+    def watch_weights(self) -> None:
+        """Re-wrap every linear weight as a fresh WatchedParameter (after ``to_empty``/``to``, which make plain
+        Parameters or mark them aliased).  Only for a model nobody else holds weight references to yet."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight is not self.embed.weight:
+                module.weight = watched(module.weight, fresh=True)
+        if self.config.tie_word_embeddings:
+            self.embed.weight = watched(self.embed.weight, fresh=True)
+            self.lm_head.weight = self.embed.weight
 
     def pack_weights(self) -> None:
         """Blocked oneDNN copies of every linear weight: faster decode, twice the weight memory (Linear)."""
