@@ -68,6 +68,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
+from .checks import is_int
+
 __all__ = [
     "ALIASES",
     "DTYPE_BYTES",
@@ -109,13 +111,9 @@ class ModelShape:
     def __post_init__(self) -> None:
         for attr in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
             value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"ModelShape {self.name!r}: {attr} must be a positive int, got {value!r}")
-        if self.max_positions is not None and (
-            isinstance(self.max_positions, bool)
-            or not isinstance(self.max_positions, int)
-            or self.max_positions <= 0
-        ):
+        if self.max_positions is not None and (not is_int(self.max_positions) or self.max_positions <= 0):
             raise ValueError(
                 f"ModelShape {self.name!r}: max_positions must be a positive int or None, "
                 f"got {self.max_positions!r}"
@@ -339,9 +337,9 @@ def dtype_bytes(name: str) -> float:
 
 
 def _check_count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _bytes_for(elements: int, per_element: float) -> int:
@@ -461,7 +459,7 @@ def memory_report(
 def _quantized_report(shape, tokens, batch, dtype, group_size, residual, sinks, full_dtype, elements):
     per = quantized_bytes_per_element(dtype, group_size)
     for value, what in ((residual, "residual"), (sinks, "sinks")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
     full = Fraction(dtype_bytes(full_dtype))
     kept_full = tokens - max(0, tokens - sinks - residual) // group_size * group_size  # as caches/quantized.py

@@ -618,3 +618,22 @@ def test_unknown_and_ended_request_ids_are_named(model):
         llm.output(done)
     with pytest.raises(ValueError, match="held now: none"):  # also a ValueError: a bad argument
         llm.abort_request(999)
+
+
+def test_numpy_integers_are_accepted_wherever_python_integers_are(model):
+    import numpy as np
+
+    from kvcache.generation.beam import beam_search
+    from kvcache.memory import kv_cache_bytes
+
+    prompt = np.array(BASE[:6])
+    llm = LLM(model, num_blocks=np.int64(64), block_size=np.int64(BS), max_num_seqs=np.int32(8))
+    out = llm.generate([list(np.array(BASE[:6]))], SamplingParams(max_new_tokens=np.int64(3), ignore_eos=True,
+                                                                    stop_token_ids=np.array([0])))[0]
+    assert out.token_ids == ref(model, BASE[:6], 3)
+    assert llm.generate(list(prompt), greedy(2))[0].token_ids == ref(model, BASE[:6], 2)  # one prompt of np ints
+    hyps = beam_search(model, prompt, np.int64(2), np.int64(3), stop_token_ids=[])
+    assert [h.token_ids for h in hyps] == [h.token_ids for h in beam_search(model, BASE[:6], 2, 3,
+                                                                               stop_token_ids=[])]
+    assert kv_cache_bytes("gpt2", tokens=np.int64(10), batch=np.int64(2)) == kv_cache_bytes("gpt2", 10, 2)
+    assert parse_bytes(np.int64(1024)) == 1024

@@ -39,6 +39,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..checks import is_int
 from ..model.attention import finite_attention
 
 __all__ = ["KVCache", "RestackingKVCache", "dense_causal_attention"]
@@ -131,9 +132,9 @@ class KVCache:
     """
 
     def __init__(self, dim: int | None = None, capacity: int = 16) -> None:
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        if dim is not None and (not is_int(dim) or dim < 1):
             raise ValueError(f"dim must be a positive int or None, got {dim!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        if not is_int(capacity) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         self._init_dim = dim
         self._init_capacity = capacity

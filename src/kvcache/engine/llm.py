@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..caches.paged import BatchEntry, PagedKVCache
-from ..checks import check_int
+from ..checks import check_int, is_int
 from ..generation.generate import check_prompt
 from ..generation.sampling import sample
 from ..generation.validation import derived_seed
@@ -39,8 +39,8 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 
 
 def parse_bytes(text: str | int) -> int:
     """'2GiB', '512MB', '1.5G' or an int -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
+    if is_int(text):
+        return int(text)
     m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"cannot parse a memory size from {text!r} (examples: '2GiB', '512MB')")
@@ -303,7 +303,7 @@ class LLM:
         All or nothing: every prompt and params is checked before any is queued, and if the
         run raises (e.g. KeyboardInterrupt) its requests are aborted, so none is left behind."""
         if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+                isinstance(prompts, list) and prompts and is_int(prompts[0])):
             prompts = [prompts]
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)

@@ -9,9 +9,9 @@ from enum import Enum
 
 import torch
 
-from ..checks import check_int, is_int
+from ..checks import check_int
 from ..generation.sampling import SamplingConfig
-from ..generation.validation import check_seed, derived_seed
+from ..generation.validation import check_seed, derived_seed, token_id_list
 from .stops import StopState
 
 
@@ -61,8 +61,7 @@ def _stop_strings(stop) -> tuple[str, ...]:
 def _stop_ids(ids) -> tuple[int, ...]:
     if ids is None:
         return ()
-    if not isinstance(ids, (list, tuple)) or not all(is_int(i) for i in ids):
-        raise TypeError(f"stop_token_ids must be a list of ints, got {ids!r}")
+    ids = token_id_list(ids, "stop_token_ids")  # a list, tuple, tensor or array of integers
     if any(i < 0 for i in ids):
         raise ValueError(f"stop_token_ids must be >= 0, got {list(ids)}")
     return tuple(int(i) for i in ids)

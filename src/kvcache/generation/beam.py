@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ..caches.base import Cache, make_cache
+from ..checks import is_int
 from .validation import check_prompt, resolve_stop_ids
 
 __all__ = ["BeamHypothesis", "BeamSearch", "beam_search", "check_beam_args", "resolve_stop_ids"]
@@ -58,7 +59,7 @@ class BeamHypothesis:
 
 
 def check_beam_args(beam_width, length_penalty) -> None:
-    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or beam_width < 1:
+    if not is_int(beam_width) or beam_width < 1:
         raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
             or length_penalty != length_penalty or abs(length_penalty) == float("inf"):
@@ -78,7 +79,7 @@ class BeamSearch:
     def __init__(self, beam_width: int, max_new_tokens: int, length_penalty: float = 1.0,
                  stop_token_ids: Sequence[int] = ()):
         check_beam_args(beam_width, length_penalty)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         self.width = beam_width
         self.max_new_tokens = max_new_tokens
