@@ -154,13 +154,13 @@ def test_crop_never_changes_a_kept_token(keys):
     cache = QuantizedKVCache(1, 2, 32, bits=4, group=16, residual=0, keys=keys)
     cache.attend(0, q, k, v)
     cache.attend(0, q[:, :, :1], k[:, :, :1], v[:, :, :1])  # flushes tokens 0..95
-    before = {name: t.clone() for name, t in cache.store.items()}
+    before = {name: t.clone() for name, t in cache.store.tensors.items()}
     cache.crop(41)
     assert (len(cache), cache.qcounts) == (41, [41])
     out = cache.attend(0, q[:, :, :1], k[:, :, 41:42], v[:, :, 41:42])  # token 41 goes to the residual
     assert torch.isfinite(out).all() and cache.qcounts == [41]
-    kept = {"kc": from_tiles(cache.store["kc"][0])[:, :, :41], "vc": cache.store["vc"][0, :, :, :41],
-            "vs": cache.store["vs"][0, :, :, :41]}
+    kept = {"kc": from_tiles(cache.store.tensors["kc"][0])[:, :, :41], "vc": cache.store.tensors["vc"][0, :, :, :41],
+            "vs": cache.store.tensors["vs"][0, :, :, :41]}
     assert torch.equal(kept["kc"], from_tiles(before["kc"][0])[:, :, :41])
     assert torch.equal(kept["vc"], before["vc"][0, :, :, :41]) and torch.equal(kept["vs"], before["vs"][0, :, :, :41])
 

@@ -40,15 +40,13 @@ from .contiguous import CacheIndexError, batch_index_tensor, check_kv
 from .quant_ops import (
     TILE,
     QuantFormat,
-    QuantizedRows,
     dequantize,
     dequantize_rows,
-    from_tiles,
     hadamard,
     quantize,
     quantized_partial,
-    to_tiles,
 )
+from .quant_store import QuantizedStore
 
 
 class QuantizedKVCache(Cache):
@@ -104,7 +102,7 @@ class QuantizedKVCache(Cache):
         self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + group), head_dim,
                                 dtype=dtype)
         self.fp_v = torch.zeros_like(self.fp_k)
-        self.store = self._new_store(self._round_up(capacity))
+        self.store = QuantizedStore(num_layers, batch, num_kv_heads, head_dim, self.key_fmt, self.value_fmt, capacity)
         self.lengths = [0] * num_layers  # positions per layer
         self.qcounts = [0] * num_layers  # quantized tokens per layer (positions sinks .. sinks + qcount)
 
@@ -127,32 +125,18 @@ class QuantizedKVCache(Cache):
     @property
     def capacity(self) -> int:
         """Tokens the quantized store holds before it grows (doubling, like the contiguous cache)."""
-        return self.store["vc"].shape[3]
+        return self.store.capacity
 
     @property
     def nbytes(self) -> int:
-        return self.fp_k.nbytes + self.fp_v.nbytes + sum(t.nbytes for t in self.store.values())
+        return self.fp_k.nbytes + self.fp_v.nbytes + self.store.nbytes
 
     @property
     def used_bytes(self) -> int:
         """Bytes holding tokens: codes and scales of quantized tokens, full-precision sinks and residual."""
         fp_token = 2 * self.batch * self.num_kv_heads * self.head_dim * self.fp_k.element_size()
-        q_token = sum(t.nbytes for t in self.store.values()) // (self.num_layers * self.capacity)
+        q_token = self.store.bytes_per_token // self.num_layers
         return sum(q * q_token + (n - q) * fp_token for n, q in zip(self.lengths, self.qcounts))
-
-    def _round_up(self, n: int) -> int:
-        unit = self.key_fmt.group if self.key_fmt.per_channel else TILE
-        return -(-max(n, 1) // unit) * unit
-
-    def _new_store(self, cap: int) -> dict[str, torch.Tensor]:
-        layers, batch, heads, dim = self.num_layers, self.batch, self.num_kv_heads, self.head_dim
-        lead, width, groups = (layers, batch, heads), self.key_fmt.code_width(dim), dim // self.value_fmt.group
-        key_scales = (cap // self.key_fmt.group, dim) if self.key_fmt.per_channel else (cap // TILE, groups, TILE)
-        half = torch.float16
-        return {"kc": torch.zeros(*lead, cap // TILE, width, TILE, dtype=torch.uint8),
-                "ks": torch.zeros(*lead, *key_scales, dtype=half), "ko": torch.zeros(*lead, *key_scales, dtype=half),
-                "vc": torch.zeros(*lead, cap, width, dtype=torch.uint8),
-                "vs": torch.zeros(*lead, cap, groups, dtype=half), "vo": torch.zeros(*lead, cap, groups, dtype=half)}
 
     def _qcount(self, length: int) -> int:
         g = self.key_fmt.group
@@ -185,9 +169,7 @@ class QuantizedKVCache(Cache):
         qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
         self.lengths[layer] = start + n
         if n == 1 and self._kernel_fits(qg):  # one call: stored codes and full-precision part together
-            s = self.store
-            out = kernels.quant_decode(qg.contiguous(), s["kc"][layer], s["ks"][layer], s["ko"][layer],
-                                       s["vc"][layer], s["vs"][layer], s["vo"][layer], qc, self.key_fmt.bits,
+            out = kernels.quant_decode(qg.contiguous(), *self.store.layer(layer), qc, self.key_fmt.bits,
                                        self.key_fmt.group, self.key_fmt.per_channel, self.fp_k[layer],
                                        self.fp_v[layer], fp_end)
             return out.view(batch, heads, 1, dim)
@@ -222,9 +204,9 @@ class QuantizedKVCache(Cache):
         own attention never calls it.
         """
         layer = self._layer(layer)
-        n, qc, s = self.lengths[layer], self.qcounts[layer], self.store
+        n, qc = self.lengths[layer], self.qcounts[layer]
         sinks = min(self.sinks, n)
-        rows = QuantizedRows(*(s[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
+        rows = self.store.rows(layer, qc)
         keys, values = [self.fp_k[layer, :, :, :sinks]], [self.fp_v[layer, :, :, :sinks]]
         if qc:
             k_q, v_q = dequantize_rows(rows, self.key_fmt, self.value_fmt, self.dtype)
@@ -236,8 +218,7 @@ class QuantizedKVCache(Cache):
         return (k if self.rotation is None else k @ self.rotation.T), v
 
     def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int):
-        rows = QuantizedRows(*(self.store[name][layer] for name in ("kc", "ks", "ko", "vc", "vs", "vo")), count=qc)
-        return quantized_partial(qg, rows, self.key_fmt, self.value_fmt)
+        return quantized_partial(qg, self.store.rows(layer, qc), self.key_fmt, self.value_fmt)
 
     def _kernel_fits(self, qg: torch.Tensor) -> bool:
         """The compiled kernel's limits: float32, 16-multiples of head_dim and group, head_dim <= 128, <= 64
@@ -292,7 +273,7 @@ class QuantizedKVCache(Cache):
         # a cropped, partly kept block: refill it against its stored scales, then fresh blocks
         head = -qc % g
         block = qc // g
-        scale, offset = self.store["ks"][layer, :, :, block], self.store["ko"][layer, :, :, block]
+        scale, offset = self.store.key_block_scales(layer, block)
         fill = torch.round((keys[:, :, :head].float() - offset.float()[:, :, None]) / scale.float()[:, :, None])
         fill = fill.clamp_(0, self.key_fmt.levels).to(torch.uint8)
         if self.key_fmt.bits == 4:
@@ -307,30 +288,11 @@ class QuantizedKVCache(Cache):
         qc = self.qcounts[layer]
         if target <= qc:
             return
-        codes = self._quantize_range(layer, qc, target)
-        if target > self.capacity:
-            self._grow_store(target)
-        s, g = self.store, self.key_fmt.group
-        for name in ("vc", "vs", "vo"):
-            s[name][layer, :, :, qc:target] = codes[name]
-        self._write_tiles("kc", layer, qc, target, codes["kc"])
-        if self.key_fmt.per_channel:
-            s["ks"][layer, :, :, qc // g:-(-target // g)] = codes["ks"]
-            s["ko"][layer, :, :, qc // g:-(-target // g)] = codes["ko"]
-        else:
-            self._write_tiles("ks", layer, qc, target, codes["ks"])
-            self._write_tiles("ko", layer, qc, target, codes["ko"])
+        self.store.write(layer, qc, target, self._quantize_range(layer, qc, target))
         first, end = self.sinks, self.lengths[layer] - qc
         for buf in (self.fp_k, self.fp_v):  # the residual moves down over the tokens just stored
             buf[layer, :, :, first:end - (target - qc)] = buf[layer, :, :, first + target - qc:end].clone()
         self.qcounts[layer] = target
-
-    def _write_tiles(self, name: str, layer: int, start: int, end: int, rows: torch.Tensor) -> None:
-        """Write token rows [start, end) into a tiled store tensor (read-modify-write of the tiles they touch)."""
-        first, last = start // TILE, -(-end // TILE)
-        block = from_tiles(self.store[name][layer, :, :, first:last]).clone()
-        block[:, :, start - first * TILE:end - first * TILE] = rows
-        self.store[name][layer, :, :, first:last] = to_tiles(block)
 
     def _reserve_fp(self, needed: int) -> None:
         if needed > self.fp_k.shape[3]:
@@ -338,13 +300,6 @@ class QuantizedKVCache(Cache):
             grown = [torch.cat((b, b.new_zeros(*b.shape[:3], size - b.shape[3], b.shape[4])), 3)
                      for b in (self.fp_k, self.fp_v)]
             self.fp_k, self.fp_v = grown
-
-    def _grow_store(self, needed: int) -> None:
-        old = self.store
-        new = self._new_store(self._round_up(max(needed, 2 * self.capacity)))
-        for name, t in old.items():
-            new[name][:, :, :, : t.shape[3]] = t
-        self.store = new
 
     # --- edits ---------------------------------------------------------------
     def _layer(self, layer: int) -> int:
@@ -366,9 +321,9 @@ class QuantizedKVCache(Cache):
 
     def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
         idx = batch_index_tensor(batch_indices, self.batch)
-        picked = {name: t.index_select(1, idx) for name, t in self.store.items()}
         fp_k, fp_v = self.fp_k.index_select(1, idx), self.fp_v.index_select(1, idx)
-        self.store, self.fp_k, self.fp_v = picked, fp_k, fp_v
+        self.store.select(idx)
+        self.fp_k, self.fp_v = fp_k, fp_v
 
     reorder = select
 
