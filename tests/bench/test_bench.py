@@ -71,3 +71,13 @@ def test_all_runs_each_scenario_in_its_own_process(capfd):
     rows = runner._run_isolated("append", quick=True, plot=None)
     assert rows[0]["n"] == 1000 and rows[0]["kvcache_s"] > 0
     assert "## append" in capfd.readouterr().out  # printed by the child on the inherited stdout
+
+
+def test_quantized_bench_races_every_cache_on_the_same_model():
+    from kvcache.bench import quantized
+
+    rows = quantized.bench_quantized(lengths=(40,), steps=1, rounds=1, quick=True)
+    caches = [r["cache"] for r in rows]
+    assert caches[:3] == ["kvcache auto", "kvcache int8", "kvcache int4"] and "hf DynamicCache" in caches
+    assert all(r["tok_s"] > 0 and r["kv_mb"] > 0 for r in rows)
+    assert rows[0]["vs_kvcache_fp32"] == 1.0 and rows[1]["attention_gb_s"] > 0
