@@ -147,12 +147,11 @@ class PagedKVCache:
         plan = self.plan
         if plan is None or q.shape[2] != plan.num_tokens:
             raise RuntimeError("PagedKVCache.attend called without a matching prepare() for this batch")
-        if window is not None and plan.max_context > window:
-            raise ValueError(f"sequence of {plan.max_context} tokens exceeds the sliding window ({window}); "
-                             "the paged cache does not evict by window")
         k_pool, v_pool = self.k[layer], self.v[layer]
         k_pool.index_copy_(1, plan.write_slots, k[0])
         v_pool.index_copy_(1, plan.write_slots, v[0])
+        if window is not None and plan.max_context > window:
+            return self._attend_windowed(q, k_pool, v_pool, plan, window)
         out = torch.empty_like(q)
         for q_start, q_end, ctx in plan.prefills:
             if ctx is None:
@@ -167,6 +166,18 @@ class PagedKVCache:
             for q_start, q_end, slots in plan.contexts:
                 keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]
                 out[:, :, q_start:q_end] = finite_attention(q[:, :, q_start:q_end], keys, values)
+        return out
+
+    @staticmethod
+    def _attend_windowed(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan,
+                         window: int) -> torch.Tensor:
+        """Sliding-window attention (Mistral) once a context is longer than the window: each sequence attends
+        to its last ``window`` positions, one sequence at a time.  Exact; the blocks behind the window stay
+        allocated (evicting them is the bounded caches' job)."""
+        out = torch.empty_like(q)
+        for q_start, q_end, slots in plan.contexts:
+            keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]
+            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, window=window)
         return out
 
     @staticmethod

@@ -1,0 +1,44 @@
+"""A sliding-window (Mistral-style) model in the engine: requests longer than the window run, give generate's
+tokens (and transformers' logits), and never block the other requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcache.engine.llm import LLM
+from kvcache.engine.sequence import SamplingParams
+from kvcache.generation.generate import generate
+from kvcache.model.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    path = tmp_path_factory.mktemp("mistral")
+    torch.manual_seed(1)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                          sliding_window=8, bos_token_id=0, eos_token_id=100))
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    hf.eval().save_pretrained(path)
+    return hf, load_model(path)
+
+
+def test_requests_longer_than_the_window_equal_generate(mistral):
+    hf, model = mistral
+    assert model.layers[0].attn.window == 8
+    prompts = [list(range(3, 23)), [5, 6, 7], list(range(40, 52)), list(range(3, 20))]  # shared prefix too
+    llm = LLM(model, num_blocks=64, block_size=4, max_batch_tokens=16)  # chunked prefill across the window
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.error is None and out.token_ids == generate(model, prompt, 12, stop_token_ids=[])
+    with torch.no_grad():  # and generate itself is transformers' sliding-window model
+        want = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)[0, 20:].tolist()
+    assert outs[0].token_ids == want
+    assert not llm.has_unfinished()
