@@ -185,3 +185,15 @@ def test_every_model_dtype(spec, dtype):
     assert got.dtype == dtype and torch.isfinite(got).all()
     agree = (got[0].float().argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert agree >= (0.95 if spec == "auto" else 0.6), agree
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sliding_window_attention(model, spec):
+    """A Mistral-style window: every cache attends to the last ``window`` positions once it holds more."""
+    cache = make_cache(spec, model, capacity=16)
+    k, v, q = kv(60)
+    out = torch.cat([cache.attend(0, q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], window=16)
+                     for i in range(60)], 2)
+    dense = attention(q, k, v, window=16)
+    err = ((out - dense).norm() / dense.norm()).item()
+    assert err <= TOLERANCE[spec.split(":")[0]], err

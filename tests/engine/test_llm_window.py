@@ -42,3 +42,24 @@ def test_requests_longer_than_the_window_equal_generate(mistral):
                            eos_token_id=None)[0, 20:].tolist()
     assert outs[0].token_ids == want
     assert not llm.has_unfinished()
+
+
+@pytest.mark.parametrize("spec", ["int8:residual=0,group=16", "int4:residual=4,group=16"])
+def test_a_quantized_cache_past_the_window(mistral, spec):
+    """Decoding past the window reads the stored forms of the last `window` positions: each step equals dense
+    windowed attention over the cache's own stored keys and values."""
+    _, model = mistral
+    prompt = list(range(3, 23))
+    exact = generate(model, prompt, 16, stop_token_ids=[])
+    got = generate(model, prompt, 16, stop_token_ids=[], cache=spec)
+    assert len(got) == 16 and sum(a == b for a, b in zip(got, exact)) >= (14 if spec.startswith("int8") else 10)
+    from kvcache.caches.base import make_cache
+    from kvcache.model.attention import attention
+
+    cache = make_cache(spec, model, capacity=8)
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache=cache)
+        q, k, v = torch.randn(1, 8, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+        out = cache.attend(0, q, k, v, window=8)
+        keys, values = cache.materialize(0)
+        torch.testing.assert_close(out, attention(q, keys[:, :, -8:], values[:, :, -8:]))

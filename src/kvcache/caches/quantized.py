@@ -19,6 +19,9 @@ exactly the view a token-by-token decode would have had: query ``i`` reads key
 ``j`` quantized iff ``j`` would already have been quantized at length ``i``.
 Chunking therefore never changes results, and eval can prefill whole windows.
 
+A sliding-window model (Mistral) past its window attends to the stored forms of its last ``window``
+positions (exact for decoding; a multi-token forward there sees its own tokens in full precision).
+
 ``crop`` keeps every kept token's stored form as it is (quantized tokens are
 never re-quantized or expanded back); ``select`` reorders rows exactly.
 With ``rotate=1`` keys and queries are multiplied by an orthonormal Hadamard
@@ -32,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_int
-from ..model.attention import finite_attention, merge_partials, softmax_partial
+from ..model.attention import attention, finite_attention, merge_partials, softmax_partial
 from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
@@ -149,14 +152,15 @@ class QuantizedKVCache(Cache):
         layer = self._layer(layer)
         check_kv(self, layer, k, v)
         n, start = k.shape[2], self.lengths[layer]
-        if window is not None and start + n > window:
-            raise ValueError(f"sequence of {start + n} tokens exceeds the sliding window ({window}); the quantized "
-                             "cache does not evict by window")
         original_q = q
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
         _check_range(k, v)
         qc, fp_end = self._store_new(layer, start, k, v)
+        if window is not None and start + n > window:  # Mistral past its window: the last `window` stored forms
+            self.lengths[layer] = start + n
+            keys, values = self.materialize(layer)
+            return attention(original_q, keys, values, window=window)
         out = self._attend_stored(layer, q, start, n, qc, fp_end)
         if torch.isfinite(out).all():
             return out
