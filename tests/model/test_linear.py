@@ -102,3 +102,20 @@ def test_a_handed_out_weight_is_read_directly_and_a_fresh_model_packs_again(llam
     assert head.packed is None and model.layers[1].attn.qkv.packed is not None
     model.pack_weights()
     assert head.packed is None
+
+
+def test_a_no_op_to_keeps_the_packed_copy_but_a_real_conversion_reads_directly(llama_dir):
+    from kvcache.model.loader import load_model
+
+    model = load_model(llama_dir).to(torch.float32)  # same dtype: PyTorch sets .data to the weight itself
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    assert all(m.packed is not None for m in layers)
+    alias = torch.randn(layers[0].weight.shape)
+    layers[0].weight.data = alias  # a tensor the caller keeps: never served from a copy again
+    alias.mul_(2.0)
+    x = torch.randn(1, 4, layers[0].in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(layers[0](x), F.linear(x, alias, layers[0].bias), atol=1e-5, rtol=1e-5)
+    assert layers[0].packed is None

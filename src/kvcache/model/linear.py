@@ -39,7 +39,9 @@ class WatchedParameter(nn.Parameter):
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
-        self.aliased = True
+        if value is self:  # module.to() to the dtype it already has: nothing changes, nothing is handed out
+            return
+        self.aliased = True  # the caller keeps `value`, which now is this weight's memory
         torch.Tensor.data.__set__(self, value)
 
     def numpy(self, *args, **kwargs):
