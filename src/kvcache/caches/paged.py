@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import attention, finite_attention, merge_partials, softmax_partial
+from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
 
 
@@ -151,7 +151,7 @@ class PagedKVCache:
         k_pool.index_copy_(1, plan.write_slots, k[0])
         v_pool.index_copy_(1, plan.write_slots, v[0])
         if window is not None and plan.max_context > window:
-            return self._attend_windowed(q, k_pool, v_pool, plan, window)
+            return self._attend_each(q, k_pool, v_pool, plan, window)
         out = torch.empty_like(q)
         for q_start, q_end, ctx in plan.prefills:
             if ctx is None:
@@ -162,18 +162,17 @@ class PagedKVCache:
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
         if len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
-        if not torch.isfinite(out).all():  # a fast kernel overflowed on huge inputs: recompute those exactly
-            for q_start, q_end, slots in plan.contexts:
-                keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]
-                out[:, :, q_start:q_end] = finite_attention(q[:, :, q_start:q_end], keys, values)
+        if not torch.isfinite(out).all():  # the batched kernels overflowed on huge inputs: one at a time, exactly
+            return self._attend_each(q, k_pool, v_pool, plan)
         return out
 
     @staticmethod
-    def _attend_windowed(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan,
-                         window: int) -> torch.Tensor:
-        """Sliding-window attention (Mistral) once a context is longer than the window: each sequence attends
-        to its last ``window`` positions, one sequence at a time.  Exact; the blocks behind the window stay
-        allocated (evicting them is the bounded caches' job)."""
+    def _attend_each(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan,
+                     window: int | None = None) -> torch.Tensor:
+        """One sequence at a time over its gathered context, through ``attention`` (finite for any finite
+        input).  Serves sliding-window models (Mistral) once a context is longer than the window -- each
+        sequence attends to its last ``window`` positions; the blocks behind it stay allocated (evicting them
+        is the bounded caches' job) -- and recomputes a batch whose fast kernels overflowed."""
         out = torch.empty_like(q)
         for q_start, q_end, slots in plan.contexts:
             keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]

@@ -158,9 +158,9 @@ def _step(key_fmt: QuantFormat) -> int:
 def quantized_partial(qg: torch.Tensor, rows: QuantizedRows, key_fmt: QuantFormat, value_fmt: QuantFormat
                       ) -> Partial:
     """Partial softmax of scaled, grouped queries qg (B, H, n, D) over every stored token, chunk by chunk."""
-    parts = []
-    for start in range(0, rows.count, _step(key_fmt)):
-        keys, values = _chunk(rows, key_fmt, value_fmt, start, min(start + _step(key_fmt), rows.count), qg.dtype)
+    parts, step = [], _step(key_fmt)
+    for start in range(0, rows.count, step):
+        keys, values = _chunk(rows, key_fmt, value_fmt, start, min(start + step, rows.count), qg.dtype)
         parts.append(softmax_partial(torch.matmul(qg, keys.transpose(-1, -2)), values))
     return combine_partials(parts)
 
@@ -168,6 +168,4 @@ def quantized_partial(qg: torch.Tensor, rows: QuantizedRows, key_fmt: QuantForma
 def dequantize_rows(rows: QuantizedRows, key_fmt: QuantFormat, value_fmt: QuantFormat,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """All stored tokens as full keys and values (B, H, count, D): only for callers that need tensors."""
-    pieces = [_chunk(rows, key_fmt, value_fmt, start, min(start + _step(key_fmt), rows.count), dtype)
-              for start in range(0, rows.count, _step(key_fmt))]
-    return torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2)
+    return _chunk(rows, key_fmt, value_fmt, 0, rows.count, dtype)

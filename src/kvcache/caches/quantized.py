@@ -96,9 +96,11 @@ class QuantizedKVCache(Cache):
                                    per_channel=keys == "channel")
         self.value_fmt = QuantFormat(bits, channels, bool(symmetric))
         self.residual, self.sinks, self.dtype, self.check_finite = residual, sinks, dtype, check_finite
-        self.use_kernel = bool(kernel)
-        self.spec = (f"int{bits}:group={group},residual={residual},sinks={sinks},keys={keys},"
-                     f"symmetric={int(symmetric)},rotate={int(rotate)}")
+        # the compiled kernel's static limits: 16-multiples of head_dim and group, head_dim <= 128, one group
+        # size for keys and values (per call it also needs float32 and <= 64 query heads per KV head)
+        g = self.key_fmt.group
+        self.use_kernel = (bool(kernel) and head_dim % 16 == 0 and g % 16 == 0 and head_dim <= 128
+                           and head_dim // g <= 16 and g == self.value_fmt.group)
         self._shape = (num_layers, num_kv_heads, head_dim)
         per_token = 2 * num_layers * batch * num_kv_heads * head_dim * (bits / 8 + 4 / group)
         check_fits(int(per_token * capacity), f"a quantized KV cache of {capacity:,} positions x batch {batch}")
@@ -225,11 +227,7 @@ class QuantizedKVCache(Cache):
         return quantized_partial(qg, self.store.rows(layer, qc), self.key_fmt, self.value_fmt)
 
     def _kernel_fits(self, qg: torch.Tensor) -> bool:
-        """The compiled kernel's limits: float32, 16-multiples of head_dim and group, head_dim <= 128, <= 64
-        query heads per KV head, one group size for keys and values; and that it built."""
-        dim, group = self.head_dim, self.key_fmt.group
-        return (self.use_kernel and qg.dtype == torch.float32 and dim % 16 == 0 and group % 16 == 0 and dim <= 128
-                and qg.shape[2] <= 64 and dim // group <= 16 and group == self.value_fmt.group
+        return (self.use_kernel and qg.dtype == torch.float32 and qg.shape[2] <= 64
                 and kernels.library() is not None)
 
     def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):

@@ -104,7 +104,8 @@ class Linear(nn.Linear):
         if ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
             weight = self.weight
             if self.packed is not None:
-                if self._stale() or not self._packable():  # replaced, changed in place, or handed out
+                # replaced or changed in place, or (not stale: it is the WatchedParameter packed) handed out
+                if self._stale() or self.weight.aliased:
                     self.pack()
                 weight = self.packed if self.packed is not None else self.weight
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
