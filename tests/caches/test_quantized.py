@@ -85,7 +85,7 @@ def test_kernel_equals_the_reference(bits, per_channel, count, dim, group, query
     if not per_channel:
         ks, ko = to_tiles(ks), to_tiles(ko)
     q = randn(2, 2, query_group, dim, seed=3) * 0.5
-    got = kernels.quant_decode(q, kc, ks, ko, vc, vs, vo, count, bits, group, per_channel)
+    got = kernels.quant_decode(q, kc, ks, ko, vc, vs, vo, count, bits, group, group, per_channel)
     ref_o, ref_m, ref_l = quantized_partial(q, QuantizedRows(kc, ks, ko, vc, vs, vo, count), kf, vf)
     torch.testing.assert_close(got, ref_o / ref_l, atol=1e-5, rtol=1e-5)
 

@@ -77,32 +77,56 @@ def library() -> ctypes.CDLL | None:
               file=sys.stderr)
         return None
     lib.kv_quant_decode.restype = ctypes.c_int
-    lib.kv_quant_decode.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 9 + [ctypes.c_void_p] * 2
-                                    + [ctypes.c_int] * 2 + [ctypes.c_void_p])
+    ptr, num = ctypes.c_void_p, ctypes.c_int
+    lib.kv_quant_decode.argtypes = [ptr] * 7 + [num] * 9 + [ptr, num, ptr, ptr, ptr, ptr, num, ptr]
     _library = lib
     return lib
 
 
-def quant_decode(qg: torch.Tensor, k_codes, k_scale, k_offset, v_codes, v_scale, v_offset, count: int, bits: int,
-                 group: int, per_channel: bool, full_k: torch.Tensor | None = None, full_v: torch.Tensor | None = None,
-                 full_count: int = 0) -> torch.Tensor:
-    """Decode attention of fp32 queries qg (B, H, G, D) (scaled) over ``count`` stored tokens of one layer and
-    ``full_count`` full-precision ones: the normalised output (B, H, G, D).
+def fits(head_dim: int, key_fmt, value_fmt) -> bool:
+    """The kernel's static limits: head_dim and groups multiples of 16, head_dim <= 128 and at most 16 groups
+    per row, per-token key groups equal to the value groups (per call it also needs float32 queries and at
+    most 64 query heads per KV head)."""
+    kg, vg = key_fmt.group, value_fmt.group
+    return (head_dim % 16 == 0 and kg % 16 == 0 and vg % 16 == 0 and head_dim <= 128 and head_dim // vg <= 16
+            and (key_fmt.per_channel or (kg == vg and head_dim // kg <= 16)))
 
-    The storage tensors are one layer's contiguous blocks: key codes and per-token key scales as tiles
-    (B, H, capacity/16, W, 16), per-channel key scales (B, H, capacity/group, D), values (B, H, capacity, W);
-    ``full_k``/``full_v`` (B, H, full capacity, D) float32, the first ``full_count`` positions used.
+
+def _int32(values, batch: int) -> torch.Tensor:
+    if isinstance(values, int):
+        return torch.full((batch,), values, dtype=torch.int32)
+    return torch.as_tensor(values, dtype=torch.int32).contiguous()
+
+
+def quant_decode(qg: torch.Tensor, k_codes, k_scale, k_offset, v_codes, v_scale, v_offset, counts, bits: int,
+                 key_group: int, value_group: int, per_channel: bool, full_k: torch.Tensor | None = None,
+                 full_v: torch.Tensor | None = None, full_counts=0, tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention of fp32 queries qg (B, H, G, D) (scaled) over ``counts`` stored tokens of one layer and
+    ``full_counts`` full-precision ones per sequence (ints, or one per sequence): the normalised output (B, H, G, D).
+
+    The storage tensors are one layer's: key codes and per-token key scales as tiles (S, H, capacity/16, W, 16),
+    per-channel key scales (S, H, capacity/key_group, D), values (S, H, capacity, W).  Contiguous (``tiles``
+    None): S = B, row b holds sequence b.  Paged: S = 1, and ``tiles`` (B, max_tiles) gives the physical tile of
+    each sequence's logical tile.  ``full_k``/``full_v`` (B, H, full capacity, D) float32.  With per-token keys
+    ``key_group`` must equal ``value_group``.
     """
     lib = library()
     assert lib is not None, "quant_decode called without a kernel"
     batch, heads, group_q, dim = qg.shape
+    assert per_channel or key_group == value_group, "per-token key groups must equal the value groups"
     out = torch.empty_like(qg)
-    fk = full_k.data_ptr() if full_count else None
-    fv = full_v.data_ptr() if full_count else None
+    counts, full_counts = _int32(counts, batch), _int32(full_counts, batch)
+    has_full = full_k is not None and int(full_counts.max()) > 0
+    tiles = None if tiles is None else tiles.to(torch.int32).contiguous()
     status = lib.kv_quant_decode(
         qg.data_ptr(), k_codes.data_ptr(), k_scale.data_ptr(), k_offset.data_ptr(), v_codes.data_ptr(),
-        v_scale.data_ptr(), v_offset.data_ptr(), batch, heads, group_q, dim, count, v_codes.shape[2], bits, group,
-        int(per_channel), fk, fv, full_count, full_k.shape[2] if full_count else 0, out.data_ptr())
-    if status != 0:
+        v_scale.data_ptr(), v_offset.data_ptr(), batch, heads, group_q, dim, v_codes.shape[-2], bits, key_group,
+        value_group, int(per_channel), None if tiles is None else tiles.data_ptr(),
+        0 if tiles is None else tiles.shape[1], counts.data_ptr(), full_k.data_ptr() if has_full else None,
+        full_v.data_ptr() if has_full else None, full_counts.data_ptr(), full_k.shape[2] if has_full else 0,
+        out.data_ptr())
+    if status == 1:
         raise MemoryError("the quantized-cache kernel could not allocate its partials")
+    if status != 0:
+        raise ValueError("quant_decode: nothing to attend to (no stored and no full-precision token)")
     return out

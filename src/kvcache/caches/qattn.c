@@ -12,7 +12,10 @@
  * libgomp PyTorch loads); each item leaves a softmax partial (max, sum,
  * unnormalised output) and the partials are combined at the end, together with
  * those of the full-precision sinks and residual: one call, the final output.
- * int4 and the kernel need head_dim and group to be multiples of 16 (else Python uses the reference).
+ * int4 and the kernel need head_dim and the groups to be multiples of 16 (else Python uses the reference).
+ * Storage is either contiguous per sequence (the single-stream cache: row b's tokens are tiles 0, 1, ... of
+ * row b) or a paged pool shared by every sequence (the engine: one storage row per KV head, and each
+ * sequence's logical tile t is physical tile tiles[b][t] -- a 16-token block is one tile).
  * Built at first use with gcc (kvcache/caches/kernels.py); the PyTorch
  * reference in quant_ops.py computes the same thing and the tests compare them.
  */
@@ -126,11 +129,18 @@ static inline __attribute__((always_inline)) void unpack_tile(const uint8_t *til
 
 typedef struct {
     const float *q;            /* (B, H, G, D), scaled */
-    const uint8_t *kc, *vc;    /* keys (B, H, cap/TILE, D*bits/8, TILE); values (B, H, cap, D*bits/8) */
-    const uint16_t *ks, *ko;   /* per token (B, H, cap/TILE, D/group, TILE) | per channel (B, H, cap/group, D) */
-    const uint16_t *vs, *vo;   /* (B, H, cap, D/group) */
-    int batch, heads, qgroup, dim, count, cap, bits, group, key_per_channel;
+    const uint8_t *kc, *vc;    /* keys (S, H, cap/TILE, D*bits/8, TILE); values (S, H, cap, D*bits/8) */
+    const uint16_t *ks, *ko;   /* per token (S, H, cap/TILE, D/kgroup, TILE) | per channel (S, H, cap/kgroup, D) */
+    const uint16_t *vs, *vo;   /* (S, H, cap, D/vgroup); S = B contiguous, 1 paged */
+    const int32_t *tiles;      /* paged: (B, max_tiles) physical tile of each logical tile; NULL: contiguous */
+    int batch, heads, qgroup, dim, cap, bits, kgroup, vgroup, key_per_channel, max_tiles;
 } Args;
+
+/* where (sequence b, KV head h)'s logical tile t is stored: its storage row and physical tile */
+static inline size_t storage_row(const Args *a, int bh) { return a->tiles ? (size_t)(bh % a->heads) : (size_t)bh; }
+static inline int physical_tile(const Args *a, int bh, int t) {
+    return a->tiles ? a->tiles[(size_t)(bh / a->heads) * a->max_tiles + t] : t;
+}
 
 /* Query-side terms that depend on the queries and scales only: per-token groups need sum(q_g) per group;
  * per-channel blocks fold the block's scales into the queries (qs = q * scale) and offsets into one bias. */
@@ -140,16 +150,16 @@ typedef struct {
 } QueryTerms;
 
 /* Scores of the G query heads for the tokens of one tile: s[g * TILE + l], l < TILE. */
-static inline __attribute__((always_inline)) void tile_scores(const Args *a, size_t bh, int tile, const float *q,
+static inline __attribute__((always_inline)) void tile_scores(const Args *a, size_t srow, int tile, const float *q,
                                                                QueryTerms *qt, float *s, const int D,
                                                                const int group) {
     const int G = a->qgroup, cw = D * a->bits / 8;
     v8f tf[D * 2];
-    unpack_tile(a->kc + ((size_t)bh * (a->cap / TILE) + tile) * cw * TILE, a->bits, D, tf);
+    unpack_tile(a->kc + (srow * (a->cap / TILE) + tile) * cw * TILE, a->bits, D, tf);
     if (a->key_per_channel) {
         const int block = tile * TILE / group;
         if (block != qt->block) {
-            const size_t at = ((size_t)bh * (a->cap / group) + block) * D;
+            const size_t at = (srow * (a->cap / group) + block) * D;
             for (int g = 0; g < G; g++) {
                 float bias = 0.f;
                 for (int d = 0; d < D; d++) {
@@ -173,8 +183,8 @@ static inline __attribute__((always_inline)) void tile_scores(const Args *a, siz
         }
     } else {
         const int ng = D / group;
-        const uint16_t *ks = a->ks + ((size_t)bh * (a->cap / TILE) + tile) * ng * TILE;
-        const uint16_t *ko = a->ko + ((size_t)bh * (a->cap / TILE) + tile) * ng * TILE;
+        const uint16_t *ks = a->ks + (srow * (a->cap / TILE) + tile) * ng * TILE;
+        const uint16_t *ko = a->ko + (srow * (a->cap / TILE) + tile) * ng * TILE;
         v8f sc[ng * 2], of[ng * 2];
         for (int i = 0; i < ng * 2; i++)
             for (int l = 0; l < 8; l++) {
@@ -201,25 +211,29 @@ static inline __attribute__((always_inline)) void tile_scores(const Args *a, siz
     }
 }
 
-/* One (sequence, KV head, chunk) item: partial over tokens [t0, t1) for the G query heads (t0 % TILE == 0). */
+/* One (sequence, KV head, chunk) item: partial over logical tokens [t0, t1) for the G query heads
+ * (t0 % TILE == 0); ``group`` is the value group and, with per-token keys, the key group too (the caller
+ * checks they are equal, so the key loops stay unrolled); per-channel key blocks are a->kgroup tokens. */
 static inline __attribute__((always_inline)) void run_item(const Args *a, int bh, int t0, int t1, float *part,
                                                             const int D, const int group) {
     /* part: G * (D + 2) floats */
     const int G = a->qgroup, cw = D * a->bits / 8, ng = D / group, n = t1 - t0;
+    const int kg = a->key_per_channel ? a->kgroup : group, nkg = a->key_per_channel ? 1 : D / kg;
+    const size_t srow = storage_row(a, bh);
     const float *q = a->q + (size_t)bh * G * D;
-    const uint8_t *vc = a->vc + (size_t)bh * a->cap * cw;
+    const uint8_t *vc = a->vc + srow * a->cap * cw;
     float scores[G * CHUNK];
     QueryTerms qt;
     qt.block = -1;
     for (int g = 0; g < G; g++)
-        for (int j = 0; j < ng; j++) {
+        for (int j = 0; j < nkg; j++) {
             float sum = 0.f;
-            for (int d = 0; d < group; d++) sum += q[g * D + j * group + d];
-            qt.qsum[g * ng + j] = sum;
+            for (int d = 0; d < D / nkg; d++) sum += q[g * D + j * (D / nkg) + d];
+            qt.qsum[g * nkg + j] = sum;
         }
     for (int t = t0; t < t1; t += TILE) {
         float s[G * TILE];
-        tile_scores(a, bh, t / TILE, q, &qt, s, D, group);
+        tile_scores(a, srow, physical_tile(a, bh, t / TILE), q, &qt, s, D, kg);
         for (int g = 0; g < G; g++)
             for (int l = 0; l < TILE && t + l < t1; l++) scores[g * n + (t - t0) + l] = s[g * TILE + l];
     }
@@ -238,17 +252,17 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int bh
         memset(p + 2, 0, sizeof(float) * D);
     }
     /* values (token-major rows), 16 at a time: out += (p * scale) * code, plus sum(p * offset) per group */
-    const uint16_t *vs = a->vs + (size_t)bh * a->cap * ng, *vo = a->vo + (size_t)bh * a->cap * ng;
+    const uint16_t *vs = a->vs + srow * a->cap * ng, *vo = a->vo + srow * a->cap * ng;
     for (int t = t0; t < t1; t += TILE) {
-        const int nt = t1 - t < TILE ? t1 - t : TILE;
+        const int nt = t1 - t < TILE ? t1 - t : TILE, at = physical_tile(a, bh, t / TILE) * TILE;
         float vf[TILE * D] __attribute__((aligned(32))), vsc[ng * TILE], vof[ng * TILE]; /* scales [group][token] */
         for (int l = 0; l < TILE; l++) /* a partial last tile: zero weights for the missing tokens */
             for (int j = 0; j < ng; j++) vsc[j * TILE + l] = vof[j * TILE + l] = 0.f;
         for (int l = 0; l < nt; l++) {
-            unpack_row(vc + (size_t)(t + l) * cw, a->bits, D, vf + l * D);
+            unpack_row(vc + (size_t)(at + l) * cw, a->bits, D, vf + l * D);
             for (int j = 0; j < ng; j++) {
-                vsc[j * TILE + l] = half_to_float(vs[(size_t)(t + l) * ng + j]);
-                vof[j * TILE + l] = half_to_float(vo[(size_t)(t + l) * ng + j]);
+                vsc[j * TILE + l] = half_to_float(vs[(size_t)(at + l) * ng + j]);
+                vof[j * TILE + l] = half_to_float(vo[(size_t)(at + l) * ng + j]);
             }
         }
         for (int g = 0; g < G; g++) {
@@ -294,7 +308,7 @@ SPECIALISE(128, 32)
 SPECIALISE(128, 64)
 SPECIALISE(128, 128)
 static void item_any(const Args *a, int bh, int t0, int t1, float *part) {
-    run_item(a, bh, t0, t1, part, a->dim, a->group);
+    run_item(a, bh, t0, t1, part, a->dim, a->vgroup);
 }
 
 static ItemFn pick(int dim, int group) {
@@ -332,29 +346,52 @@ static void run_full_item(const float *q, const float *fk, const float *fv, int 
     }
 }
 
-/* Decode attention of q (B, H, G, D), already scaled, over `count` stored tokens and `fcount` full-precision
- * ones (fk/fv: (B, H, fcap, D), the sinks and residual, NULL if none): the normalised output (B, H, G, D). */
+static void empty_partial(float *part, int G, int D) {
+    for (int g = 0; g < G; g++) {
+        float *p = part + (size_t)g * (D + 2);
+        p[0] = -INFINITY;
+        p[1] = 0.f;
+        memset(p + 2, 0, sizeof(float) * D);
+    }
+}
+
+static int max_of(const int32_t *x, int n) {
+    int m = 0;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* Decode attention of q (B, H, G, D), already scaled, over counts[b] stored tokens and fcounts[b] full-precision
+ * ones per sequence (fk/fv: (B, H, fcap, D), the sinks, residual or block being filled; NULL if none), with
+ * storage contiguous (tiles NULL) or paged (tiles: (B, max_tiles) physical tiles): the normalised output. */
 int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const uint16_t *ko,
                     const uint8_t *vc, const uint16_t *vs, const uint16_t *vo, int batch, int heads, int qgroup,
-                    int dim, int count, int cap, int bits, int group, int key_per_channel, const float *fk,
-                    const float *fv, int fcount, int fcap, float *out) {
-    Args a = {q, kc, vc, ks, ko, vs, vo, batch, heads, qgroup, dim, count, cap, bits, group, key_per_channel};
-    const int qchunks = (count + CHUNK - 1) / CHUNK, fchunks = (fcount + CHUNK - 1) / CHUNK;
+                    int dim, int cap, int bits, int kgroup, int vgroup, int key_per_channel, const int32_t *tiles,
+                    int max_tiles, const int32_t *counts, const float *fk, const float *fv, const int32_t *fcounts,
+                    int fcap, float *out) {
+    Args a = {q, kc, vc, ks, ko, vs, vo, tiles, batch, heads, qgroup, dim, cap, bits, kgroup, vgroup,
+              key_per_channel, max_tiles};
+    const int qchunks = (max_of(counts, batch) + CHUNK - 1) / CHUNK;
+    const int fchunks = fk ? (max_of(fcounts, batch) + CHUNK - 1) / CHUNK : 0;
     const int chunks = qchunks + fchunks, items = batch * heads * chunks, width = dim + 2;
+    if (items == 0) return 2;
     float *parts = malloc(sizeof(float) * (size_t)items * qgroup * width);
     if (!parts) return 1;
-    const ItemFn item = pick(dim, group);
+    const ItemFn item = pick(dim, vgroup);
 #pragma omp parallel for schedule(static)
     for (int it = 0; it < items; it++) {
-        const int bh = it / chunks, c = it % chunks;
+        const int bh = it / chunks, c = it % chunks, b = bh / heads;
         float *part = parts + (size_t)it * qgroup * width;
         if (c < qchunks) {
-            const int t0 = c * CHUNK, t1 = t0 + CHUNK < count ? t0 + CHUNK : count;
-            item(&a, bh, t0, t1, part);
+            const int t0 = c * CHUNK, t1 = t0 + CHUNK < counts[b] ? t0 + CHUNK : counts[b];
+            if (t0 < t1) item(&a, bh, t0, t1, part);
+            else empty_partial(part, qgroup, dim);
         } else {
-            const int t0 = (c - qchunks) * CHUNK, t1 = t0 + CHUNK < fcount ? t0 + CHUNK : fcount;
-            run_full_item(q + (size_t)bh * qgroup * dim, fk + (size_t)bh * fcap * dim, fv + (size_t)bh * fcap * dim,
-                          qgroup, dim, t0, t1, part);
+            const int t0 = (c - qchunks) * CHUNK, t1 = t0 + CHUNK < fcounts[b] ? t0 + CHUNK : fcounts[b];
+            if (t0 < t1)
+                run_full_item(q + (size_t)bh * qgroup * dim, fk + (size_t)bh * fcap * dim,
+                              fv + (size_t)bh * fcap * dim, qgroup, dim, t0, t1, part);
+            else empty_partial(part, qgroup, dim);
         }
     }
     for (int bh = 0; bh < batch * heads; bh++)

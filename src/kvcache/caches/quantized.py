@@ -58,7 +58,10 @@ class QuantizedKVCache(Cache):
         "bits": Option(int, 8, "bits per stored value: 8 or 4"),
         "group": Option(int, 32, "values per scale: channels of a token, at most head_dim (keys=channel: tokens "
                                   "of a channel, a multiple of 16)", minimum=1),
+        "value_group": Option(int, None, "channels per value scale (default: group, at most head_dim)", minimum=1),
         "residual": Option(int, 128, "most recent tokens kept in full precision", minimum=0),
+        "block": Option(int, None, "tokens quantized together once they leave the residual (default: the key "
+                        "group; keys=channel: a multiple of group); the engine quantizes its blocks", minimum=1),
         "sinks": Option(int, 0, "first tokens kept in full precision for ever", minimum=0),
         "keys": Option(str, None, "key groups: token (per-token channel groups) or channel (KIVI); default: "
                        "token for int8, channel for int4 (measured best, docs/quantized-cache.md)",
@@ -71,7 +74,8 @@ class QuantizedKVCache(Cache):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, batch: int = 1, capacity: int = 256,
                  dtype: torch.dtype = torch.float32, bits: int = 8, group: int = 32, residual: int = 128,
                  sinks: int = 0, keys: str | None = None, symmetric: bool = False, rotate: bool = False,
-                 kernel: bool = True, check_finite: bool = False):
+                 kernel: bool = True, check_finite: bool = False, value_group: int | None = None,
+                 block: int | None = None):
         num_layers, num_kv_heads, head_dim, batch, capacity, group = (
             check_int(value, name, minimum=1) for name, value in (
                 ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -80,8 +84,11 @@ class QuantizedKVCache(Cache):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {bits!r}")
         channels = min(group, head_dim)  # a small model's head_dim caps the channel groups
-        if head_dim % channels:
-            raise ValueError(f"group {group} must divide head_dim {head_dim} (values are grouped along channels)")
+        value_channels = min(group if value_group is None else check_int(value_group, "value_group", minimum=1),
+                             head_dim)
+        if head_dim % value_channels:
+            raise ValueError(f"value group {value_channels} must divide head_dim {head_dim} (values are grouped "
+                             "along channels)")
         if keys is None:
             keys = "channel" if bits == 4 and group % TILE == 0 else "token"
         if keys not in ("token", "channel"):
@@ -89,22 +96,26 @@ class QuantizedKVCache(Cache):
         if keys == "channel" and group % TILE:
             raise ValueError(f"keys=channel groups whole tiles of {TILE} tokens: group must be a multiple of {TILE}, "
                              f"got {group}")
+        if keys == "token" and head_dim % channels:
+            raise ValueError(f"group {group} must divide head_dim {head_dim} (per-token keys are grouped along "
+                             "channels)")
+        key_group = group if keys == "channel" else channels
+        block = key_group if block is None else check_int(block, "block", minimum=1)
+        if keys == "channel" and block % group:
+            raise ValueError(f"block {block} must be a multiple of group {group}: keys=channel quantizes whole "
+                             "groups of tokens")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.rotation = hadamard(head_dim, dtype) if rotate else None
-        self.key_fmt = QuantFormat(bits, group if keys == "channel" else channels, bool(symmetric),
-                                   per_channel=keys == "channel")
-        self.value_fmt = QuantFormat(bits, channels, bool(symmetric))
+        self.key_fmt = QuantFormat(bits, key_group, bool(symmetric), per_channel=keys == "channel")
+        self.value_fmt = QuantFormat(bits, value_channels, bool(symmetric))
         self.residual, self.sinks, self.dtype, self.check_finite = residual, sinks, dtype, check_finite
-        # the compiled kernel's static limits: 16-multiples of head_dim and group, head_dim <= 128, one group
-        # size for keys and values (per call it also needs float32 and <= 64 query heads per KV head)
-        g = self.key_fmt.group
-        self.use_kernel = (bool(kernel) and head_dim % 16 == 0 and g % 16 == 0 and head_dim <= 128
-                           and head_dim // g <= 16 and g == self.value_fmt.group)
+        self.block = block
+        self.use_kernel = bool(kernel) and kernels.fits(head_dim, self.key_fmt, self.value_fmt)
         self._shape = (num_layers, num_kv_heads, head_dim)
         per_token = 2 * num_layers * batch * num_kv_heads * head_dim * (bits / 8 + 4 / group)
         check_fits(int(per_token * capacity), f"a quantized KV cache of {capacity:,} positions x batch {batch}")
-        self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + group), head_dim,
+        self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + block), head_dim,
                                 dtype=dtype)
         self.fp_v = torch.zeros_like(self.fp_k)
         self.store = QuantizedStore(num_layers, batch, num_kv_heads, head_dim, self.key_fmt, self.value_fmt, capacity)
@@ -144,8 +155,7 @@ class QuantizedKVCache(Cache):
         return sum(q * q_token + (n - q) * fp_token for n, q in zip(self.lengths, self.qcounts))
 
     def _qcount(self, length: int) -> int:
-        g = self.key_fmt.group
-        return max(0, length - self.sinks - self.residual) // g * g
+        return max(0, length - self.sinks - self.residual) // self.block * self.block
 
     # --- attention ---------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -176,8 +186,8 @@ class QuantizedKVCache(Cache):
         self.lengths[layer] = start + n
         if n == 1 and self._kernel_fits(qg):  # one call: stored codes and full-precision part together
             out = kernels.quant_decode(qg.contiguous(), *self.store.layer(layer), qc, self.key_fmt.bits,
-                                       self.key_fmt.group, self.key_fmt.per_channel, self.fp_k[layer],
-                                       self.fp_v[layer], fp_end)
+                                       self.key_fmt.group, self.value_fmt.group, self.key_fmt.per_channel,
+                                       self.fp_k[layer], self.fp_v[layer], fp_end)
             return out.view(batch, heads, 1, dim)
         parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc)]
         parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from ..caches.paged import BatchEntry, PagedKVCache
+from ..caches.paged import BatchEntry
 from ..checks import check_int, is_int
 from ..generation.generate import check_prompt
 from ..generation.sampling import sample
 from ..generation.validation import derived_seed
 from ..model.loader import load_model
 from ..model.transformer import Transformer
-from ..runtime import check_fits, tune_malloc
+from ..runtime import tune_malloc
 from .block_manager import BlockManager
+from .pool import make_pool
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
 from .stops import check_stops, truncate
@@ -64,6 +65,7 @@ class LLM:
         max_batch_tokens: int = 2048,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
+        kv_cache: str | None = None,
     ):
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks)):
@@ -73,15 +75,14 @@ class LLM:
         self.model = model if isinstance(model, Transformer) else load_model(model)
         self.config = self.model.config
         self.model.pack_weights()  # load_model packs already; a model built otherwise is packed here
-        per_block = PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype)
-        self.num_blocks = num_blocks if num_blocks is not None else parse_bytes(kv_memory) // per_block
-        if self.num_blocks < 1:
-            raise ValueError(f"kv_memory {kv_memory!r} holds no block of {per_block} bytes")
-        check_fits(self.num_blocks * per_block, f"a KV pool of {self.num_blocks:,} blocks ({kv_memory!r})"
-                   if num_blocks is None else f"a KV pool of {self.num_blocks:,} blocks")
-        self.block_size = block_size
+        budget = parse_bytes(kv_memory) if num_blocks is None else None
+        what = f"a KV pool of kv_memory={kv_memory!r}" if num_blocks is None else f"a KV pool of {num_blocks:,} blocks"
+        pool = make_pool(self.model, kv_cache, budget, num_blocks, block_size, max_num_seqs,
+                         lambda block: self.block_manager.ref_count(block) > 0, what)
+        self.num_blocks, self.block_size, self.cache = pool.num_blocks, block_size, pool.cache
+        self.kv_cache_spec = pool.spec  # generate(..., cache=llm.kv_cache_spec) quantizes exactly as this engine
+        self.kv_staging_blocks = pool.staging_blocks
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
-        self.cache = PagedKVCache.for_model(self.model, self.num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
         self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
