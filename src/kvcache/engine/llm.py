@@ -402,6 +402,7 @@ class LLM:
             "prefix_query_tokens": b.prefix_query_tokens, "prefix_hit_tokens": b.prefix_hit_tokens,
             "prefix_hit_rate": b.hit_rate, "kv_blocks_total": self.num_blocks, "kv_block_size": self.block_size,
             "kv_capacity_tokens": self.capacity_tokens, "kv_bytes": self.cache.nbytes,
+            "kv_cache": self.kv_cache_spec, "kv_staging_blocks": self.kv_staging_blocks,
             "kv_blocks_in_use": b.blocks_in_use, "kv_blocks_cached_evictable": b.blocks_cached_evictable,
             "kv_blocks_free": b.blocks_free, "kv_usage_in_use": b.blocks_in_use / self.num_blocks,
             "kv_usage_cached": b.blocks_cached_evictable / self.num_blocks, "evictions": b.evictions,
