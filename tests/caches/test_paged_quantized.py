@@ -16,6 +16,7 @@ from kvcache.caches.paged_quantized import PagedQuantizedKVCache, engine_spec
 from kvcache.caches.quant_ops import QuantFormat, QuantizedRows, quantize, quantized_partial, to_tiles
 from kvcache.caches.quantized import QuantizedKVCache
 from kvcache.engine.block_manager import CopyOp
+from kvcache.model.attention import merge_partials
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="the kernel did not build here")
 LAYERS, KV_HEADS, HEADS, DIM, BS = 2, 2, 4, 32, 16
@@ -62,8 +63,6 @@ def test_paged_kernel_equals_the_reference_over_scattered_tiles(bits, per_channe
             rows = QuantizedRows(kc.index_select(2, ids), kscale, koff, vc.index_select(2, tok),
                                  vs.index_select(2, tok), vo.index_select(2, tok), counts[b])
             parts.append(quantized_partial(q[b:b + 1], rows, kf, vf))
-        from kvcache.model.attention import merge_partials
-
         torch.testing.assert_close(got[b:b + 1], merge_partials(parts), atol=2e-5, rtol=2e-5)
 
 
@@ -121,7 +120,8 @@ def test_copy_blocks_copies_codes_and_staging():
     pool.copy_blocks([CopyOp(7, 9), CopyOp(3, 5)])
     s7, s9 = pool.slots[7] * BS, pool.slots[9] * BS
     assert torch.equal(pool.stage_k[:, :, s9:s9 + BS], pool.stage_k[:, :, s7:s7 + BS])
-    assert torch.equal(pool.store.tensors["vc"][:, :, :, 5 * BS:6 * BS], pool.store.tensors["vc"][:, :, :, 3 * BS:4 * BS])
+    vc = pool.store.tensors["vc"]
+    assert torch.equal(vc[:, :, :, 5 * BS:6 * BS], vc[:, :, :, 3 * BS:4 * BS])
 
 
 def test_huge_values_are_refused_before_anything_is_stored():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from conftest import save_hf_llama
 from kvcache.caches.paged_quantized import PagedQuantizedKVCache

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from ..model.attention import attention, merge_partials, softmax_partial
 from . import kernels
-from .base import parse_spec
+from .base import cache_class, parse_spec
 from .paged import BatchEntry
-from .quant_ops import TILE, QuantFormat, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
+from .quant_ops import TILE, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
 from .quant_store import QuantizedStore
 from .quantized import HALF_MAX, QuantizedKVCache
 
@@ -47,7 +47,7 @@ def engine_spec(spec: str, block_size: int) -> str:
     sinks) and groups KIVI keys over one block; anything else given explicitly is refused.
     """
     name, given = parse_spec(spec)
-    if not issubclass(_class(name), QuantizedKVCache):
+    if not issubclass(cache_class(name), QuantizedKVCache):
         raise ValueError(f"cache {name!r} is not a quantized cache")
     for key, allowed in (("residual", 0), ("sinks", 0), ("block", block_size)):
         if key in given and given[key] != allowed:
@@ -62,13 +62,9 @@ def engine_spec(spec: str, block_size: int) -> str:
     value_group = given.get("value_group", 32 if keys == "channel" else group)
     options = {"keys": keys, "group": group, "value_group": value_group, "residual": 0, "block": block_size}
     options.update({k: int(given[k]) for k in ("symmetric", "rotate") if given.get(k)})
+    if given.get("kernel") is False:
+        options["kernel"] = 0
     return f"{name}:" + ",".join(f"{k}={v}" for k, v in options.items())
-
-
-def _class(name: str):
-    from .base import cache_class
-
-    return cache_class(name)
 
 
 class _Plan:
@@ -111,7 +107,8 @@ class _Plan:
         self.num_tokens, self.num_fresh, self.block_size = start, fresh, bs
         long = torch.long
         self.fresh_new_dst = torch.tensor(fresh_new_dst, dtype=long)
-        self.fresh_head_dst, self.head_src = torch.tensor(fresh_head_dst, dtype=long), torch.tensor(head_src, dtype=long)
+        self.fresh_head_dst = torch.tensor(fresh_head_dst, dtype=long)
+        self.head_src = torch.tensor(head_src, dtype=long)
         offsets = torch.arange(bs)
         self.done_rows = (torch.tensor(self.done_fresh, dtype=long)[:, None] * bs + offsets).flatten()
         self.stage_rows = (torch.tensor(self.stage_fresh, dtype=long)[:, None] * bs + offsets).flatten()
@@ -186,7 +183,7 @@ class PagedQuantizedKVCache:
     # --- the step ------------------------------------------------------------
     def copy_blocks(self, ops) -> None:
         """Copy-on-write: a block's stored codes and, for a partial block, its staging rows."""
-        bs, tiles = self.block_size, self.block_size // TILE
+        bs = self.block_size
         for op in ops:
             for name, t in self.store.tensors.items():
                 unit = self._unit(name)
@@ -196,7 +193,6 @@ class PagedQuantizedKVCache:
                 src, dst = self.slots[op.src] * bs, self._slot(op.dst) * bs
                 for t in (self.stage_k, self.stage_v):
                     t[:, :, dst:dst + bs] = t[:, :, src:src + bs]
-        del tiles
 
     def _unit(self, name: str) -> int:
         """Entries of store tensor ``name`` per block along its token axis."""
@@ -297,13 +293,16 @@ class PagedQuantizedKVCache:
                 out[i] = merge_partials(parts)[0]
         return out.permute(1, 2, 0, 3).reshape(heads, batch, dim)
 
-    def _context(self, layer: int, fresh_k, fresh_v, first: int, table: list[int], s: int, end: int):
-        """One sequence's dequantized blocks before ``s``'s block, then its touched blocks' rows up to ``end``."""
-        bs, b0 = self.block_size, s // self.block_size
-        keys = [fresh_k[None, :, first * bs:first * bs + end - b0 * bs]]
-        values = [fresh_v[None, :, first * bs:first * bs + end - b0 * bs]]
-        if b0:
-            dq_k, dq_v = dequantize_rows(self._rows(layer, table[:b0]), self.key_fmt, self.value_fmt, self.dtype)
+    def _context(self, layer: int, fresh_k, fresh_v, first: int, table: list[int], s: int, end: int,
+                 quantized_blocks: int, dtype: torch.dtype):
+        """One sequence's keys/values: its first ``quantized_blocks`` blocks dequantized, then the full-precision
+        rows of the blocks this pass touches (from ``s``'s block up to ``end``)."""
+        bs = self.block_size
+        rows = slice(first * bs, first * bs + end - s // bs * bs)
+        keys, values = [fresh_k[None, :, rows]], [fresh_v[None, :, rows]]
+        if quantized_blocks:
+            dq_k, dq_v = dequantize_rows(self._rows(layer, table[:quantized_blocks]), self.key_fmt, self.value_fmt,
+                                         dtype)
             keys.insert(0, dq_k)
             values.insert(0, dq_v)
         return torch.cat(keys, 2), torch.cat(values, 2)
@@ -312,25 +311,17 @@ class PagedQuantizedKVCache:
         """A chunk's queries, each with the decode-equivalent view: blocks before its own dequantized, its own
         block in full precision (causally)."""
         bs, n = self.block_size, q.shape[2]
-        end, b0 = s + n, s // self.block_size
-        quantized_blocks = (end - 1) // bs
-        fp_k = fresh_k[None, :, first * bs:first * bs + end - b0 * bs]
-        fp_v = fresh_v[None, :, first * bs:first * bs + end - b0 * bs]
-        keys, values = [fp_k], [fp_v]
-        if quantized_blocks:
-            dq_k, dq_v = dequantize_rows(self._rows(layer, table[:quantized_blocks]), self.key_fmt,
-                                         self.value_fmt, q.dtype)
-            keys, values = [dq_k, fp_k], [dq_v, fp_v]
+        end, quantized_blocks = s + n, (s + n - 1) // bs
+        keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, end, quantized_blocks, q.dtype)
         query = torch.arange(s, end)[:, None]
         own = query // bs * bs  # where each query's block starts
         dq_pos = torch.arange(quantized_blocks * bs)[None, :]
-        fp_pos = torch.arange(b0 * bs, end)[None, :]
+        fp_pos = torch.arange(s // bs * bs, end)[None, :]
         mask = torch.cat((dq_pos < own, (fp_pos >= own) & (fp_pos <= query)), 1)
-        kv_heads, heads = fp_k.shape[1], q.shape[1]
+        kv_heads, heads = keys.shape[1], q.shape[1]
         group = heads // kv_heads
         qg = q.reshape(1, kv_heads, group * n, q.shape[3])
-        out = F.scaled_dot_product_attention(qg, torch.cat(keys, 2), torch.cat(values, 2),
-                                             attn_mask=mask.repeat(group, 1))
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask.repeat(group, 1))
         return out.reshape(q.shape)
 
     def _attend_each(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, plan: _Plan,
@@ -340,6 +331,7 @@ class PagedQuantizedKVCache:
         whose fast paths overflowed."""
         out = torch.empty_like(q)
         for q_start, q_end, first, table, s in plan.each:
-            keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, s + q_end - q_start)
+            keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, s + q_end - q_start,
+                                         s // self.block_size, q.dtype)
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, window=window)
         return out
