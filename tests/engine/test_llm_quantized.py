@@ -142,7 +142,9 @@ def test_capacity_is_reported_for_the_dtype(gpt2_dir):
     assert q8.cache.nbytes <= 8 << 20 and q4.cache.nbytes <= 8 << 20
     assert q8.capacity_tokens > 2.5 * fp.capacity_tokens
     assert q4.capacity_tokens > 1.4 * q8.capacity_tokens
-    assert q8.max_concurrent(256) > 2.5 * fp.max_concurrent(256)
+    assert q8.max_concurrent(256) == 8  # one staging block per sequence that can run: max_num_seqs
+    wide = LLM(m, kv_memory="8MiB", kv_cache="int8", max_num_seqs=90)
+    assert wide.max_concurrent(256) > 2 * fp.max_concurrent(256)
     stats = q8.stats()
     assert stats["kv_cache"] == q8.kv_cache_spec and stats["kv_staging_blocks"] == 8
     assert stats["kv_bytes"] == q8.cache.nbytes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant")
+SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,5 +109,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         rows = quantized.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
                                          steps=2 if quick else 8, rounds=2 if quick else 4, quick=quick)
         print("\n" + quantized.format_quantized_table(rows))
+    elif name == "engine-quant":
+        from . import engine_quantized
+
+        rows = engine_quantized.run(quick)
     print(flush=True)
     return rows

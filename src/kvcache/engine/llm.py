@@ -5,7 +5,9 @@
 
 Each ``step`` asks the scheduler for a batch, flattens its tokens into one
 forward pass over the paged cache, samples one token per sequence and
-retires finished ones.  Results equal running each request alone.  Bad input
+retires finished ones.  Results equal running each request alone.
+``kv_cache="int8" | "int4" | spec`` stores the pool quantized (engine/pool.py);
+then they equal ``generate(..., cache=llm.kv_cache_spec)``.  Bad input
 raises before anything is stored; a step that raises is rolled back (see
 ``_rollback``), so the engine stays usable.
 """
@@ -76,9 +78,9 @@ class LLM:
         self.config = self.model.config
         self.model.pack_weights()  # load_model packs already; a model built otherwise is packed here
         budget = parse_bytes(kv_memory) if num_blocks is None else None
-        what = f"a KV pool of kv_memory={kv_memory!r}" if num_blocks is None else f"a KV pool of {num_blocks:,} blocks"
         pool = make_pool(self.model, kv_cache, budget, num_blocks, block_size, max_num_seqs,
-                         lambda block: self.block_manager.ref_count(block) > 0, what)
+                         lambda block: self.block_manager.ref_count(block) > 0,
+                         repr(kv_memory) if num_blocks is None else "")
         self.num_blocks, self.block_size, self.cache = pool.num_blocks, block_size, pool.cache
         self.kv_cache_spec = pool.spec  # generate(..., cache=llm.kv_cache_spec) quantizes exactly as this engine
         self.kv_staging_blocks = pool.staging_blocks
@@ -97,8 +99,10 @@ class LLM:
         return self.num_blocks * self.block_size
 
     def max_concurrent(self, seq_len: int) -> int:
-        """How many sequences of ``seq_len`` tokens fit in KV memory at once (no sharing)."""
-        return self.num_blocks // self.block_manager.blocks_for(seq_len)
+        """How many sequences of ``seq_len`` tokens fit in KV memory at once (no sharing; a quantized pool also
+        needs a staging block per sequence)."""
+        fit = self.num_blocks // self.block_manager.blocks_for(seq_len)
+        return min(fit, self.kv_staging_blocks) if self.kv_staging_blocks else fit
 
     # --- requests ------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

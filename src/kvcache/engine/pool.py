@@ -33,8 +33,9 @@ class Pool:
 
 
 def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int | None, block_size: int,
-              max_num_seqs: int, in_use: Callable[[int], bool], what: str) -> Pool:
-    """A pool of ``num_blocks`` blocks, or as many as ``budget`` bytes hold."""
+              max_num_seqs: int, in_use: Callable[[int], bool], label: str = "") -> Pool:
+    """A pool of ``num_blocks`` blocks, or as many as ``budget`` bytes hold (``label`` names the budget in
+    errors)."""
     config, dtype = model.config, model.dtype
     fp_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
     name, _ = parse_spec("auto" if kv_cache is None else kv_cache)
@@ -43,8 +44,8 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
             raise ValueError(f"kv_cache {kv_cache!r}: the engine's full-precision pool stores the model's dtype "
                              f"({str(dtype).removeprefix('torch.')}); use 'auto', or a quantized cache")
         blocks = num_blocks if num_blocks is not None else budget // fp_block
-        _check(blocks, fp_block, kv_cache, what)
-        check_fits(blocks * fp_block, what)
+        _check(blocks, fp_block, kv_cache, label)
+        check_fits(blocks * fp_block, _what(blocks, label))
         return Pool(PagedKVCache.for_model(model, blocks, block_size), blocks, "auto", fp_block, 0)
     spec = engine_spec(kv_cache, block_size)
     q_block = PagedQuantizedKVCache.bytes_per_block(config, block_size, spec)
@@ -53,14 +54,18 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
     else:
         staging = min(max_num_seqs, budget // (q_block + fp_block))
         blocks = (budget - staging * fp_block) // q_block
-    _check(blocks, q_block + fp_block, kv_cache, what)
-    check_fits(blocks * q_block + staging * fp_block, what)
+    _check(blocks, q_block + fp_block, kv_cache, label)
+    check_fits(blocks * q_block + staging * fp_block, _what(blocks, label))
     c = config
     cache = PagedQuantizedKVCache(c.num_layers, blocks, block_size, c.num_kv_heads, c.head_dim, spec, staging,
                                   dtype, in_use)
     return Pool(cache, blocks, spec, q_block, staging)
 
 
-def _check(blocks: int, block_bytes: int, kv_cache, what: str) -> None:
+def _what(blocks: int, label: str) -> str:
+    return f"a KV pool of {blocks:,} blocks" + (f" ({label})" if label else "")
+
+
+def _check(blocks: int, block_bytes: int, kv_cache, label: str) -> None:
     if blocks < 1:
-        raise ValueError(f"{what} holds no block of {block_bytes} bytes (kv_cache={kv_cache!r})")
+        raise ValueError(f"kv_memory {label} holds no block of {block_bytes} bytes (kv_cache={kv_cache!r})")
