@@ -59,6 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError("--kv-cache and --no-cache contradict each other")
     if args.chat and ids is not None:
         raise UsageError("--chat takes a text message, not --ids")
+    proposer = _proposer(args)  # a bad spec fails before the (slow) model load
     model = random_model(args.random) if args.random else _load(load_model, args.model)
     if args.chat:
         try:
@@ -74,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:  # stream() validates the request before the first token
         tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        cache=args.kv_cache)
+                        cache=args.kv_cache, speculative=proposer() if proposer else None)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     as_ids = args.ids is not None
@@ -90,7 +91,36 @@ def _generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     mode = "no cache" if args.no_cache else f"KV cache {args.kv_cache or 'auto'}"
     print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tok/s, {mode}]", file=sys.stderr)
+    if args.stats and args.speculative:
+        print(f"[speculative {args.speculative}: {_proposer.last.stats}]", file=sys.stderr)
     return 0
+
+
+def _proposer(args: argparse.Namespace):
+    """``--speculative``: its spec checked now; a function building the proposer (loading a draft model)."""
+    from .generation import speculative
+
+    if args.stats and not args.speculative:
+        raise UsageError("--stats reports speculative decoding: use it with --speculative")
+    if not args.speculative:
+        return None
+    if args.no_cache:
+        raise UsageError("--speculative verifies drafts over the KV cache: it cannot run with --no-cache")
+    try:
+        speculative.check_spec(args.speculative)
+    except ValueError as exc:
+        raise UsageError(f"--speculative: {exc}") from exc
+
+    def build():
+        from .model.loader import load_model
+
+        try:
+            _proposer.last = speculative.make_proposer(args.speculative, load=lambda name: _load(load_model, name))
+        except ValueError as exc:
+            raise UsageError(f"--speculative: {exc}") from exc
+        return _proposer.last
+
+    return build
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -272,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step (baseline)")
     gen.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
+    gen.add_argument("--speculative", default=None, metavar="SPEC",
+                     help="speculative decoding: prompt-lookup[:ngram=3,min_ngram=2,k=8] or "
+                          "draft:MODEL[,k=4,layers=N]; the output is unchanged")
+    gen.add_argument("--stats", action="store_true", help="with --speculative: print drafts, acceptance and tokens "
+                     "per model pass")
     gen.set_defaults(func=_generate)
 
     chat = sub.add_parser("chat", help="interactive chat; the KV cache persists across turns")

@@ -478,6 +478,37 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.write(seq, n, n + len(new))
 
     @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), draft=st.lists(st.integers(0, 3), min_size=1, max_size=7), kept=st.integers(0, 7))
+    def speculate(self, data, draft, kept):
+        """Draft tokens get slots and KV, then the rejected ones are truncated away (speculative decoding)."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        if not self.bm.can_append(seq, len(draft)):
+            return
+        self.append_drafted(seq, draft)
+        keep = len(self.tokens[seq]) - len(draft) + min(kept, len(draft))
+        before = snapshot(self.bm)
+        try:
+            self.bm.truncate(seq, keep)
+        except ValueError:  # only when cutting into a shared block; nothing changed
+            assert vars(self.bm) == before
+            return
+        del self.tokens[seq][keep:]
+        assert self.bm.num_tokens(seq) == keep and len(self.bm.block_table(seq)) == self.bm.blocks_for(keep)
+
+    def append_drafted(self, seq, draft):
+        n = len(self.tokens[seq])
+        self.cow[seq] = ops = self.bm.append_slots(seq, draft)
+        for op in ops:
+            for i in range(BS):
+                src = self.storage.get(op.src * BS + i)
+                if src is None:
+                    self.storage.pop(op.dst * BS + i, None)
+                else:
+                    self.storage[op.dst * BS + i] = src
+        self.tokens[seq].extend(draft)
+        self.write(seq, n, n + len(draft))
+
+    @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(sorted(self.tokens)))

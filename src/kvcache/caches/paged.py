@@ -39,6 +39,7 @@ class BatchEntry:
     query_len: int
     context_len: int
     block_table: Sequence[int]
+    draft: int = 0  # how many of the last tokens are speculative drafts the engine may roll back
 
 
 class _StepPlan:
@@ -136,6 +137,9 @@ class PagedKVCache:
             src, dst = slice(op.src * bs, (op.src + 1) * bs), slice(op.dst * bs, (op.dst + 1) * bs)
             self.k[:, :, dst] = self.k[:, :, src]
             self.v[:, :, dst] = self.v[:, :, src]
+
+    def settle(self, still_filling) -> None:
+        """After a speculative step's rollback: nothing to do here (a rejected slot is simply written again)."""
 
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""

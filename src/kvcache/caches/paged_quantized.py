@@ -73,6 +73,7 @@ class _Plan:
     def __init__(self, entries: Sequence[BatchEntry], bs: int, slot_of: Callable[[int], int]):
         fresh_new_dst, fresh_head_dst, head_src = [], [], []
         self.done_fresh, self.done_blocks, self.stage_fresh, self.stage_slots = [], [], [], []
+        self.held: list[int] = []  # blocks filled by speculative drafts: staged until the engine settles
         self.decode_rows, self.decode_fresh, self.decode_fp, self.decode_tables = [], [], [], []
         self.prefills: list[tuple[int, int, int, list[int], int]] = []  # (q_start, q_end, first fresh, blocks, s)
         self.each: list[tuple[int, int, int, list[int], int]] = []
@@ -90,6 +91,10 @@ class _Plan:
                 if (b + 1) * bs <= end:
                     self.done_fresh.append(fresh)
                     self.done_blocks.append(table[b])
+                    if (b + 1) * bs > end - e.draft:  # filled by drafts: keep its rows in case they are rejected
+                        self.held.append(table[b])
+                        self.stage_fresh.append(fresh)
+                        self.stage_slots.append(slot_of(table[b]))
                 else:
                     self.stage_fresh.append(fresh)
                     self.stage_slots.append(slot_of(table[b]))
@@ -105,6 +110,7 @@ class _Plan:
                 self.prefills.append(item)
             start += e.query_len
         self.num_tokens, self.num_fresh, self.block_size = start, fresh, bs
+        self.masks: dict = {}  # prefill masks, built by the first layer
         long = torch.long
         self.fresh_new_dst = torch.tensor(fresh_new_dst, dtype=long)
         self.fresh_head_dst = torch.tensor(fresh_head_dst, dtype=long)
@@ -204,8 +210,15 @@ class PagedQuantizedKVCache:
 
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         plan = _Plan(entries, self.block_size, self._slot)
-        self._release(plan.done_blocks)  # filled in this pass: read from it, stored quantized, slot free next step
+        held = set(plan.held)  # filled in this pass: stored quantized, slot free next step (drafted: on settle)
+        self._release([b for b in plan.done_blocks if b not in held])
         self.plan = plan
+
+    def settle(self, still_filling) -> None:
+        """After a speculative step: blocks drafts filled are final unless the rollback left them partial
+        (``still_filling``), which keep their full-precision rows until they fill again."""
+        if self.plan is not None:
+            self._release([b for b in self.plan.held if b not in still_filling])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
@@ -313,15 +326,19 @@ class PagedQuantizedKVCache:
         bs, n = self.block_size, q.shape[2]
         end, quantized_blocks = s + n, (s + n - 1) // bs
         keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, end, quantized_blocks, q.dtype)
-        query = torch.arange(s, end)[:, None]
-        own = query // bs * bs  # where each query's block starts
-        dq_pos = torch.arange(quantized_blocks * bs)[None, :]
-        fp_pos = torch.arange(s // bs * bs, end)[None, :]
-        mask = torch.cat((dq_pos < own, (fp_pos >= own) & (fp_pos <= query)), 1)
         kv_heads, heads = keys.shape[1], q.shape[1]
         group = heads // kv_heads
+        key = (s, n, q.dtype)
+        if key not in self.plan.masks:  # the same for every layer: built once per step
+            query = torch.arange(s, end)[:, None]
+            own = query // bs * bs  # where each query's block starts
+            dq_pos = torch.arange(quantized_blocks * bs)[None, :]
+            fp_pos = torch.arange(s // bs * bs, end)[None, :]
+            allowed = torch.cat((dq_pos < own, (fp_pos >= own) & (fp_pos <= query)), 1).repeat(group, 1)
+            # additive: SDPA's fused CPU kernel takes a float mask (measured faster than a boolean one)
+            self.plan.masks[key] = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
         qg = q.reshape(1, kv_heads, group * n, q.shape[3])
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask.repeat(group, 1))
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self.plan.masks[key])
         return out.reshape(q.shape)
 
     def _attend_each(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, plan: _Plan,

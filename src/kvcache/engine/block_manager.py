@@ -233,6 +233,31 @@ class BlockManager:
         self._hash_full(seq_id, n // self.block_size, len(seq.tokens) // self.block_size)
         return ops
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Drop the sequence's tokens past the first ``num_tokens`` (rejected speculative drafts): blocks
+        past them are freed, and a block left partial leaves the prefix cache, so no hit can ever return
+        KV of a dropped token.  Refused (nothing changes) if it would cut into a block shared with another
+        sequence."""
+        seq = self._seq(seq_id)
+        if not 0 <= num_tokens <= len(seq.tokens):
+            raise ValueError(f"num_tokens={num_tokens!r} outside 0..{len(seq.tokens)}")
+        keep, bs = self.blocks_for(num_tokens), self.block_size
+        cut = seq.table[keep - 1] if num_tokens % bs and len(seq.tokens) > num_tokens else None
+        if cut is not None and self._blocks[cut].ref > 1:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} inside block {cut}, which another sequence shares")
+        for bid in reversed(seq.table[keep:]):
+            block = self._blocks[bid]
+            block.ref -= 1
+            if block.ref == 0:
+                self._uncache(block)
+                block.clear()
+                self._free.append(bid)
+        if cut is not None:
+            self._uncache(self._blocks[cut])
+            self._blocks[cut].clear()
+        del seq.table[keep:]
+        del seq.tokens[num_tokens:]
+
     def fork(self, parent_id, child_id) -> None:
         """The child shares every block of the parent (ref counts +1)."""
         parent = self._seq(parent_id)

@@ -26,6 +26,7 @@ from ..caches.paged import BatchEntry
 from ..checks import check_int, is_int
 from ..generation.generate import check_prompt
 from ..generation.sampling import sample
+from ..generation.speculative import verify
 from ..generation.validation import derived_seed
 from ..model.loader import load_model
 from ..model.transformer import Transformer
@@ -85,10 +86,11 @@ class LLM:
         self.kv_cache_spec = pool.spec  # generate(..., cache=llm.kv_cache_spec) quantizes exactly as this engine
         self.kv_staging_blocks = pool.staging_blocks
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs, self.config.max_positions)
         self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
         self._next_request = 0
+        self.spec_drafted = self.spec_accepted = 0  # speculative tokens proposed / kept, over all requests
         self.requests: dict[int, Request] = {}
         self._finished: list[Request] = []  # finished outside a step's own batch, reported by the next step
         self._ended: dict[int, str] = {}  # recent request ids no longer held -> how they ended, for errors
@@ -212,20 +214,23 @@ class LLM:
     def _run(self, batch: list[tuple[Sequence, int]], copies) -> list[Request]:
         """Forward the batch, sample and emit a token per sequence; the requests that finished."""
         self.cache.copy_blocks(copies)
-        ids, positions, entries, last = [], [], [], []
+        ids, positions, entries, rows = [], [], [], []
         for seq, n in batch:
-            start = len(seq.tokens) - n
-            ids.extend(seq.tokens[start:])
-            positions.extend(range(start, len(seq.tokens)))
-            entries.append(BatchEntry(n, len(seq.tokens), self.block_manager.block_table(seq.seq_id)))
-            last.append(len(ids) - 1)
+            tokens = seq.tokens + seq.draft  # a speculating sequence verifies its draft in the same pass
+            start = len(tokens) - n
+            ids.extend(tokens[start:])
+            positions.extend(range(start, len(tokens)))
+            entries.append(BatchEntry(n, len(tokens), self.block_manager.block_table(seq.seq_id), len(seq.draft)))
+            rows.extend(range(len(ids) - 1 - len(seq.draft), len(ids)))  # logits of the last token and the drafts
         self.cache.prepare(entries)
         logits = self.model(torch.tensor([ids]), torch.tensor([positions]), cache=self.cache,
-                            logits_index=torch.tensor(last))
+                            logits_index=torch.tensor(rows))
         for seq, _ in batch:
-            seq.num_computed = len(seq.tokens)  # every KV of the batch is written now
+            seq.num_computed = len(seq.tokens) + len(seq.draft)  # every KV of the batch is written now
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
+        if any(seq.draft for seq, _ in batch):
+            return self._run_speculative(batch, logits, greedy, now)
         for row, (seq, n) in enumerate(batch):
             token = greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)
             if seq.num_output == 0 and seq.index == 0 and seq.request.metrics.first_token_time is None:
@@ -233,12 +238,51 @@ class LLM:
             if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
                 self._fork_children(seq, list(seq.tokens), logits[row])  # before the parent may finish
             self._emit(seq, token)
+        return self._collect(batch, now)
+
+    def _collect(self, batch, now: float) -> list[Request]:
         done = []
         for seq, _ in batch:
             if seq.request.finished and seq.request.metrics.finish_time is None:
                 self._finish(seq.request, now)
                 done.append(seq.request)
         return done
+
+    def _run_speculative(self, batch, logits: torch.Tensor, greedy: list[int], now: float) -> list[Request]:
+        """Emit each sequence's kept drafts and the token after them; rejected drafts leave the block manager
+        (and with it the prefix cache), and the pool is told which blocks are still being filled."""
+        row, still_filling = 0, set()
+        for seq, n in batch:
+            draft, count = seq.draft, 1 + len(seq.draft)
+            if draft:
+                kept, extra = verify(logits[row:row + count], draft, None, seq.request.params.sampling,
+                                     seq.generator)
+                keep = len(seq.tokens) + kept
+                self.block_manager.truncate(seq.seq_id, keep)
+                seq.num_computed, seq.draft = keep, []
+                if keep % self.block_size:
+                    still_filling.add(self.block_manager.block_table(seq.seq_id)[-1])
+                metrics = seq.request.metrics
+                metrics.drafted_tokens += len(draft)
+                metrics.accepted_tokens += kept
+                self.spec_drafted, self.spec_accepted = self.spec_drafted + len(draft), self.spec_accepted + kept
+                new = draft[:kept] + [extra]
+            else:
+                r = row + count - 1
+                new = [greedy[r] if seq.request.params.sampling.greedy else self._sample(logits[r], seq)]
+            if seq.num_output:
+                seq.request.metrics.decode_passes += 1
+            elif seq.index == 0 and seq.request.metrics.first_token_time is None:
+                seq.request.metrics.first_token_time = now
+            if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
+                self._fork_children(seq, list(seq.tokens), logits[row + count - 1])
+            for token in new:
+                self._emit(seq, token)
+                if seq.status is Status.FINISHED:
+                    break
+            row += count
+        self.cache.settle(still_filling)
+        return self._collect(batch, now)
 
     def _rollback(self, batch: list[tuple[Sequence, int]], rngs) -> None:
         """Undo a step that raised.  Every running sequence (the batch and children forked in
@@ -412,4 +456,6 @@ class LLM:
             "kv_usage_cached": b.blocks_cached_evictable / self.num_blocks, "evictions": b.evictions,
             "cow_copies": b.cow_copies, "preemptions": s.preemptions, "recomputed_tokens": s.recomputed_tokens,
             "prefill_tokens_computed": s.prefill_tokens,
+            "spec_drafted_tokens": self.spec_drafted, "spec_accepted_tokens": self.spec_accepted,
+            "spec_acceptance_rate": self.spec_accepted / self.spec_drafted if self.spec_drafted else 0.0,
         }

@@ -21,8 +21,10 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 2048, max_num_seqs: int = 256):
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 2048, max_num_seqs: int = 256,
+                 max_positions: int | None = None):
         self.bm = block_manager
+        self.max_positions = max_positions
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -46,9 +48,10 @@ class Scheduler:
             while seq.status is Status.RUNNING and not self.bm.can_append(seq.seq_id, 1):
                 self.preempt(self.running[-1])
             if seq.status is Status.RUNNING:
-                copies += self.bm.append_slots(seq.seq_id, [seq.tokens[-1]])
-                batch.append((seq, 1))
-        budget = self.max_batch_tokens - len(batch)
+                seq.draft = self._draft(seq, self.max_batch_tokens - sum(n for _, n in batch) - 1)
+                copies += self.bm.append_slots(seq.seq_id, [seq.tokens[-1], *seq.draft])
+                batch.append((seq, 1 + len(seq.draft)))
+        budget = self.max_batch_tokens - sum(n for _, n in batch)
         rejected: list[Sequence] = []
         seats = sum(map(self._width, self.running))
         while self.waiting and seats + self._width(self.waiting[0]) <= self.max_num_seqs:
@@ -77,6 +80,20 @@ class Scheduler:
             budget -= len(seq.tokens) - cached
         return batch, copies, rejected
 
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """Speculative tokens to verify with ``seq``'s next token: what fits in memory, the batch and the request
+        (never a preemption for a draft)."""
+        if seq.proposer is None:
+            return []
+        params = seq.request.params
+        limit = min(room, params.max_new_tokens - seq.num_output - 1)
+        if self.max_positions is not None:
+            limit = min(limit, self.max_positions - len(seq.tokens))
+        draft, _ = seq.proposer.propose(seq.tokens, limit, params.sampling, None)
+        while draft and not self.bm.can_append(seq.seq_id, 1 + len(draft)):
+            draft = draft[:-1]
+        return draft
+
     @staticmethod
     def _width(seq: Sequence) -> int:
         """Seats ``seq`` takes under ``max_num_seqs``: a first sequence not yet forked also
@@ -88,6 +105,7 @@ class Scheduler:
         """Back to the front of the queue.  Blocks past ``num_computed`` (reserved for a pass
         that never ran) leave the prefix cache."""
         self.bm.free(seq.seq_id, seq.num_computed)
+        seq.draft = []
         self.running.remove(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

@@ -11,6 +11,7 @@ import torch
 
 from ..checks import check_int
 from ..generation.sampling import SamplingConfig
+from ..generation.speculative import PromptLookup, check_spec
 from ..generation.validation import check_seed, derived_seed, token_id_list
 from .stops import StopState
 
@@ -28,6 +29,7 @@ class SamplingParams:
     stop: str | tuple[str, ...] | list[str] | None = None  # stop strings, cut from the text (a str means [str])
     stop_token_ids: tuple[int, ...] | list[int] | None = None  # in addition to the model's EOS
     ignore_eos: bool = False
+    speculative: str | None = None  # "prompt-lookup[:ngram=3,min_ngram=2,k=8]": draft and verify per step
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "n"):
@@ -40,6 +42,11 @@ class SamplingParams:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _stop_ids(self.stop_token_ids))
+        if self.speculative is not None:
+            kind, _, _ = check_spec(self.speculative)
+            if kind != "prompt-lookup":
+                raise ValueError(f"speculative={self.speculative!r}: the engine speculates with prompt lookup "
+                                 "(draft models run in single-stream generate)")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -91,6 +98,9 @@ class Sequence:
         self.stopped_on_string = False
         seed = request.params.seed
         self.generator = torch.Generator().manual_seed(derived_seed(seed, index)) if seed is not None else None
+        spec = request.params.speculative
+        self.proposer = PromptLookup(**check_spec(spec)[2]) if spec else None
+        self.draft: list[int] = []  # tokens proposed for the pass being run, not yet accepted
 
     @property
     def output_ids(self) -> list[int]:
@@ -115,6 +125,9 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     cached_prompt_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding, over all completions
+    accepted_tokens: int = 0
+    decode_passes: int = 0  # forward passes after the first token (speculative requests)
     num_output_tokens: int = 0  # over all completions, set when the request finishes
     num_completions: int = 0
 

@@ -18,6 +18,7 @@ import torch
 
 from ..caches.base import Cache, make_cache
 from .sampling import SamplingConfig, sample
+from .speculative import Proposer, make_proposer, speculative_loop
 from .validation import check_prompt, check_seed, resolve_stop_ids
 
 __all__ = ["generate", "stream", "check_prompt"]
@@ -35,6 +36,7 @@ def stream(
     seed: int | None = None,
     stop_token_ids: Iterable[int] | None = None,
     cache: str | Cache | None = None,
+    speculative: str | Proposer | None = None,
 ) -> Iterator[int]:
     """Yield new token ids as they are produced.
 
@@ -47,6 +49,9 @@ def stream(
     holding the KV of ``prompt_ids[:len(cache)]`` (the caller vouches for those
     tokens); the rest of the prompt and every generated token but the last are
     appended to it.  Default: a fresh full-precision cache.
+    speculative: a proposer spec (``"prompt-lookup"``, ``"draft:MODEL"``; see generation/speculative.py) or a
+    ``Proposer``: each model pass verifies its draft; the output is the same as without it (greedy: token for
+    token; sampling: in distribution).  The proposer's ``stats`` count drafts and acceptances.
     """
     ids = check_prompt(model, prompt_ids, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
@@ -62,6 +67,13 @@ def stream(
     stops = set(resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size))
     seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if speculative is not None:
+        if not use_cache:
+            raise ValueError("speculative decoding verifies drafts over a cache: it needs use_cache=True")
+        proposer = make_proposer(speculative)
+        if cache is None:
+            cache = make_cache(None, model, batch=1, capacity=len(ids) + max_new_tokens)
+        return speculative_loop(model, ids, max_new_tokens, config, stops, generator, cache, proposer)
     return _decode_loop(model, ids, max_new_tokens, use_cache, config, stops, generator, cache)
 
 
@@ -116,13 +128,15 @@ def generate(
     stop_token_ids: Iterable[int] | None = None,
     callback: Callable[[int], None] | None = None,
     cache: str | Cache | None = None,
+    speculative: str | Proposer | None = None,
 ) -> list[int]:
     """The new token ids (not the prompt).  ``callback(token)`` is called as each is produced."""
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     out = []
     for token in stream(model, prompt_ids, max_new_tokens, use_cache=use_cache, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, cache=cache):
+                        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, cache=cache,
+                        speculative=speculative):
         out.append(token)
         if callback is not None:
             callback(token)

@@ -53,14 +53,20 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (batch,) from logits (batch, vocab)."""
+def probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution ``sample`` draws from (float64, rows of (batch, vocab)); one-hot argmax when greedy."""
     if config.greedy:
-        return logits.argmax(dim=-1)
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).double()
     # float64, and the maximum subtracted before dividing: any positive float temperature is a normal number
     # there (float32 would flush 1e-45 to 0 under flush-denormal), and the rest goes to -inf, never inf - inf
     logits = logits.double()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     logits = filter_logits(logits, config.top_k, config.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (batch,) from logits (batch, vocab)."""
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(probs(logits, config), 1, generator=generator).squeeze(-1)
