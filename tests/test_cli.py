@@ -276,3 +276,26 @@ def test_eval_compares_several_caches_in_one_run(capsys):
     lossless, lossy = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert lossless["exact_perplexity"] == lossy["exact_perplexity"]
     assert lossless["kl_vs_exact"] < 1e-6 < lossy["kl_vs_exact"]
+
+
+def test_generate_speculative_prints_the_same_tokens_and_its_stats(capsys, llama_dir):
+    base = ["generate", "--model", str(llama_dir), "--ids", "5,6,7,5,6,7,5,6", "-n", "12"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "prompt-lookup:min_ngram=1", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "[speculative prompt-lookup:min_ngram=1:" in captured.err and "tokens per target pass" in captured.err
+    assert main(base + ["--speculative", f"draft:{llama_dir},layers=1,k=2"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--speculative", "lookahead"], "unknown speculative proposer"),
+    (["--speculative", "prompt-lookup:k=0"], "k must be >= 1"),
+    (["--speculative", "prompt-lookup", "--no-cache"], "cannot run with --no-cache"),
+    (["--stats"], "use it with --speculative"),
+    (["--speculative", "draft:/no/such/model"], "--speculative"),
+])
+def test_generate_speculative_user_errors(capsys, llama_dir, extra, match):
+    run_error(capsys, ["generate", "--model", str(llama_dir), "--ids", "1,2", "-n", "4", *extra], "generate", match)

@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError("--kv-cache and --no-cache contradict each other")
     if args.chat and ids is not None:
         raise UsageError("--chat takes a text message, not --ids")
-    proposer = _proposer(args)  # a bad spec fails before the (slow) model load
+    build_proposer = _proposer(args)  # a bad spec fails before the (slow) model load
     model = random_model(args.random) if args.random else _load(load_model, args.model)
     if args.chat:
         try:
@@ -72,10 +72,11 @@ def _generate(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(f"the prompt: {exc}") from exc
     decoder = StreamDecoder(model.tokenizer)
+    proposer = build_proposer() if build_proposer else None
     try:  # stream() validates the request before the first token
         tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        cache=args.kv_cache, speculative=proposer() if proposer else None)
+                        cache=args.kv_cache, speculative=proposer)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     as_ids = args.ids is not None
@@ -91,8 +92,8 @@ def _generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     mode = "no cache" if args.no_cache else f"KV cache {args.kv_cache or 'auto'}"
     print(f"[{count} tokens in {elapsed:.2f} s, {count / max(elapsed, 1e-9):.1f} tok/s, {mode}]", file=sys.stderr)
-    if args.stats and args.speculative:
-        print(f"[speculative {args.speculative}: {_proposer.last.stats}]", file=sys.stderr)
+    if args.stats and proposer is not None:
+        print(f"[speculative {args.speculative}: {proposer.stats}]", file=sys.stderr)
     return 0
 
 
@@ -115,10 +116,9 @@ def _proposer(args: argparse.Namespace):
         from .model.loader import load_model
 
         try:
-            _proposer.last = speculative.make_proposer(args.speculative, load=lambda name: _load(load_model, name))
-        except ValueError as exc:
+            return speculative.make_proposer(args.speculative, load=load_model)
+        except _load_errors() as exc:
             raise UsageError(f"--speculative: {exc}") from exc
-        return _proposer.last
 
     return build
 

@@ -35,8 +35,11 @@ def _model(quick: bool):
 
 def _prefilled(model, spec: str, prompts: list[list[int]], new_tokens: int) -> tuple[LLM, float]:
     blocks = sum(-(-(len(p) + new_tokens) // 16) for p in prompts) + 16  # every sequence fits, none preempted
+    # a prompt longer than the token budget is admitted only into an empty batch (the scheduler does not chunk
+    # one prompt), so the budget holds a whole prompt plus every decode: all sequences run together
+    budget = max(len(p) for p in prompts) + len(prompts)
     llm = LLM(model, num_blocks=blocks, kv_cache=None if spec == "auto" else spec, max_num_seqs=len(prompts),
-              max_batch_tokens=2048)
+              max_batch_tokens=budget)
     for prompt in prompts:
         llm.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
 
@@ -53,7 +56,7 @@ def bench_throughput(model, name: str, sequences: int = 16, context: int = 4096,
     rng = random.Random(0)
     prompts = [[rng.randrange(1, model.config.vocab_size) for _ in range(context)] for _ in range(sequences)]
     # nobody finishes during the timed rounds: the early prompts already decode while the later ones prefill
-    new_tokens = -(-context // 2048) * sequences + steps * rounds + 8
+    new_tokens = sequences + steps * rounds + 8
     engines = {spec: _prefilled(model, spec, prompts, new_tokens) for spec in specs}
     rates: dict[str, list[float]] = {spec: [] for spec in specs}
     for _ in range(rounds):

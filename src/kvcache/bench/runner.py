@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant")
+SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
+             "speculative")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +110,10 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         rows = quantized.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
                                          steps=2 if quick else 8, rounds=2 if quick else 4, quick=quick)
         print("\n" + quantized.format_quantized_table(rows))
+    elif name == "speculative":
+        from . import speculative
+
+        rows = speculative.run(quick)
     elif name == "engine-quant":
         from . import engine_quantized
 
