@@ -456,7 +456,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         expect = self.bm.can_append(seq, len(new))
         before = snapshot(self.bm)
-        n = len(self.tokens[seq])
         try:
             ops = self.bm.append_slots(seq, new)
         except OutOfBlocks:
@@ -466,7 +465,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert expect
         assert len(ops) <= 1
         self.cow[seq] = ops
-        for op in ops:  # execute copies before writing new KV
+        self.copy_then_write(seq, ops, new)
+
+    def copy_then_write(self, seq, ops, new):
+        """Execute the copy-on-write ops, then write the new tokens' KV (the engine's order)."""
+        n = len(self.tokens[seq])
+        for op in ops:
             assert self.bm.ref_count(op.src) >= 1 and self.bm.ref_count(op.dst) == 1
             for i in range(BS):
                 src = self.storage.get(op.src * BS + i)
@@ -484,7 +488,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         if not self.bm.can_append(seq, len(draft)):
             return
-        self.append_drafted(seq, draft)
+        self.cow[seq] = ops = self.bm.append_slots(seq, draft)
+        self.copy_then_write(seq, ops, draft)
         keep = len(self.tokens[seq]) - len(draft) + min(kept, len(draft))
         before = snapshot(self.bm)
         try:
@@ -494,19 +499,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         del self.tokens[seq][keep:]
         assert self.bm.num_tokens(seq) == keep and len(self.bm.block_table(seq)) == self.bm.blocks_for(keep)
-
-    def append_drafted(self, seq, draft):
-        n = len(self.tokens[seq])
-        self.cow[seq] = ops = self.bm.append_slots(seq, draft)
-        for op in ops:
-            for i in range(BS):
-                src = self.storage.get(op.src * BS + i)
-                if src is None:
-                    self.storage.pop(op.dst * BS + i, None)
-                else:
-                    self.storage[op.dst * BS + i] = src
-        self.tokens[seq].extend(draft)
-        self.write(seq, n, n + len(draft))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
