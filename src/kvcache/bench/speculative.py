@@ -54,8 +54,8 @@ def prompts(tokenizer, task: str, count: int) -> list[list[int]]:
         ask = ("Return this function unchanged except that its docstring is removed. Reply with the code only."
                if task == "edit" else "Explain in a few sentences what this function does.")
         texts = [f"{ask}\n\n```python\n{source}```" for source in _functions(count)]
-    if not tokenizer.chat_template:  # the shipped code model (quick runs): plain text
-        return [tokenizer.encode(t) for t in texts]
+    if not tokenizer.chat_template:  # the shipped code model (quick runs): plain text, its 512 positions
+        return [tokenizer.encode(t)[-400:] for t in texts]
     return [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
 
 
@@ -121,6 +121,27 @@ def bench_engine(model, name: str, new_tokens: int, concurrency=(1, 4, 16), task
     return rows
 
 
+def no_match_cost(model, context: int = 4000, rounds: int = 200) -> dict:
+    """What prompt lookup costs when it never finds a match: one proposal over ``context`` distinct tokens,
+    against one plain decode step at 1,000 tokens of context (fewer on a short model)."""
+    import random
+
+    tokens = random.Random(0).sample(range(1, model.config.vocab_size), min(context, model.config.vocab_size - 1))
+    lookup = PromptLookup()
+    seconds, _ = timed(lambda: [lookup.propose(tokens, 8, None, None) for _ in range(rounds)])
+    assert lookup.propose(tokens, 8, None, None)[0] == []
+    prompt = tokens[:min(1000, model.config.max_positions - 40)]
+    generate(model, prompt, 2, stop_token_ids=[])
+    full, _ = timed(generate, model, prompt, 33, stop_token_ids=[])
+    first, _ = timed(generate, model, prompt, 1, stop_token_ids=[])
+    step = (full - first) / 32
+    row = {"context": len(tokens), "propose_us": seconds / rounds * 1e6, "decode_step_ms": step * 1e3,
+           "share": seconds / rounds / step}
+    print(f"prompt lookup with no match over {row['context']:,} tokens: {row['propose_us']:.0f} us per proposal, "
+          f"{100 * row['share']:.2f}% of a {row['decode_step_ms']:.1f} ms decode step", flush=True)
+    return row
+
+
 def run(quick: bool) -> dict:
     model, name = _model(quick)
     tokens, count = (16, 1) if quick else (160, 4)
@@ -133,7 +154,7 @@ def run(quick: bool) -> dict:
     drafted = bench_single(model, name, tokens, count, tasks=("edit", "chat"), label=f"draft: first {layers} layers",
                            proposer_factory=lambda: DraftModel(draft, k=4))
     print("\n" + format_single_table(drafted), flush=True)
-    return {"single": single, "engine": engine, "draft": drafted}
+    return {"single": single, "engine": engine, "draft": drafted, "no_match": no_match_cost(model)}
 
 
 def format_single_table(rows: list[dict]) -> str:

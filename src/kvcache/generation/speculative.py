@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..caches.base import Cache, make_cache
 from ..checks import check_int
@@ -77,20 +76,42 @@ class PromptLookup(Proposer):
 
     def __init__(self, ngram: int = 3, min_ngram: int = 2, k: int = 8, adaptive: bool = True):
         super().__init__(k, adaptive)
+        self._buffer, self._length = np.empty(0, dtype=np.int64), 0
         self.ngram = check_int(ngram, "ngram", minimum=1)
         self.min_ngram = check_int(min_ngram, "min_ngram", minimum=1)
         if self.min_ngram > self.ngram:
             raise ValueError(f"min_ngram ({min_ngram}) must be <= ngram ({ngram})")
 
+    def start(self, model, prompt):
+        self._buffer, self._length = np.empty(0, dtype=np.int64), 0
+
+    def _tokens(self, context: list[int]) -> np.ndarray:
+        """``context`` as an array, converting only what was appended since the last call (contexts only grow
+        within one generation; ``start`` begins another)."""
+        n = len(context)
+        if n < self._length:
+            self._length = 0
+        if n > len(self._buffer):
+            grown = np.empty(max(n, 2 * len(self._buffer), 256), dtype=np.int64)
+            grown[: self._length] = self._buffer[: self._length]
+            self._buffer = grown
+        self._buffer[self._length:n] = context[self._length:n]
+        self._length = n
+        return self._buffer[:n]
+
     def propose(self, context, limit, config, generator):
-        if limit < 1:
+        if limit < 1 or len(context) < 2:
             return [], None
-        tokens = np.asarray(context, dtype=np.int64)
+        tokens = self._tokens(context)
+        # n-grams ending at i (i < last, so a continuation exists) that end like the context: one pass over the
+        # context for its last token, then only the candidates are compared further back (longest n first)
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
         for n in range(min(self.ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            windows = sliding_window_view(tokens[:-1], n)  # every earlier n-gram that has a continuation
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            hits = ends[ends >= n - 1]
+            for back in range(1, n):
+                hits = hits[tokens[hits - back] == tokens[-1 - back]]
             if hits.size:
-                start = int(hits[-1]) + n
+                start = int(hits[-1]) + 1
                 return tokens[start:start + min(limit, self.k)].tolist(), None
         return [], None
 
