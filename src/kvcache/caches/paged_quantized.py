@@ -29,12 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..model.attention import attention, merge_partials, softmax_partial
 from . import kernels
 from .base import cache_class, parse_spec
 from .paged import BatchEntry
+from .prefill_view import prefill_attention, view_masks
 from .quant_ops import TILE, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
 from .quant_store import QuantizedStore
 from .quantized import HALF_MAX, QuantizedKVCache
@@ -321,25 +321,20 @@ class PagedQuantizedKVCache:
         return torch.cat(keys, 2), torch.cat(values, 2)
 
     def _prefill(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, first: int, table: list[int], s: int):
-        """A chunk's queries, each with the decode-equivalent view: blocks before its own dequantized, its own
-        block in full precision (causally)."""
+        """A chunk's queries, each with the decode-equivalent view (prefill_view.py): blocks before its own
+        dequantized, its own block in full precision (causally)."""
         bs, n = self.block_size, q.shape[2]
         end, quantized_blocks = s + n, (s + n - 1) // bs
-        keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, end, quantized_blocks, q.dtype)
-        kv_heads, heads = keys.shape[1], q.shape[1]
-        group = heads // kv_heads
+        rows = slice(first * bs, first * bs + end - s // bs * bs)
+        fp_k, fp_v = fresh_k[None, :, rows], fresh_v[None, :, rows]
+        dq_k = dq_v = None
+        if quantized_blocks:
+            dq_k, dq_v = dequantize_rows(self._rows(layer, table[:quantized_blocks]), self.key_fmt, self.value_fmt,
+                                         q.dtype)
         key = (s, n, q.dtype)
         if key not in self.plan.masks:  # the same for every layer: built once per step
-            query = torch.arange(s, end)[:, None]
-            own = query // bs * bs  # where each query's block starts
-            dq_pos = torch.arange(quantized_blocks * bs)[None, :]
-            fp_pos = torch.arange(s // bs * bs, end)[None, :]
-            allowed = torch.cat((dq_pos < own, (fp_pos >= own) & (fp_pos <= query)), 1).repeat(group, 1)
-            # additive: SDPA's fused CPU kernel takes a float mask (measured faster than a boolean one)
-            self.plan.masks[key] = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
-        qg = q.reshape(1, kv_heads, group * n, q.shape[3])
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self.plan.masks[key])
-        return out.reshape(q.shape)
+            self.plan.masks[key] = view_masks(s, n, bs, quantized_blocks * bs, q.dtype)
+        return prefill_attention(q, dq_k, dq_v, fp_k, fp_v, s, bs, self.plan.masks[key])
 
     def _attend_each(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, plan: _Plan,
                      window: int | None = None) -> torch.Tensor:
