@@ -44,6 +44,7 @@ def test_greedy_equals_generate_in_a_mixed_batch(model, kv_cache):
     stats = llm.stats()
     assert stats["spec_drafted_tokens"] > stats["spec_accepted_tokens"] > 0
     assert outs[0].metrics.accepted_tokens > 0 and outs[0].metrics.decode_passes < 29
+    assert outs[0].metrics.tokens_per_pass > 1 and outs[3].metrics.tokens_per_pass == 1.0  # 3: not speculating
     assert llm.block_manager.stats().blocks_in_use == 0
 
 

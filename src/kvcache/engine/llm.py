@@ -233,7 +233,9 @@ class LLM:
             return self._run_speculative(batch, logits, greedy, now)
         for row, (seq, n) in enumerate(batch):
             token = greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)
-            if seq.num_output == 0 and seq.index == 0 and seq.request.metrics.first_token_time is None:
+            if seq.num_output:
+                seq.request.metrics.decode_passes += 1
+            elif seq.index == 0 and seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
             if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
                 self._fork_children(seq, list(seq.tokens), logits[row])  # before the parent may finish

@@ -127,9 +127,15 @@ class RequestMetrics:
     cached_prompt_tokens: int = 0
     drafted_tokens: int = 0  # speculative decoding, over all completions
     accepted_tokens: int = 0
-    decode_passes: int = 0  # forward passes after the first token (speculative requests)
+    decode_passes: int = 0  # forward passes after the first token, over all completions
     num_output_tokens: int = 0  # over all completions, set when the request finishes
     num_completions: int = 0
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Tokens each forward pass after the first produced (above 1 only with speculative decoding)."""
+        later = self.num_output_tokens - self.num_completions
+        return later / self.decode_passes if self.decode_passes else None
 
     @property
     def time_to_first_token(self) -> float | None:
