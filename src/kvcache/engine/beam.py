@@ -39,6 +39,7 @@ import torch
 from ..caches.paged import BatchEntry
 from ..generation.beam import BeamHypothesis, start_search
 from .block_manager import BlockManager, OutOfBlocks
+from .runner import forward_batch
 
 __all__ = ["paged_beam_search"]
 
@@ -97,14 +98,9 @@ class _BeamGroup:
             if need > self.bm.num_blocks or not self.llm.scheduler.has_work():
                 raise self._out_of_blocks(need, when)
             self.llm._step_aside()
-        tokens, positions, entries, last = [], [], [], []
-        for sid, seq in zip(self.live, seqs):
-            start = self.written[sid]
-            tokens += seq[start:]
-            positions += range(start, len(seq))
-            entries.append(BatchEntry(len(seq) - start, len(seq), self.bm.block_table(sid)))
-            last.append(len(tokens) - 1)
-        return self._forward(tokens, positions, entries, last)
+        return self._forward([(seq[self.written[sid]:], BatchEntry(len(seq) - self.written[sid], len(seq),
+                                                                    self.bm.block_table(sid)))
+                              for sid, seq in zip(self.live, seqs)])
 
     def _allocate(self, seqs: list[list[int]]) -> bool:
         """All or nothing (a hash collision can make ``_admit_need`` too low)."""
@@ -140,19 +136,15 @@ class _BeamGroup:
 
     def decode(self, new_tokens: list[int]) -> torch.Tensor:
         """Append one token to every beam and run them in one pass; their logits."""
-        ops, positions, entries = [], [], []
+        ops, batch = [], []
         for sid, token in zip(self.live, new_tokens):
             ops += self.bm.append_slots(sid, [token])
-            n = self.bm.num_tokens(sid)
-            positions.append(n - 1)
-            entries.append(BatchEntry(1, n, self.bm.block_table(sid)))
+            batch.append(([token], BatchEntry(1, self.bm.num_tokens(sid), self.bm.block_table(sid))))
         self.llm.cache.copy_blocks(ops)  # copy-on-write BEFORE the forward writes the new KV
-        return self._forward(new_tokens, positions, entries, list(range(len(new_tokens))))
+        return self._forward(batch)
 
-    def _forward(self, tokens, positions, entries, last) -> torch.Tensor:
-        self.llm.cache.prepare(entries)
-        logits = self.llm.model(torch.tensor([tokens]), torch.tensor([positions]), cache=self.llm.cache,
-                                logits_index=torch.tensor(last))
+    def _forward(self, batch) -> torch.Tensor:
+        logits = forward_batch(self.llm.model, self.llm.cache, batch)
         for sid in self.live:
             self.written[sid] = self.bm.num_tokens(sid)
         return logits

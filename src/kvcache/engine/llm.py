@@ -33,6 +33,7 @@ from ..model.transformer import Transformer
 from ..runtime import tune_malloc
 from .block_manager import BlockManager
 from .pool import make_pool
+from .runner import forward_batch
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
 from .stops import check_stops, truncate
@@ -214,17 +215,12 @@ class LLM:
     def _run(self, batch: list[tuple[Sequence, int]], copies) -> list[Request]:
         """Forward the batch, sample and emit a token per sequence; the requests that finished."""
         self.cache.copy_blocks(copies)
-        ids, positions, entries, rows = [], [], [], []
+        work = []
         for seq, n in batch:
             tokens = seq.tokens + seq.draft  # a speculating sequence verifies its draft in the same pass
-            start = len(tokens) - n
-            ids.extend(tokens[start:])
-            positions.extend(range(start, len(tokens)))
-            entries.append(BatchEntry(n, len(tokens), self.block_manager.block_table(seq.seq_id), len(seq.draft)))
-            rows.extend(range(len(ids) - 1 - len(seq.draft), len(ids)))  # logits of the last token and the drafts
-        self.cache.prepare(entries)
-        logits = self.model(torch.tensor([ids]), torch.tensor([positions]), cache=self.cache,
-                            logits_index=torch.tensor(rows))
+            entry = BatchEntry(n, len(tokens), self.block_manager.block_table(seq.seq_id), len(seq.draft))
+            work.append((tokens[len(tokens) - n:], entry))
+        logits = forward_batch(self.model, self.cache, work)
         for seq, _ in batch:
             seq.num_computed = len(seq.tokens) + len(seq.draft)  # every KV of the batch is written now
         greedy = logits.argmax(dim=-1).tolist()
