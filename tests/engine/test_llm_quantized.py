@@ -1,6 +1,6 @@
 """The engine with a quantized pool (``LLM(kv_cache="int8" | "int4" | spec)``): every token stream equals
 single-stream ``generate`` with the equivalent cache spec (``llm.kv_cache_spec``), whatever the batch --
-prefix caching, copy-on-write forks, preemption, chunked prefill and beam search included."""
+prefix caching, copy-on-write forks, preemption, a small token budget and beam search included."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def assert_no_leak(llm):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_greedy_equals_generate_with_the_same_cache(model, spec):
-    llm = LLM(model, num_blocks=80, kv_cache=spec, max_batch_tokens=64)  # chunked prefill too
+    llm = LLM(model, num_blocks=80, kv_cache=spec, max_batch_tokens=64)  # prefills spread over steps
     assert isinstance(llm.cache, PagedQuantizedKVCache)
     outs = llm.generate(PROMPTS, greedy(30))
     for prompt, out in zip(PROMPTS, outs):
