@@ -127,6 +127,7 @@ def test_the_engine_spec_names_every_option(gpt2_dir):
     ("int9", 16, "unknown cache"),
     ("int8:bogus=1", 16, "unknown option"),
     ("fp16", 16, "model's dtype"),
+    ("auto:dtype=float16", 16, "model's dtype"),
 ])
 def test_bad_specs_are_refused_by_name(gpt2_dir, spec, block_size, message):
     m = load_model(gpt2_dir)

@@ -19,8 +19,7 @@ from ..caches.paged import PagedKVCache
 from ..caches.paged_quantized import PagedQuantizedKVCache, engine_spec
 from ..runtime import check_fits
 
-FULL_PRECISION = {"auto": None, "fp32": "torch.float32", "fp64": "torch.float64", "fp16": "torch.float16",
-                  "bf16": "torch.bfloat16"}
+FULL_PRECISION = ("auto", "fp32", "fp64", "fp16", "bf16")  # registry names whose `dtype` must be the model's
 
 
 @dataclass
@@ -38,9 +37,9 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
     errors)."""
     config, dtype = model.config, model.dtype
     fp_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
-    name, _ = parse_spec("auto" if kv_cache is None else kv_cache)
+    name, options = parse_spec("auto" if kv_cache is None else kv_cache)
     if name in FULL_PRECISION:
-        if FULL_PRECISION[name] not in (None, str(dtype)):
+        if options.get("dtype") not in (None, str(dtype).removeprefix("torch.")):
             raise ValueError(f"kv_cache {kv_cache!r}: the engine's full-precision pool stores the model's dtype "
                              f"({str(dtype).removeprefix('torch.')}); use 'auto', or a quantized cache")
         blocks = num_blocks if num_blocks is not None else budget // fp_block
