@@ -81,8 +81,8 @@ def bench_capacity(model, name: str, kv_memory: str = "1GiB", context: int = 409
     for spec in specs:
         kv_cache = None if spec == "auto" else spec
         probe = LLM(model, num_blocks=1, kv_cache=kv_cache)
-        per_seq = probe.block_manager.blocks_for(context) * _block_bytes(probe)
-        staging = probe.cache.nbytes - _block_bytes(probe) if probe.kv_staging_blocks else 0
+        per_seq = probe.block_manager.blocks_for(context) * probe.kv_block_bytes
+        staging = probe.cache.nbytes - probe.kv_block_bytes  # one full-precision block per sequence (0 for fp32)
         fits = budget // (per_seq + staging)
         llm = LLM(model, kv_memory=budget, kv_cache=kv_cache, max_num_seqs=max(1, fits))
         assert llm.max_concurrent(context) >= fits, (spec, fits, llm.max_concurrent(context))
@@ -93,13 +93,6 @@ def bench_capacity(model, name: str, kv_memory: str = "1GiB", context: int = 409
         r["vs_fp"] = r["sequences"] / rows[0]["sequences"]
         r["bytes_vs_fp"] = rows[0]["bytes_per_token"] / r["bytes_per_token"]
     return rows
-
-
-def _block_bytes(llm: LLM) -> int:
-    """One block's bytes in ``llm``'s pool, every layer (quantized: codes and scales)."""
-    cache = llm.cache
-    store = getattr(cache, "store", None)
-    return store.nbytes // llm.num_blocks if store is not None else cache.nbytes // llm.num_blocks
 
 
 def run(quick: bool) -> dict:

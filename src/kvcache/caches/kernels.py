@@ -92,6 +92,12 @@ def fits(head_dim: int, key_fmt, value_fmt) -> bool:
             and (key_fmt.per_channel or (kg == vg and head_dim // kg <= 16)))
 
 
+def usable(qg: torch.Tensor) -> bool:
+    """The per-call limits, for a cache whose shapes ``fits``: float32 queries, at most 64 per KV head, and
+    a library that built."""
+    return qg.dtype == torch.float32 and qg.shape[2] <= 64 and library() is not None
+
+
 def _int32(values, batch: int) -> torch.Tensor:
     if isinstance(values, int):
         return torch.full((batch,), values, dtype=torch.int32)

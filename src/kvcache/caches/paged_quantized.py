@@ -37,7 +37,7 @@ from .paged import BatchEntry
 from .prefill_view import prefill_attention, view_masks
 from .quant_ops import TILE, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
 from .quant_store import QuantizedStore
-from .quantized import HALF_MAX, QuantizedKVCache
+from .quantized import QuantizedKVCache, check_range
 
 
 def engine_spec(spec: str, block_size: int) -> str:
@@ -55,7 +55,7 @@ def engine_spec(spec: str, block_size: int) -> str:
                              f"so {key} must be {allowed} here (got {given[key]}); {key} is a single-stream option")
     bits = given["bits"]
     keys = given.get("keys") or ("channel" if bits == 4 else "token")
-    group = given.get("group", block_size if keys == "channel" else 32)
+    group = given.get("group", block_size if keys == "channel" else QuantizedKVCache.options["group"].default)
     if keys == "channel" and block_size % group:
         raise ValueError(f"kv_cache {spec!r}: keys=channel groups tokens within a block, so group ({group}) must "
                          f"divide the block size ({block_size})")
@@ -129,6 +129,7 @@ class _Plan:
             self.counts = torch.tensor([len(t) * bs for t in self.decode_tables], dtype=torch.int32)
             self.fp_counts = torch.tensor(self.decode_fp, dtype=torch.int32)
             self.decode_index = torch.tensor(self.decode_rows, dtype=long)
+            self.decode_fresh_index = torch.tensor(self.decode_fresh, dtype=long)
 
 
 class PagedQuantizedKVCache:
@@ -208,6 +209,11 @@ class PagedQuantizedKVCache:
             return self.block_size // self.key_fmt.group
         return self.block_size
 
+    def _index(self, name: str, blocks: Sequence[int]) -> torch.Tensor:
+        """Positions of ``blocks``' entries along store tensor ``name``'s token axis, in block order."""
+        unit = self._unit(name)
+        return (torch.as_tensor(list(blocks), dtype=torch.long)[:, None] * unit + torch.arange(unit)).flatten()
+
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         plan = _Plan(entries, self.block_size, self._slot)
         held = set(plan.held)  # filled in this pass: stored quantized, slot free next step (drafted: on settle)
@@ -227,9 +233,7 @@ class PagedQuantizedKVCache:
             raise RuntimeError("PagedQuantizedKVCache.attend called without a matching prepare() for this batch")
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
-        if max(k.abs().max().item(), v.abs().max().item()) > HALF_MAX:
-            raise ValueError(f"keys/values beyond float16 range (|x| > {HALF_MAX:g}) cannot be stored by a "
-                             "quantized KV cache (float16 scales); use a full-precision cache")
+        check_range(k, v)
         fresh_k, fresh_v = self._fresh(layer, k[0], v[0], plan)
         self._store_done(layer, fresh_k, fresh_v, plan)
         for stage, fresh in ((self.stage_k, fresh_k), (self.stage_v, fresh_v)):
@@ -263,23 +267,17 @@ class PagedQuantizedKVCache:
         keys, values = fresh_k.index_select(1, plan.done_rows)[None], fresh_v.index_select(1, plan.done_rows)[None]
         codes = dict(zip(("kc", "ks", "ko"), quantize(keys, self.key_fmt)))
         codes.update(zip(("vc", "vs", "vo"), quantize(values, self.value_fmt)))
-        blocks = torch.tensor(plan.done_blocks, dtype=torch.long)
         for name, t in self.store.tensors.items():
             c = codes[name]
-            unit = self._unit(name)
             if name == "kc" or (name in ("ks", "ko") and not self.key_fmt.per_channel):
                 c = c.reshape(*c.shape[:2], -1, TILE, c.shape[-1]).transpose(-1, -2)  # token rows -> tiles
-            index = (blocks[:, None] * unit + torch.arange(unit)).flatten()
-            t[layer].index_copy_(2, index, c)
+            t[layer].index_copy_(2, self._index(name, plan.done_blocks), c)
 
     def _rows(self, layer: int, blocks: Sequence[int]) -> QuantizedRows:
         """The stored codes of ``blocks``, in order, as one contiguous run (one sequence's quantized context)."""
-        ids = torch.tensor(list(blocks), dtype=torch.long)
-        picked = []
-        for name, t in zip(("kc", "ks", "ko", "vc", "vs", "vo"), self.store.layer(layer)):
-            unit = self._unit(name)
-            picked.append(t.index_select(2, (ids[:, None] * unit + torch.arange(unit)).flatten()))
-        return QuantizedRows(*picked, count=len(ids) * self.block_size)
+        picked = [t.index_select(2, self._index(name, blocks))
+                  for name, t in zip(("kc", "ks", "ko", "vc", "vs", "vo"), self.store.layer(layer))]
+        return QuantizedRows(*picked, count=len(blocks) * self.block_size)
 
     def _decode(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, plan: _Plan) -> torch.Tensor:
         """Every decode token over its quantized blocks and its own block's rows -> (heads, batch, d)."""
@@ -288,10 +286,9 @@ class PagedQuantizedKVCache:
         qg = (q[0, :, plan.decode_index] * dim ** -0.5).view(kv_heads, heads // kv_heads, batch, dim)
         qg = qg.permute(2, 0, 1, 3).contiguous()  # (batch, kv_heads, group, d)
         bs = self.block_size
-        index = torch.tensor(plan.decode_fresh, dtype=torch.long)
-        fk, fv = (f.view(kv_heads, -1, bs, dim).index_select(1, index).transpose(0, 1).contiguous()
+        fk, fv = (f.view(kv_heads, -1, bs, dim).index_select(1, plan.decode_fresh_index).transpose(0, 1).contiguous()
                   for f in (fresh_k, fresh_v))
-        if self.use_kernel and qg.dtype == torch.float32 and qg.shape[2] <= 64 and kernels.library() is not None:
+        if self.use_kernel and kernels.usable(qg):
             out = kernels.quant_decode(qg, *self.store.layer(layer), plan.counts, self.key_fmt.bits,
                                        self.key_fmt.group, self.value_fmt.group, self.key_fmt.per_channel,
                                        fk, fv, plan.fp_counts, tiles=plan.tiles)
@@ -306,35 +303,28 @@ class PagedQuantizedKVCache:
                 out[i] = merge_partials(parts)[0]
         return out.permute(1, 2, 0, 3).reshape(heads, batch, dim)
 
-    def _context(self, layer: int, fresh_k, fresh_v, first: int, table: list[int], s: int, end: int,
-                 quantized_blocks: int, dtype: torch.dtype):
-        """One sequence's keys/values: its first ``quantized_blocks`` blocks dequantized, then the full-precision
-        rows of the blocks this pass touches (from ``s``'s block up to ``end``)."""
+    def _parts(self, layer: int, fresh_k, fresh_v, first: int, table: list[int], s: int, end: int,
+               quantized_blocks: int, dtype: torch.dtype):
+        """One sequence's keys/values in two parts: its first ``quantized_blocks`` blocks dequantized (None if
+        none), and the full-precision rows of the blocks this pass touches (from ``s``'s block up to ``end``)."""
         bs = self.block_size
         rows = slice(first * bs, first * bs + end - s // bs * bs)
-        keys, values = [fresh_k[None, :, rows]], [fresh_v[None, :, rows]]
+        dq_k = dq_v = None
         if quantized_blocks:
             dq_k, dq_v = dequantize_rows(self._rows(layer, table[:quantized_blocks]), self.key_fmt, self.value_fmt,
                                          dtype)
-            keys.insert(0, dq_k)
-            values.insert(0, dq_v)
-        return torch.cat(keys, 2), torch.cat(values, 2)
+        return dq_k, dq_v, fresh_k[None, :, rows], fresh_v[None, :, rows]
 
     def _prefill(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, first: int, table: list[int], s: int):
         """A chunk's queries, each with the decode-equivalent view (prefill_view.py): blocks before its own
         dequantized, its own block in full precision (causally)."""
         bs, n = self.block_size, q.shape[2]
-        end, quantized_blocks = s + n, (s + n - 1) // bs
-        rows = slice(first * bs, first * bs + end - s // bs * bs)
-        fp_k, fp_v = fresh_k[None, :, rows], fresh_v[None, :, rows]
-        dq_k = dq_v = None
-        if quantized_blocks:
-            dq_k, dq_v = dequantize_rows(self._rows(layer, table[:quantized_blocks]), self.key_fmt, self.value_fmt,
-                                         q.dtype)
+        quantized_blocks = (s + n - 1) // bs
+        parts = self._parts(layer, fresh_k, fresh_v, first, table, s, s + n, quantized_blocks, q.dtype)
         key = (s, n, q.dtype)
         if key not in self.plan.masks:  # the same for every layer: built once per step
             self.plan.masks[key] = view_masks(s, n, bs, quantized_blocks * bs, q.dtype)
-        return prefill_attention(q, dq_k, dq_v, fp_k, fp_v, s, bs, self.plan.masks[key])
+        return prefill_attention(q, *parts, s, bs, self.plan.masks[key])
 
     def _attend_each(self, layer: int, q: torch.Tensor, fresh_k, fresh_v, plan: _Plan,
                      window: int | None = None) -> torch.Tensor:
@@ -343,7 +333,9 @@ class PagedQuantizedKVCache:
         whose fast paths overflowed."""
         out = torch.empty_like(q)
         for q_start, q_end, first, table, s in plan.each:
-            keys, values = self._context(layer, fresh_k, fresh_v, first, table, s, s + q_end - q_start,
-                                         s // self.block_size, q.dtype)
+            dq_k, dq_v, fp_k, fp_v = self._parts(layer, fresh_k, fresh_v, first, table, s, s + q_end - q_start,
+                                                 s // self.block_size, q.dtype)
+            keys = fp_k if dq_k is None else torch.cat((dq_k, fp_k), 2)
+            values = fp_v if dq_v is None else torch.cat((dq_v, fp_v), 2)
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, window=window)
         return out

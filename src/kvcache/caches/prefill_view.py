@@ -21,13 +21,19 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 
 
 def view_masks(s: int, n: int, block_size: int, quantized: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The additive masks of a chunk of ``n`` queries from position ``s`` over ``quantized`` dequantized tokens."""
+    """The additive masks of a chunk of ``n`` queries from position ``s`` over ``quantized`` dequantized tokens:
+    the split path's (``dq``, ``no_dq``) or, where it cannot run, the one masked attention's (``both``)."""
     query = torch.arange(s, s + n)[:, None]
     own = query // block_size * block_size
     dq = torch.arange(quantized)[None, :] < own
+    if _split(quantized, dtype):
+        return {"dq": _additive(dq, dtype), "no_dq": own[:, 0] == 0}
     fp_pos = torch.arange(s // block_size * block_size, s + n)[None, :]
-    both = torch.cat((dq, (fp_pos >= own) & (fp_pos <= query)), 1)
-    return {"dq": _additive(dq, dtype), "both": _additive(both, dtype), "no_dq": own[:, 0] == 0}
+    return {"both": _additive(torch.cat((dq, (fp_pos >= own) & (fp_pos <= query)), 1), dtype)}
+
+
+def _split(quantized: int, dtype: torch.dtype) -> bool:
+    return _FLASH is not None and dtype == torch.float32 and quantized > 0
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,7 +45,7 @@ def prefill_attention(q: torch.Tensor, dq_k: torch.Tensor | None, dq_v: torch.Te
     """q (1, heads, n, d) at positions s..s+n-1; dq_k/dq_v (1, kv_heads, Q, d) the dequantized blocks before the
     last query's block (or None); fp_k/fp_v (1, kv_heads, F, d) full-precision rows from s's block start."""
     group = q.shape[1] // fp_k.shape[1]
-    if _FLASH is None or q.dtype != torch.float32 or dq_k is None:
+    if "both" in masks:
         keys = fp_k if dq_k is None else torch.cat((dq_k, fp_k), 2)
         values = fp_v if dq_v is None else torch.cat((dq_v, fp_v), 2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks["both"], enable_gqa=group > 1)

@@ -167,7 +167,7 @@ class QuantizedKVCache(Cache):
         original_q = q
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
-        _check_range(k, v)
+        check_range(k, v)
         qc, fp_end = self._store_new(layer, start, k, v)
         if window is not None and start + n > window:  # Mistral past its window: the last `window` stored forms
             self.lengths[layer] = start + n
@@ -184,7 +184,7 @@ class QuantizedKVCache(Cache):
         kv_heads = self.num_kv_heads
         qg = (q * dim ** -0.5).reshape(batch, kv_heads, heads // kv_heads * n, dim)
         self.lengths[layer] = start + n
-        if n == 1 and self._kernel_fits(qg):  # one call: stored codes and full-precision part together
+        if n == 1 and self.use_kernel and kernels.usable(qg):  # one call: stored codes and full-precision part together
             out = kernels.quant_decode(qg.contiguous(), *self.store.layer(layer), qc, self.key_fmt.bits,
                                        self.key_fmt.group, self.value_fmt.group, self.key_fmt.per_channel,
                                        self.fp_k[layer], self.fp_v[layer], fp_end)
@@ -209,7 +209,7 @@ class QuantizedKVCache(Cache):
         check_kv(self, layer, k, v)
         start = self.lengths[layer]
         k = k if self.rotation is None else k @ self.rotation
-        _check_range(k, v)
+        check_range(k, v)
         self._store_new(layer, start, k, v)
         self.lengths[layer] = start + k.shape[2]
 
@@ -235,10 +235,6 @@ class QuantizedKVCache(Cache):
 
     def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int):
         return quantized_partial(qg, self.store.rows(layer, qc), self.key_fmt, self.value_fmt)
-
-    def _kernel_fits(self, qg: torch.Tensor) -> bool:
-        return (self.use_kernel and qg.dtype == torch.float32 and qg.shape[2] <= 64
-                and kernels.library() is not None)
 
     def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):
         """Partial over the full-precision buffer (sinks, residual, new tokens) with the decode-equivalent view."""
@@ -347,7 +343,7 @@ class QuantizedKVCache(Cache):
 HALF_MAX = 65504.0
 
 
-def _check_range(k: torch.Tensor, v: torch.Tensor) -> None:
+def check_range(k: torch.Tensor, v: torch.Tensor) -> None:
     """Codes are scaled by float16 numbers: refuse, before storing, values beyond float16's range."""
     if max(k.abs().max().item(), v.abs().max().item()) > HALF_MAX:
         raise ValueError(f"keys/values beyond float16 range (|x| > {HALF_MAX:g}, after rotation) cannot be stored by "

@@ -207,7 +207,11 @@ class BlockManager:
         return cached
 
     def can_append(self, seq_id, num_tokens: int = 1) -> bool:
-        return self._append_need(self._seq(seq_id), num_tokens) <= self.num_free_blocks()
+        return self.blocks_needed(seq_id, num_tokens) <= self.num_free_blocks()
+
+    def blocks_needed(self, seq_id, num_tokens: int = 1) -> int:
+        """Free blocks that appending ``num_tokens`` to the sequence would take (copy-on-write included)."""
+        return self._append_need(self._seq(seq_id), num_tokens)
 
     def append_slots(self, seq_id, token_ids: Sequence[int]) -> list[CopyOp]:
         """Reserve slots for new tokens of a live sequence. Returns copy ops to

@@ -86,6 +86,7 @@ class LLM:
         self.num_blocks, self.block_size, self.cache = pool.num_blocks, block_size, pool.cache
         self.kv_cache_spec = pool.spec  # generate(..., cache=llm.kv_cache_spec) quantizes exactly as this engine
         self.kv_staging_blocks = pool.staging_blocks
+        self.kv_block_bytes = pool.block_bytes  # one block, every layer (quantized: its codes and scales)
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs, self.config.max_positions)
         self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
@@ -225,20 +226,23 @@ class LLM:
             seq.num_computed = len(seq.tokens) + len(seq.draft)  # every KV of the batch is written now
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
-        if any(seq.draft for seq, _ in batch):
-            return self._run_speculative(batch, logits, greedy, now)
-        for row, (seq, n) in enumerate(batch):
-            token = greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)
+        row, still_filling = 0, set()
+        for seq, _ in batch:
+            rows = 1 + len(seq.draft)  # logits of the last token and of each draft token
+            new = self._accept(seq, logits[row:row + rows], still_filling) if seq.draft else [
+                greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)]
             if seq.num_output:
                 seq.request.metrics.decode_passes += 1
             elif seq.index == 0 and seq.request.metrics.first_token_time is None:
                 seq.request.metrics.first_token_time = now
             if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
-                self._fork_children(seq, list(seq.tokens), logits[row])  # before the parent may finish
-            self._emit(seq, token)
-        return self._collect(batch, now)
-
-    def _collect(self, batch, now: float) -> list[Request]:
+                self._fork_children(seq, list(seq.tokens), logits[row + rows - 1])  # before the parent may finish
+            for token in new:
+                self._emit(seq, token)
+                if seq.status is Status.FINISHED:
+                    break
+            row += rows
+        self.cache.settle(still_filling)
         done = []
         for seq, _ in batch:
             if seq.request.finished and seq.request.metrics.finish_time is None:
@@ -246,41 +250,22 @@ class LLM:
                 done.append(seq.request)
         return done
 
-    def _run_speculative(self, batch, logits: torch.Tensor, greedy: list[int], now: float) -> list[Request]:
-        """Emit each sequence's kept drafts and the token after them; rejected drafts leave the block manager
-        (and with it the prefix cache), and the pool is told which blocks are still being filled."""
-        row, still_filling = 0, set()
-        for seq, n in batch:
-            draft, count = seq.draft, 1 + len(seq.draft)
-            if draft:
-                kept, extra = verify(logits[row:row + count], draft, None, seq.request.params.sampling,
-                                     seq.generator)
-                keep = len(seq.tokens) + kept
-                self.block_manager.truncate(seq.seq_id, keep)
-                seq.num_computed, seq.draft = keep, []
-                if keep % self.block_size:
-                    still_filling.add(self.block_manager.block_table(seq.seq_id)[-1])
-                metrics = seq.request.metrics
-                metrics.drafted_tokens += len(draft)
-                metrics.accepted_tokens += kept
-                self.spec_drafted, self.spec_accepted = self.spec_drafted + len(draft), self.spec_accepted + kept
-                new = draft[:kept] + [extra]
-            else:
-                r = row + count - 1
-                new = [greedy[r] if seq.request.params.sampling.greedy else self._sample(logits[r], seq)]
-            if seq.num_output:
-                seq.request.metrics.decode_passes += 1
-            elif seq.index == 0 and seq.request.metrics.first_token_time is None:
-                seq.request.metrics.first_token_time = now
-            if seq.index == 0 and len(seq.request.sequences) < seq.request.params.n:
-                self._fork_children(seq, list(seq.tokens), logits[row + count - 1])
-            for token in new:
-                self._emit(seq, token)
-                if seq.status is Status.FINISHED:
-                    break
-            row += count
-        self.cache.settle(still_filling)
-        return self._collect(batch, now)
+    def _accept(self, seq: Sequence, logits: torch.Tensor, still_filling: set[int]) -> list[int]:
+        """Verify ``seq``'s draft: the kept drafts and the token after them.  Rejected drafts leave the block
+        manager (and with it the prefix cache); a block the rollback leaves partial is still being filled."""
+        draft = seq.draft
+        kept, extra = verify(logits, draft, None, seq.request.params.sampling, seq.generator)
+        keep = len(seq.tokens) + kept
+        self.block_manager.truncate(seq.seq_id, keep)
+        seq.num_computed, seq.draft = keep, []
+        if keep % self.block_size:
+            still_filling.add(self.block_manager.block_table(seq.seq_id)[-1])
+        metrics = seq.request.metrics
+        metrics.drafted_tokens += len(draft)
+        metrics.accepted_tokens += kept
+        self.spec_drafted += len(draft)
+        self.spec_accepted += kept
+        return draft[:kept] + [extra]
 
     def _rollback(self, batch: list[tuple[Sequence, int]], rngs) -> None:
         """Undo a step that raised.  Every running sequence (the batch and children forked in

@@ -42,16 +42,19 @@ class Scheduler:
         """(sequences with their new-token counts, copy-on-write ops, sequences that can never fit)."""
         batch: list[tuple[Sequence, int]] = []
         copies: list[CopyOp] = []
-        for seq in list(self.running):
+        drafted = 0  # speculative tokens in the batch; every running sequence keeps one token of the budget
+        for i, seq in enumerate(list(self.running)):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below while making room for an earlier sequence
             while seq.status is Status.RUNNING and not self.bm.can_append(seq.seq_id, 1):
                 self.preempt(self.running[-1])
             if seq.status is Status.RUNNING:
-                seq.draft = self._draft(seq, self.max_batch_tokens - sum(n for _, n in batch) - 1)
+                later = len(self.running) - 1 - i  # preemption only removes from the end: seq is still at i
+                seq.draft = self._draft(seq, self.max_batch_tokens - len(self.running) - drafted, later)
+                drafted += len(seq.draft)
                 copies += self.bm.append_slots(seq.seq_id, [seq.tokens[-1], *seq.draft])
                 batch.append((seq, 1 + len(seq.draft)))
-        budget = self.max_batch_tokens - sum(n for _, n in batch)
+        budget = self.max_batch_tokens - len(batch) - drafted
         rejected: list[Sequence] = []
         seats = sum(map(self._width, self.running))
         while self.waiting and seats + self._width(self.waiting[0]) <= self.max_num_seqs:
@@ -80,9 +83,10 @@ class Scheduler:
             budget -= len(seq.tokens) - cached
         return batch, copies, rejected
 
-    def _draft(self, seq: Sequence, room: int) -> list[int]:
-        """Speculative tokens to verify with ``seq``'s next token: what fits in memory, the batch and the request
-        (never a preemption for a draft)."""
+    def _draft(self, seq: Sequence, room: int, later: int) -> list[int]:
+        """Speculative tokens to verify with ``seq``'s next token: what fits in the batch, the request and the
+        free blocks left after one block for each of the ``later`` running sequences (a draft never causes a
+        preemption)."""
         if seq.proposer is None:
             return []
         params = seq.request.params
@@ -90,7 +94,8 @@ class Scheduler:
         if self.max_positions is not None:
             limit = min(limit, self.max_positions - len(seq.tokens))
         draft, _ = seq.proposer.propose(seq.tokens, limit, params.sampling, None)
-        while draft and not self.bm.can_append(seq.seq_id, 1 + len(draft)):
+        spare = self.bm.num_free_blocks() - later
+        while draft and self.bm.blocks_needed(seq.seq_id, 1 + len(draft)) > spare:
             draft = draft[:-1]
         return draft
 

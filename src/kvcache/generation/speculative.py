@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..caches.base import Cache, make_cache
+from ..caches.base import Cache, Option, make_cache
 from ..checks import check_int
-from .sampling import SamplingConfig, probs
+from .sampling import SamplingConfig, probs, sample
 
 MAX_K = 32
 
@@ -76,7 +76,7 @@ class PromptLookup(Proposer):
 
     def __init__(self, ngram: int = 3, min_ngram: int = 2, k: int = 8, adaptive: bool = True):
         super().__init__(k, adaptive)
-        self._buffer, self._length = np.empty(0, dtype=np.int64), 0
+        self.start(None, [])
         self.ngram = check_int(ngram, "ngram", minimum=1)
         self.min_ngram = check_int(min_ngram, "min_ngram", minimum=1)
         if self.min_ngram > self.ngram:
@@ -139,7 +139,7 @@ class DraftModel(Proposer):
         for _ in range(limit):
             logits = self.model(torch.tensor([feed]), cache=self.cache, logits_index=slice(-1, None))
             dist = probs(logits, config)[0]
-            token = int(dist.argmax()) if config.greedy else int(torch.multinomial(dist, 1, generator=generator))
+            token = int(dist.argmax()) if config.greedy else _draw(dist, generator)
             tokens.append(token)
             dists.append(dist)
             feed = [token]
@@ -150,29 +150,25 @@ class DraftModel(Proposer):
             self.cache.crop(kept)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean, got {text!r}")
-
-
-def _options(spec: str, text: str, kinds: dict) -> dict:
+def _options(spec: str, text: str, accepted: dict[str, Option]) -> dict:
     options = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in kinds:
-            raise ValueError(f"speculative spec {spec!r}: unknown option {item!r} (options: {', '.join(kinds)})")
+        if not eq or key not in accepted:
+            raise ValueError(f"speculative spec {spec!r}: unknown option {item!r} (options: {', '.join(accepted)})")
         try:
-            options[key] = kinds[key](value)
+            options[key] = accepted[key].parse(key, value)
         except ValueError as exc:
-            raise ValueError(f"speculative spec {spec!r}: option {key}: {exc}") from None
+            raise ValueError(f"speculative spec {spec!r}: {exc}") from None
     return options
 
 
-LOOKUP_OPTIONS = {"ngram": int, "min_ngram": int, "k": int, "adaptive": _bool}
-DRAFT_OPTIONS = {"k": int, "adaptive": _bool, "cache": str, "layers": int}
+# types only: the proposers (and first_layers) check ranges and own the defaults, naming the argument
+LOOKUP_OPTIONS = {"ngram": Option(int, None, "longest n-gram matched"), "min_ngram": Option(int, None, "shortest"),
+                  "k": Option(int, None, "draft length to start with"), "adaptive": Option(bool, None, "adapt k")}
+DRAFT_OPTIONS = {"k": Option(int, None, "draft length to start with"), "adaptive": Option(bool, None, "adapt k"),
+                 "cache": Option(str, None, "the draft's cache spec"),
+                 "layers": Option(int, None, "use only the model's first N layers")}
 
 
 def check_spec(spec: str) -> tuple[str, str, dict]:
@@ -238,7 +234,7 @@ def speculative_loop(model, ids: list[int], max_new_tokens: int, config: Samplin
     stats = proposer.stats
     with torch.inference_mode():
         logits = model(torch.tensor([ids[len(cache):]]), cache=cache, logits_index=slice(-1, None))
-        new = [_draw(probs(logits, config)[0], config, generator)]
+        new = [int(sample(logits, config, generator)[0])]
     emitted = 0
     while True:
         for token in new:
@@ -283,11 +279,9 @@ def verify(logits: torch.Tensor, draft: list[int], q: torch.Tensor | None, confi
             residual = torch.clamp(residual - q[i], min=0.0)
         if float(residual.sum()) <= 0.0:  # p == q here: any draw from p is the right one
             residual = p[i]
-        return i, _draw(residual / residual.sum(), config, generator, sampled=True)
-    return len(draft), _draw(p[len(draft)], config, generator, sampled=True)
+        return i, _draw(residual / residual.sum(), generator)
+    return len(draft), _draw(p[len(draft)], generator)
 
 
-def _draw(dist: torch.Tensor, config: SamplingConfig, generator, sampled: bool = False) -> int:
-    if config.greedy and not sampled:
-        return int(dist.argmax())
+def _draw(dist: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(dist, 1, generator=generator))
