@@ -48,10 +48,10 @@ def parse_ids(text: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .generation.detokenizer import Detokenizer
     from .generation.generate import stream
     from .model.loader import load_model
     from .model.shapes import random_model
-    from .model.tokenizer import StreamDecoder
 
     ids = parse_ids(args.ids) if args.ids is not None else None  # before the (slow) model load
     _check_spec(args)
@@ -71,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
             ids = model.tokenizer.encode(args.prompt)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"the prompt: {exc}") from exc
-    decoder = StreamDecoder(model.tokenizer)
+    decoder = Detokenizer(model.tokenizer)
     proposer = build_proposer() if build_proposer else None
     try:  # stream() validates the request before the first token
         tokens = stream(model, ids, args.max_new_tokens, use_cache=not args.no_cache,

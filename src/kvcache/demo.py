@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from .caches.base import make_cache
 from .checks import check_int
+from .generation.detokenizer import Detokenizer
 from .generation.generate import stream
 from .model import hub
 from .model.loader import DEFAULT_MODEL_DIR, load_model
 from .model.shapes import random_model
-from .model.tokenizer import StreamDecoder
 
 
 def describe(model) -> str:
@@ -53,7 +53,7 @@ def pick_model(path: str | None, random_shape: str | None):
 
 def run_generation(model, ids, n, use_cache, echo, stop_at_eos=False, kv_cache=None):
     """(tokens, seconds, the cache used or None)."""
-    out, decoder = [], StreamDecoder(model.tokenizer)
+    out, decoder = [], Detokenizer(model.tokenizer)
     cache = make_cache(kv_cache, model, capacity=len(ids) + n) if use_cache else None
     bar = None
     if not echo:

@@ -377,8 +377,9 @@ def test_stop_token_ids_and_length(model):
         SamplingParams(max_new_tokens=12, stop_token_ids=[full[k]], ignore_eos=True), greedy(4)])
     assert stopped.token_ids == full[:k + 1] and stopped.finish_reason == "stop"
     assert capped.token_ids == full[:4] and capped.finish_reason == "length"
+    assert stopped.text == llm.tokenizer.decode(stopped.token_ids[:-1])  # the stop token's text is left out
+    assert capped.text == llm.tokenizer.decode(capped.token_ids)
     for o in (stopped, capped):
-        assert o.text == llm.tokenizer.decode(o.token_ids)
         assert o.outputs[0].text == o.text
     assert_no_leak(llm)
 

@@ -80,10 +80,10 @@ def test_writes_python(model):
 
 
 def test_streamed_text_equals_the_decoded_text(model):
-    from kvcache.model.tokenizer import StreamDecoder
+    from kvcache.generation.detokenizer import Detokenizer
 
     ids = model.tokenizer.encode("x = 'héllo wörld 👋'\nprint(x)\n") + kvcache.generate(
         model, model.tokenizer.encode("def f():"), 24, temperature=1.0, seed=0, stop_token_ids=[])
-    decoder = StreamDecoder(model.tokenizer)
+    decoder = Detokenizer(model.tokenizer)
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == model.tokenizer.decode(ids)

@@ -3,7 +3,7 @@
 The same checkpoint folder is run by transformers and by ``kvcache``: logits and
 greedy continuations must agree.  Also: loading errors name what is wrong,
 ``save_hf_checkpoint`` round-trips through transformers, and the byte-level
-tokenizer / StreamDecoder never split a UTF-8 character.
+tokenizer never splits a UTF-8 character.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from kvcache.generation.generate import generate  # noqa: E402
 from kvcache.model.export import save_hf_checkpoint  # noqa: E402
 from kvcache.model.loader import CheckpointError, load_model  # noqa: E402
-from kvcache.model.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
 PROMPT = [1, 5, 9, 20, 3, 7, 11, 2, 64, 33, 33, 80, 14]
 LONG = PROMPT + list(range(30, 57))  # 40 tokens
@@ -292,9 +291,6 @@ def test_no_safetensors_file(llama_dir, tmp_path):
 
 # -------------------------------------------------------------- tokenizer
 
-TEXT = "héllo 👋"
-
-
 def test_byte_fallback_without_tokenizer_json(gpt2_dir):
     tok = load_model(gpt2_dir).tokenizer
     assert tok.is_byte_level_fallback and tok.eos_token_ids == [96]
@@ -302,19 +298,6 @@ def test_byte_fallback_without_tokenizer_json(gpt2_dir):
     ids = tok.encode(text)
     assert ids == list(text.encode("utf-8"))
     assert tok.decode(ids) == text
-
-
-def test_stream_decoder_never_emits_partial_characters():
-    data = TEXT.encode("utf-8")
-    decoder = StreamDecoder(Tokenizer.bytes())
-    emitted = ""
-    for i, byte in enumerate(data):
-        piece = decoder.push(byte)
-        assert "\ufffd" not in piece
-        emitted += piece
-        # everything complete so far has been emitted, nothing more
-        assert emitted == data[: i + 1].decode("utf-8", errors="ignore")
-    assert emitted + decoder.flush() == TEXT
 
 
 def test_mistral_sliding_window_cached_generation_matches_transformers(tmp_path):

@@ -35,8 +35,16 @@ from .block_manager import BlockManager
 from .pool import make_pool
 from .runner import forward_batch
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence, Status
-from .stops import check_stops, truncate
+from .sequence import (
+    CompletionDelta,
+    CompletionOutput,
+    Request,
+    RequestDelta,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    Status,
+)
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -154,7 +162,7 @@ class LLM:
             self._finish(request, time.perf_counter())
             self._finished.append(request)
         else:
-            seq = Sequence(request, ids, 0)
+            seq = Sequence(request, ids, 0, self.tokenizer)
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request.request_id] = request
@@ -299,7 +307,7 @@ class LLM:
         """Parallel sampling: children share the parent's prefilled blocks (copy-on-write)."""
         request = parent.request
         for index in range(1, request.params.n):
-            child = Sequence(request, tokens, index)
+            child = Sequence(request, tokens, index, self.tokenizer)
             child.num_computed, child.status = len(tokens), Status.RUNNING
             self.block_manager.fork(parent.seq_id, child.seq_id)
             request.sequences.append(child)
@@ -309,21 +317,24 @@ class LLM:
 
     def _emit(self, seq: Sequence, token: int) -> None:
         """Append ``token``; finish ``seq`` if it must stop.  The decision is made before
-        anything changes, so an error in it leaves the sequence as it was."""
+        anything changes, so an error in it leaves the sequence as it was.  A stop token's
+        text is left out of the output, as is a stop string's (vLLM does the same)."""
         params = seq.request.params
-        reason, state, on_string = None, seq.stop_state, False
+        reason, piece = None, None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
             reason = "stop"
-        elif params.stop:
-            window = seq.tokens[len(seq.tokens) - seq.num_output + state.prefix:] + [token]
-            on_string, state = check_stops(self.tokenizer, window, params.stop, state)
-            reason = "stop" if on_string else None
+        elif seq.detokenizer is not None:
+            piece = seq.detokenizer.preview(token)
+            reason = "stop" if piece.stop_at is not None else None
         if reason is None and (seq.num_output + 1 >= params.max_new_tokens
                                or len(seq.tokens) + 1 >= self.config.max_positions):
             reason = "length"
         seq.append(token)
-        seq.stop_state, seq.stopped_on_string = state, on_string
+        if piece is not None:
+            seq.detokenizer.commit(token, piece)
         if reason:
+            if seq.detokenizer is not None:
+                seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
 
     # --- batch API -------------------------------------------------------------
@@ -418,12 +429,36 @@ class LLM:
         return RequestOutput(r.request_id, r.prompt_ids, outs, r.metrics, r.error)
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
-        if self.tokenizer is None:  # text is a feature of a tokenizer; the token ids are the output
-            return CompletionOutput(seq.index, seq.output_ids, None, seq.finish_reason)
-        text = self.tokenizer.decode(seq.output_ids)
-        if seq.stopped_on_string:
-            text = truncate(text, seq.request.params.stop)  # token ids stay as generated
+        text = seq.detokenizer.output_text if seq.detokenizer is not None else None  # no tokenizer: ids only
         return CompletionOutput(seq.index, seq.output_ids, text, seq.finish_reason)
+
+    # --- streaming -------------------------------------------------------------
+    def step_deltas(self) -> list[RequestDelta]:
+        """``step``, reported as what each request gained: new token ids and text per completion, the finish
+        reason with a completion's last delta.  A finished request stays held until ``output`` collects it
+        (or ``abort_request`` drops it)."""
+        self.step()
+        deltas = []
+        for request in self.requests.values():
+            if request.reported:
+                continue
+            outputs = [d for d in (self._delta(s) for s in request.sequences) if d is not None]
+            if outputs or request.finished:
+                request.reported = request.finished
+                deltas.append(RequestDelta(request.request_id, outputs, request.finished, request.metrics,
+                                           request.error))
+        return deltas
+
+    @staticmethod
+    def _delta(seq: Sequence) -> CompletionDelta | None:
+        finished = seq.status is Status.FINISHED
+        new = seq.output_ids[seq.num_reported:]
+        text = seq.detokenizer.take(finished) if seq.detokenizer is not None else None
+        if not new and not text and (not finished or seq.reported_finish):
+            return None
+        seq.num_reported = seq.num_output
+        seq.reported_finish = finished
+        return CompletionDelta(seq.index, new, text, seq.finish_reason if finished else None)
 
     def stats(self) -> dict:
         """Prefix-cache and memory metrics (tokens and blocks)."""

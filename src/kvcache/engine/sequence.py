@@ -10,10 +10,10 @@ from enum import Enum
 import torch
 
 from ..checks import check_int
+from ..generation.detokenizer import Detokenizer
 from ..generation.sampling import SamplingConfig
 from ..generation.speculative import PromptLookup, check_spec
 from ..generation.validation import check_seed, derived_seed, token_id_list
-from .stops import StopState
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ _ids = itertools.count()
 class Sequence:
     """One stream of tokens (a request has n of them).  ``tokens`` = prompt + output so far."""
 
-    def __init__(self, request: "Request", tokens: list[int], index: int = 0):
+    def __init__(self, request: "Request", tokens: list[int], index: int = 0, tokenizer=None):
         self.seq_id = next(_ids)
         self.request, self.index = request, index
         self.tokens = list(tokens)
@@ -94,8 +94,10 @@ class Sequence:
         self.num_computed = 0  # tokens whose KV is in the cache
         self.status = Status.WAITING
         self.finish_reason: str | None = None
-        self.stop_state = StopState()  # incremental stop-string check (engine/stops.py)
-        self.stopped_on_string = False
+        # the output's text, built token by token (None without a tokenizer: the token ids are the output)
+        self.detokenizer = Detokenizer(tokenizer, request.params.stop) if tokenizer is not None else None
+        self.num_reported = 0  # output tokens already handed out as deltas
+        self.reported_finish = False
         seed = request.params.seed
         self.generator = torch.Generator().manual_seed(derived_seed(seed, index)) if seed is not None else None
         spec = request.params.speculative
@@ -117,6 +119,27 @@ class CompletionOutput:
     token_ids: list[int]
     text: str | None  # None when the model has no tokenizer
     finish_reason: str | None
+
+
+@dataclass
+class CompletionDelta:
+    """What one completion added since the last report (text may lag the tokens: see generation/detokenizer.py)."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # set once, in the completion's last delta
+
+
+@dataclass
+class RequestDelta:
+    """One request's progress in a step: ``LLM.step_deltas`` returns these, for streaming."""
+
+    request_id: int
+    outputs: list[CompletionDelta]
+    finished: bool
+    metrics: "RequestMetrics"
+    error: str | None = None
 
 
 @dataclass
@@ -188,6 +211,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     error: str | None = None
     cache_salt: str | None = None  # requests with different salts never share cached KV
+    reported: bool = False  # its last delta (finished) was handed out
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..caches.base import make_cache
 from ..model.chat_template import check_messages
-from ..model.tokenizer import StreamDecoder
+from .detokenizer import Detokenizer
 from .generate import stream
 
 
@@ -74,7 +74,7 @@ class ChatSession:
         keep = self._reuse(ids)
         tokens = stream(self.model, ids, min(self.max_new_tokens, room), cache=self.cache, **self.sampling)
         self.messages = messages
-        decoder, reply, start = StreamDecoder(tok), [], time.perf_counter()
+        decoder, reply, start = Detokenizer(tok), [], time.perf_counter()
         self.last = TurnStats(len(ids), len(ids) - keep, 0)
         try:
             for token in tokens:

@@ -108,33 +108,3 @@ def _template_text(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default")
     return value
-
-
-class StreamDecoder:
-    """Turns a stream of token ids into text pieces without splitting a UTF-8 character.
-
-    Incremental, as in vLLM: only a short window of recent tokens is decoded per
-    push (a token's text can depend on its neighbours, e.g. byte-level pieces of
-    one character), so streaming n tokens costs O(n), not O(n^2).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # start of the decoding window
-        self.read_offset = 0  # tokens whose text has been emitted
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if text.endswith("\ufffd") or len(text) <= len(prefix):  # incomplete character: wait for more tokens
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(prefix):]
-
-    def flush(self) -> str:
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):]
