@@ -1,4 +1,4 @@
-"""The ``kvcache`` command: demo, generate, chat, eval, pull, models, caches, memory, bench.
+"""The ``kvcache`` command: demo, generate, chat, eval, pull, models, caches, memory, serve, bench.
 
 ``--model`` takes a Hugging Face folder, a ``.gguf`` file, or a model name
 (``kvcache models``; a named model is pulled and converted on first use).
@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory.add_arguments(mem)
     mem.set_defaults(func=_memory)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine, with metrics and a page")
+    from .server import serve as serving
+
+    serving.add_arguments(serve)
+    serve.set_defaults(func=serving.run)
 
     bench = sub.add_parser("bench", help="benchmarks, side by side, as ratios")
     from .bench import runner

@@ -168,6 +168,16 @@ class BlockManager:
             hit_rate=h / q if q else 0.0,
         )
 
+    def block_states(self) -> str:
+        """One character per block: 'u' in use, 'c' cached (free, content kept for the prefix cache), 'f' free.
+        A picture of the pool for a person (the server's page), O(num_blocks)."""
+        states = bytearray(b"u") * self.num_blocks
+        for i in self._free:
+            states[i] = ord("f")
+        for i in self._evictable:
+            states[i] = ord("c")
+        return states.decode()
+
     # ------------------------------------------------------------- allocation
     def can_allocate(self, token_ids: Sequence[int], extra_key: Hashable = None) -> bool:
         if not token_ids:

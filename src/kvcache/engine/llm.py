@@ -104,6 +104,7 @@ class LLM:
         self.requests: dict[int, Request] = {}
         self._finished: list[Request] = []  # finished outside a step's own batch, reported by the next step
         self._ended: dict[int, str] = {}  # recent request ids no longer held -> how they ended, for errors
+        self._blame: int | None = None  # the request whose tokens a step is handling, if an error comes
 
     # --- capacity ------------------------------------------------------------
     @property
@@ -202,7 +203,9 @@ class LLM:
         outside a step: rejected when added, or during a step that raised).
 
         Exception-safe: if the forward pass or sampling raises (even KeyboardInterrupt),
-        the step is rolled back (see ``_rollback``) and the exception re-raised."""
+        the step is rolled back (see ``_rollback``) and the exception re-raised.  An error
+        raised while handling one request's tokens carries its id as ``exc.request_id``
+        (a server fails that request alone)."""
         batch, copies, rejected = self.scheduler.schedule()
         done, self._finished, rngs = self._finished, [], []
         try:
@@ -216,10 +219,17 @@ class LLM:
                 return done
             rngs = [(seq, len(seq.tokens), seq.generator.get_state()) for seq, _ in batch if seq.generator is not None]
             return done + self._run(batch, copies)
-        except BaseException:
+        except BaseException as exc:
+            if self._blame is not None:
+                try:
+                    exc.request_id = self._blame
+                except AttributeError:  # an exception type without a __dict__
+                    pass
             self._finished = done + self._finished
             self._rollback(batch, rngs)
             raise
+        finally:
+            self._blame = None
 
     def _run(self, batch: list[tuple[Sequence, int]], copies) -> list[Request]:
         """Forward the batch, sample and emit a token per sequence; the requests that finished."""
@@ -236,6 +246,7 @@ class LLM:
         now = time.perf_counter()
         row, still_filling = 0, set()
         for seq, _ in batch:
+            self._blame = seq.request.request_id  # an error from here on is this request's
             rows = 1 + len(seq.draft)  # logits of the last token and of each draft token
             new = self._accept(seq, logits[row:row + rows], still_filling) if seq.draft else [
                 greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)]
@@ -250,6 +261,7 @@ class LLM:
                 if seq.status is Status.FINISHED:
                     break
             row += rows
+        self._blame = None
         self.cache.settle(still_filling)
         done = []
         for seq, _ in batch:

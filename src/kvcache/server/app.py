@@ -1,0 +1,353 @@
+"""The HTTP server: OpenAI's completions and chat endpoints over one engine, plus tokenize, metrics and a page.
+
+FastAPI (pydantic bodies, exception handlers) on uvicorn: the stack vLLM and SGLang serve with, so clients,
+proxies and habits carry over.  Every handler runs on the event loop; the engine runs on its own thread
+(``engine_thread.py``) and streams deltas back.  A client that goes away aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.llm import LLM
+from ..engine.sequence import RequestDelta, SamplingParams
+from .engine_thread import EngineThread
+from .metrics import ServerMetrics, llm_snapshot
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+    validation_message,
+)
+
+_POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there
+
+
+def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> FastAPI:
+    metrics = ServerMetrics(llm, model_name, metrics_prefix)
+    engine = EngineThread(llm, metrics.on_step)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="kvcache", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.llm = engine, metrics, llm
+    api = _Api(llm, engine, metrics, model_name)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError):
+        message, param = validation_message(exc.errors())
+        return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(OpenAIError(str(exc.detail), exc.status_code, kind=kind).body(),
+                            status_code=exc.status_code)
+
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/chat/completions")(api.chat_completions)
+    app.get("/v1/models")(api.models)
+    app.post("/tokenize")(api.tokenize)
+    app.post("/detokenize")(api.detokenize)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/engine/state")
+    async def engine_state():
+        """What the page draws: the pool block by block ('u' in use, 'c' cached, 'f' free) and the counters."""
+        state = await engine.call(lambda llm: {**llm_snapshot(llm), "blocks": llm.block_manager.block_states()})
+        return {**state, "generation_tokens": metrics.total_generated, "model": model_name,
+                "chat": bool(llm.tokenizer is not None and llm.tokenizer.chat_template)}
+
+    page = resources.files("kvcache.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    return app
+
+
+class _Run:
+    """The engine requests of one HTTP request (several prompts, each with n completions), their deltas in
+    arrival order; unfinished ones are aborted when the run is closed (the client left or an error)."""
+
+    def __init__(self, engine: EngineThread):
+        self.engine, self.out, self.ids, self.open = engine, asyncio.Queue(), [], set()
+
+    async def add(self, prompts: list[list[int]], params: SamplingParams, salt: str | None) -> None:
+        try:
+            for tag, ids in enumerate(prompts):
+                rid = await self.engine.add(ids, params, salt, self.out, tag)
+                self.ids.append(rid)
+                self.open.add(rid)
+        except (TypeError, ValueError) as exc:
+            self.close()
+            raise OpenAIError(str(exc)) from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def deltas(self, timeout: float | None = None) -> AsyncIterator[tuple[int, RequestDelta] | None]:
+        """(prompt index, delta) until every request finished; ``None`` after ``timeout`` s without one."""
+        while self.open:
+            try:
+                tag, delta = await asyncio.wait_for(self.out.get(), timeout)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if delta.finished:
+                self.open.discard(delta.request_id)
+            yield tag, delta
+
+    def close(self) -> None:
+        for rid in self.open:
+            self.engine.abort(rid)
+        self.open = set()
+
+
+class _Api:
+    def __init__(self, llm: LLM, engine: EngineThread, metrics: ServerMetrics, model_name: str):
+        self.llm, self.engine, self.metrics, self.name = llm, engine, metrics, model_name
+        self.tokenizer, self.context = llm.tokenizer, llm.config.max_positions
+
+    # --- endpoints -------------------------------------------------------------
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "kvcache", "max_model_len": self.context}]}
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body.model)
+        body.check()
+        prompts = [self._encode(p) for p in body.prompts()]
+        for ids in prompts:
+            self._check_length(ids, body.max_tokens, "max_tokens")
+        params = body.sampling_params(body.max_tokens)
+        echo = [self._decode(ids) if body.echo else "" for ids in prompts]
+        run = _Run(self.engine)
+        await run.add(prompts, params, body.cache_salt)
+        head = _head("cmpl", "text_completion", self.name)
+        if body.stream:
+            return _sse(self._stream_completion(run, head, body, prompts, echo), run)
+        choices, usage = await self._collect(run, request, prompts, body.n)
+        return {**head, "choices": [{"index": i, "text": echo[i // body.n] + text, "logprobs": None,
+                                     "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
+                "usage": usage}
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._check_model(body.model)
+        body.check()
+        ids = self._chat_ids([m.as_dict() for m in body.messages])
+        room = min(self.context, self.llm.capacity_tokens) - len(ids)
+        max_new = body.max_new_tokens if body.max_new_tokens is not None else room
+        self._check_length(ids, max_new, "max_tokens" if body.max_new_tokens is not None else "messages")
+        params = body.sampling_params(max_new)
+        run = _Run(self.engine)
+        await run.add([ids], params, body.cache_salt)
+        head = _head("chatcmpl", "chat.completion", self.name)
+        if body.stream:
+            return _sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"}, body, [ids]), run)
+        choices, usage = await self._collect(run, request, [ids], body.n)
+        return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                     "logprobs": None, "finish_reason": reason}
+                                    for i, (text, reason) in enumerate(choices)], "usage": usage}
+
+    async def tokenize(self, body: TokenizeRequest):
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            ids = self._chat_ids([m.as_dict() for m in body.messages], body.add_generation_prompt)
+        else:
+            ids = self._encode(body.prompt)
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest):
+        self._check_model(body.model)
+        self._check_vocab(body.tokens, "tokens")
+        return {"prompt": self._decode(body.tokens)}
+
+    # --- streaming -------------------------------------------------------------
+    async def _stream_completion(self, run: _Run, head: dict, body: CompletionRequest, prompts, echo):
+        n = body.n
+        if body.echo:
+            for i in range(len(prompts) * n):
+                yield {**head, "choices": [_text_choice(i, echo[i // n], None)]}
+        usage = _Usage(prompts)
+        async for tag, delta in run.deltas():
+            if delta.error is not None:
+                yield self._failed(delta)
+                return
+            usage.add(delta)
+            for c in delta.outputs:
+                if c.text or c.finish_reason:
+                    yield {**head, "choices": [_text_choice(tag * n + c.index, c.text or "", c.finish_reason)]}
+        if body.include_usage:
+            yield {**head, "choices": [], "usage": usage.body()}
+
+    async def _stream_chat(self, run: _Run, head: dict, body: ChatCompletionRequest, prompts):
+        for i in range(body.n):
+            yield {**head, "choices": [_chat_choice(i, {"role": "assistant", "content": ""}, None)]}
+        usage = _Usage(prompts)
+        async for _, delta in run.deltas():
+            if delta.error is not None:
+                yield self._failed(delta)
+                return
+            usage.add(delta)
+            for c in delta.outputs:
+                if c.text:
+                    yield {**head, "choices": [_chat_choice(c.index, {"content": c.text}, None)]}
+                if c.finish_reason:
+                    yield {**head, "choices": [_chat_choice(c.index, {}, c.finish_reason)]}
+        if body.include_usage:
+            yield {**head, "choices": [], "usage": usage.body()}
+
+    def _failed(self, delta: RequestDelta) -> dict:
+        self.metrics.failed()
+        return OpenAIError(delta.error or "the request failed", 500, kind="internal_server_error").body()
+
+    async def _collect(self, run: _Run, request: Request, prompts, n: int):
+        """Wait for every completion; abort if the client disconnects meanwhile."""
+        texts = {i: [] for i in range(len(prompts) * n)}
+        reasons: dict[int, str | None] = {}
+        usage = _Usage(prompts)
+        try:
+            async for item in run.deltas(timeout=_POLL_DISCONNECT):
+                if item is None:
+                    if await request.is_disconnected():
+                        return [], {}
+                    continue
+                tag, delta = item
+                if delta.error is not None:
+                    self.metrics.failed()
+                    raise OpenAIError(delta.error, 500, kind="internal_server_error")
+                usage.add(delta)
+                for c in delta.outputs:
+                    texts[tag * n + c.index].append(c.text or "")
+                    reasons[tag * n + c.index] = c.finish_reason or reasons.get(tag * n + c.index)
+        finally:
+            run.close()
+        return [("".join(texts[i]), reasons.get(i)) for i in sorted(texts)], usage.body()
+
+    # --- checks ------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise OpenAIError(f"The model `{model}` does not exist (this server serves `{self.name}`)", 404,
+                              param="model", code="model_not_found", kind="not_found_error")
+
+    def _check_length(self, ids: list[int], max_new: int, param: str) -> None:
+        if len(ids) + max_new > self.context:
+            raise OpenAIError(f"This model's maximum context length is {self.context} tokens. However, you "
+                              f"requested {len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} in "
+                              "the completion). Please reduce the prompt or the completion length.",
+                              param=param, code="context_length_exceeded")
+        if len(ids) + max_new > self.llm.capacity_tokens:
+            raise OpenAIError(f"the request needs {len(ids) + max_new} tokens of KV but the server's whole pool "
+                              f"holds {self.llm.capacity_tokens}", param=param, code="kv_capacity_exceeded")
+
+    def _check_vocab(self, ids: list[int], param: str) -> None:
+        vocab = self.llm.config.vocab_size
+        if any(t >= vocab for t in ids):
+            raise OpenAIError(f"token ids must be below the vocabulary size {vocab}", param=param)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            self._check_vocab(prompt, "prompt")
+            return prompt
+        if self.tokenizer is None:
+            raise OpenAIError("this model has no tokenizer: send the prompt as token ids", param="prompt")
+        try:
+            return self.tokenizer.encode(prompt)
+        except (TypeError, ValueError) as exc:
+            raise OpenAIError(f"the prompt: {exc}", param="prompt") from None
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise OpenAIError("this model has no tokenizer: it cannot turn token ids into text")
+        return self.tokenizer.decode(ids)
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise OpenAIError(f"the model `{self.name}` has no chat template: use /v1/completions",
+                              param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except (TypeError, ValueError) as exc:
+            raise OpenAIError(f"the chat template refused the messages: {exc}", param="messages") from None
+        return self._encode(text)
+
+
+class _Usage:
+    def __init__(self, prompts: list[list[int]]):
+        self.prompt, self.completion, self.cached = sum(map(len, prompts)), 0, 0
+
+    def add(self, delta: RequestDelta) -> None:
+        self.completion += sum(len(c.token_ids) for c in delta.outputs)
+        if delta.finished:
+            self.cached += delta.metrics.cached_prompt_tokens
+
+    def body(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+
+def _head(prefix: str, kind: str, model: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def _text_choice(index: int, text: str, reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def _chat_choice(index: int, delta: dict, reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+
+def _sse(chunks: AsyncIterator[dict], run: _Run) -> StreamingResponse:
+    """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``.  If the client disconnects,
+    Starlette cancels this generator: ``finally`` aborts what is still running."""
+
+    async def events():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            run.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
