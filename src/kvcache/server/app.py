@@ -35,7 +35,7 @@ from .protocol import (
     validation_message,
 )
 
-_POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there
+_POLL_DISCONNECT = 0.1  # seconds between checks that a non-streaming client is still there
 
 
 def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> FastAPI:
@@ -244,11 +244,14 @@ class _Api:
         texts = {i: [] for i in range(len(prompts) * n)}
         reasons: dict[int, str | None] = {}
         usage = _Usage(prompts)
+        checked = time.monotonic()
         try:
             async for item in run.deltas(timeout=_POLL_DISCONNECT):
-                if item is None:
+                if time.monotonic() - checked >= _POLL_DISCONNECT:  # busy or idle, look every so often
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return [], {}
+                if item is None:
                     continue
                 tag, delta = item
                 if delta.error is not None:

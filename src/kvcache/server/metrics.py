@@ -88,7 +88,7 @@ def llm_snapshot(llm: LLM) -> dict:
     stats = llm.stats()
     running = {s.request.request_id for s in llm.scheduler.running}
     waiting = {s.request.request_id for s in llm.scheduler.waiting} - running
-    stats.update(requests_running=len(running), requests_waiting=len(waiting),
+    stats.update(requests_running=len(running), requests_waiting=len(waiting), requests_held=len(llm.requests),
                  kv_bytes_in_use=stats["kv_blocks_in_use"] * llm.kv_block_bytes, time=time.time())
     return stats
 

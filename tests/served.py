@@ -1,0 +1,55 @@
+"""A server on 127.0.0.1 with an ephemeral port, serving the shipped code model (given a chat template, so
+the chat endpoint has something to render), and the official ``openai`` client pointed at it."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from kvcache.engine.llm import LLM
+from kvcache.model.loader import load_model
+from kvcache.server.app import build_app
+from kvcache.server.serve import start_in_thread
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+NAME = "code-model"
+
+
+class Served:
+    def __init__(self, llm: LLM, name: str = NAME):
+        self.llm = llm
+        self.app = build_app(llm, name)
+        self.server, self.thread, self.url = start_in_thread(self.app)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def client(self, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
+
+    def state(self) -> dict:
+        return self.http.get("/engine/state").json()
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        """The engine's state once it holds no request (every client's requests finished or were aborted)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if state["requests_held"] == 0 or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def chat_model():
+    model = load_model()
+    model.tokenizer.chat_template = CHATML
+    return model
+
+
