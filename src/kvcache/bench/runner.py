@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative")
+             "speculative", "serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,5 +118,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         from . import engine_quantized
 
         rows = engine_quantized.run(quick)
+    elif name == "serve":
+        from . import server_load
+
+        rows = server_load.run(quick)
     print(flush=True)
     return rows
