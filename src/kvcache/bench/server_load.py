@@ -126,15 +126,18 @@ def run(quick: bool, model_name: str | None = None) -> list[dict]:
     clients, repeats = (8, 1) if quick else (32, 3)
     jobs = workload(clients, (8, 16) if quick else LENGTHS)
     llm = LLM(load_model(model_name), kv_memory="2GiB")
-    server, thread, url = start_in_thread(build_app(llm, model_name))
+    app = build_app(llm, model_name)
+    server, thread, url = start_in_thread(app)
+    engine = app.state.engine  # the offline runs go through its thread too: one thread ever steps the engine
     rows = []
     try:
-        offline_once(llm, workload(4, (4,)))  # warm up both paths' kernels
+        engine.call_blocking(lambda llm: offline_once(llm, workload(4, (4,))))  # warm up both paths' kernels
         serve_once(url, workload(4, (4,)), model_name)
         for _ in range(repeats):  # alternating, each from a cold prefix cache
             for kind in ("LLM.generate", "server"):
-                llm.block_manager.reset_prefix_cache()
-                r = offline_once(llm, jobs) if kind == "LLM.generate" else serve_once(url, jobs, model_name)
+                engine.call_blocking(lambda llm: llm.block_manager.reset_prefix_cache())
+                r = engine.call_blocking(lambda llm: offline_once(llm, jobs)) if kind == "LLM.generate" \
+                    else serve_once(url, jobs, model_name)
                 rows.append({"path": kind, **{k: v for k, v in r.items() if k != "texts"},
                              "tok_s": r["tokens"] / r["seconds"], "same_text": None, "texts": r["texts"]})
                 print(f"  {kind}: {r['tokens']} tokens in {r['seconds']:.2f} s", flush=True)

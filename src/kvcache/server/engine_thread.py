@@ -9,6 +9,7 @@ request (its sampling or stop check raised), that request alone fails and the ot
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -69,8 +70,15 @@ class EngineThread:
         """Run ``fn(llm)`` on the engine thread between steps; its result or its exception."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._commands.put(("call", (fn, loop, future)))
+        self._commands.put(("call", (fn, lambda result, error: _resolve_soon(loop, future, result, error))))
         return await future
+
+    def call_blocking(self, fn: Callable[[LLM], Any]) -> Any:
+        """``call`` from a plain thread (benchmarks, tests): nothing else steps the engine while ``fn`` runs."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", (fn, lambda result, error: future.set_exception(error) if error is not None
+                                     else future.set_result(result))))
+        return future.result()
 
     # --- the engine thread ---------------------------------------------------
     def _add(self, llm: LLM, prompt, params, cache_salt, stream: _Stream) -> int:
@@ -108,15 +116,12 @@ class EngineThread:
             if arg in self.llm.requests:
                 self.llm.abort_request(arg)
         elif kind == "call":
-            fn, loop, future = arg
+            fn, reply = arg
             try:
                 result, error = fn(self.llm), None
             except BaseException as exc:  # handed to the caller, whatever it is
                 result, error = None, exc
-            try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
-            except RuntimeError:  # the event loop is closed
-                pass
+            reply(result, error)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -162,6 +167,13 @@ def _send(stream: _Stream, delta: RequestDelta) -> None:
     try:
         stream.loop.call_soon_threadsafe(stream.out.put_nowait, (stream.tag, delta))
     except RuntimeError:  # the event loop is closed (the server is stopping): nobody to tell
+        pass
+
+
+def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, future, result, error)
+    except RuntimeError:  # the event loop is closed
         pass
 
 
