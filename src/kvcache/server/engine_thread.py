@@ -133,13 +133,16 @@ class EngineThread:
         self.failed_steps = 0
         if self.on_step is not None:
             self.on_step(deltas, time.perf_counter() - start)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for delta in deltas:
             stream = self._streams.get(delta.request_id)
             if delta.finished:
                 self._streams.pop(delta.request_id, None)
                 self.llm.output(delta.request_id)  # collected: the engine forgets it
             if stream is not None:
-                _send(stream, delta)
+                by_loop.setdefault(stream.loop, []).append((stream, delta))
+        for loop, items in by_loop.items():  # one wake-up of the event loop per step, not one per request
+            _deliver_soon(loop, items)
 
     def _step_failed(self, exc: Exception) -> None:
         """The engine rolled the step back.  Blame one request if the error names it; otherwise retry, and
@@ -164,10 +167,19 @@ class EngineThread:
 
 
 def _send(stream: _Stream, delta: RequestDelta) -> None:
+    _deliver_soon(stream.loop, [(stream, delta)])
+
+
+def _deliver_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestDelta]]) -> None:
     try:
-        stream.loop.call_soon_threadsafe(stream.out.put_nowait, (stream.tag, delta))
+        loop.call_soon_threadsafe(_deliver, items)
     except RuntimeError:  # the event loop is closed (the server is stopping): nobody to tell
         pass
+
+
+def _deliver(items: list[tuple[_Stream, RequestDelta]]) -> None:
+    for stream, delta in items:
+        stream.out.put_nowait((stream.tag, delta))
 
 
 def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error) -> None:
