@@ -80,6 +80,9 @@ async def run_clients(url: str, jobs: list[Job], model: str) -> list[dict]:
 
 
 def _client_process(url: str, jobs: list[Job], model: str, out) -> None:
+    import os
+
+    os.nice(10)  # a load generator sharing the server's cores yields them (clients are remote in production)
     try:
         out.put(("ok", asyncio.run(run_clients(url, jobs, model))))
     except BaseException as exc:  # reported to the parent, which raises it

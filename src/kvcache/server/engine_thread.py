@@ -23,6 +23,9 @@ from ..engine.sequence import RequestDelta, RequestMetrics, SamplingParams
 
 log = logging.getLogger("kvcache.server")
 _FAILED_STEPS_BEFORE_GIVING_UP = 3  # a forward pass failing with no request to blame, this many times in a row
+# After a step the engine waits (at most this long) for the event loop to write the step's chunks: on a
+# machine with few cores, HTTP work running during the next forward pass would stall its OpenMP threads.
+_FLUSH_WAIT = 0.05
 
 
 @dataclass
@@ -141,8 +144,13 @@ class EngineThread:
                 self.llm.output(delta.request_id)  # collected: the engine forgets it
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, delta))
+        flushed = []
         for loop, items in by_loop.items():  # one wake-up of the event loop per step, not one per request
-            _deliver_soon(loop, items)
+            done = threading.Event()
+            if _deliver_soon(loop, items, done):
+                flushed.append(done)
+        for done in flushed:  # the streams write their chunks now, not during the next forward pass
+            done.wait(_FLUSH_WAIT)
 
     def _step_failed(self, exc: Exception) -> None:
         """The engine rolled the step back.  Blame one request if the error names it; otherwise retry, and
@@ -170,16 +178,21 @@ def _send(stream: _Stream, delta: RequestDelta) -> None:
     _deliver_soon(stream.loop, [(stream, delta)])
 
 
-def _deliver_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestDelta]]) -> None:
+def _deliver_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestDelta]],
+                  done: threading.Event | None = None) -> bool:
     try:
-        loop.call_soon_threadsafe(_deliver, items)
+        loop.call_soon_threadsafe(_deliver, loop, items, done)
+        return True
     except RuntimeError:  # the event loop is closed (the server is stopping): nobody to tell
-        pass
+        return False
 
 
-def _deliver(items: list[tuple[_Stream, RequestDelta]]) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, RequestDelta]],
+             done: threading.Event | None) -> None:
     for stream, delta in items:
         stream.out.put_nowait((stream.tag, delta))
+    if done is not None:  # runs after the stream tasks these puts woke (they were scheduled first)
+        loop.call_soon(done.set)
 
 
 def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error) -> None:
