@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = {args.scenario: run_scenario(args.scenario, args.quick, args.plot)}
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
     return 0
