@@ -206,6 +206,30 @@ class _Api:
         if body.echo:
             for i in range(len(prompts) * n):
                 yield {**head, "choices": [_text_choice(i, echo[i // n], None)]}
+
+        def choices(tag, c):
+            if c.text or c.finish_reason:
+                yield _text_choice(tag * n + c.index, c.text or "", c.finish_reason)
+
+        async for chunk in self._stream(run, head, body, prompts, choices):
+            yield chunk
+
+    async def _stream_chat(self, run: _Run, head: dict, body: ChatCompletionRequest, prompts):
+        for i in range(body.n):
+            yield {**head, "choices": [_chat_choice(i, {"role": "assistant", "content": ""}, None)]}
+
+        def choices(_, c):
+            if c.text:
+                yield _chat_choice(c.index, {"content": c.text}, None)
+            if c.finish_reason:
+                yield _chat_choice(c.index, {}, c.finish_reason)
+
+        async for chunk in self._stream(run, head, body, prompts, choices):
+            yield chunk
+
+    async def _stream(self, run: _Run, head: dict, body, prompts, choices):
+        """The chunks of every delta (``choices(prompt index, completion delta)`` makes them), an error event
+        if the request failed, and the usage chunk if asked for."""
         usage = _Usage(prompts)
         async for tag, delta in run.deltas():
             if delta.error is not None:
@@ -213,25 +237,8 @@ class _Api:
                 return
             usage.add(delta)
             for c in delta.outputs:
-                if c.text or c.finish_reason:
-                    yield {**head, "choices": [_text_choice(tag * n + c.index, c.text or "", c.finish_reason)]}
-        if body.include_usage:
-            yield {**head, "choices": [], "usage": usage.body()}
-
-    async def _stream_chat(self, run: _Run, head: dict, body: ChatCompletionRequest, prompts):
-        for i in range(body.n):
-            yield {**head, "choices": [_chat_choice(i, {"role": "assistant", "content": ""}, None)]}
-        usage = _Usage(prompts)
-        async for _, delta in run.deltas():
-            if delta.error is not None:
-                yield self._failed(delta)
-                return
-            usage.add(delta)
-            for c in delta.outputs:
-                if c.text:
-                    yield {**head, "choices": [_chat_choice(c.index, {"content": c.text}, None)]}
-                if c.finish_reason:
-                    yield {**head, "choices": [_chat_choice(c.index, {}, c.finish_reason)]}
+                for choice in choices(tag, c):
+                    yield {**head, "choices": [choice]}
         if body.include_usage:
             yield {**head, "choices": [], "usage": usage.body()}
 
