@@ -125,7 +125,7 @@ class Cache(ABC):
     def fits(self, model, batch: int = 1) -> None:
         """Raise ValueError unless this cache is shaped for ``model`` with ``batch`` rows."""
         c = model.config
-        want = (batch, c.num_layers, c.num_kv_heads, c.head_dim)
+        want = (batch, c.num_layers, c.cache_kv_heads, c.cache_key_dim)
         have = (self.batch, self.num_layers, self.num_kv_heads, self.head_dim)
         if have != want:
             raise ValueError(f"cache shape (batch {have[0]}, {have[1]} layers, {have[2]} KV heads, head_dim "

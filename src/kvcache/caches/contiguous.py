@@ -2,6 +2,9 @@
 
 Storage is two tensors shaped (layers, batch, kv_heads, capacity, head_dim),
 so MHA (kv_heads == heads), MQA (1) and GQA (in between) are one code path.
+Values may be narrower than keys (``value_dim``).  A latent (MLA) cache stores
+one tensor: its values are the first ``value_dim`` channels of its keys
+(``values_in_keys``), a view, so each token's ``[c_kv | k_pe]`` is held once.
 ``update`` writes new positions and returns views over the whole cached
 sequence, which attention reads in place (no copy per step).
 
@@ -79,8 +82,9 @@ def check_kv(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} has batch {b} but the cache holds batch {cache.batch}")
         if h != cache.num_kv_heads:
             raise ValueError(f"{name} has {h} KV heads but the cache holds {cache.num_kv_heads}")
-        if d != cache.head_dim:
-            raise ValueError(f"{name} has head_dim {d} but the cache holds {cache.head_dim}")
+        want = cache.head_dim if name == "key" else getattr(cache, "value_dim", cache.head_dim)
+        if d != want:
+            raise ValueError(f"{name} has head_dim {d} but the cache holds {want}")
         if t.dtype != cache.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but the cache stores {cache.dtype}")
         if t.device != cache.device:
@@ -107,22 +111,34 @@ class ContiguousKVCache(Cache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         check_finite: bool = True,
+        value_dim: int | None = None,
+        values_in_keys: bool = False,
     ):
         num_layers, num_kv_heads, head_dim, batch, capacity = (
             check_int(value, name, minimum=1) for name, value in (
                 ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                 ("batch", batch), ("capacity", capacity)))
+        value_dim = head_dim if value_dim is None else check_int(value_dim, "value_dim", minimum=1)
+        if values_in_keys and value_dim > head_dim:
+            raise ValueError(f"values_in_keys needs value_dim ({value_dim}) <= head_dim ({head_dim})")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        check_fits(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+        per_position = head_dim + (0 if values_in_keys else value_dim)
+        check_fits(math.prod(shape[:4]) * per_position * torch.empty((), dtype=dtype).element_size(),
                    f"a KV cache of {capacity:,} positions x batch {batch}")
+        self.value_dim, self.values_in_keys = value_dim, values_in_keys
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = self._values_of(self.k, torch.zeros(shape[:4] + (value_dim,), dtype=dtype, device=device)
+                                 if not values_in_keys else None)
         self.lengths = [0] * num_layers  # per layer: a forward pass fills layers in order
         self.check_finite = check_finite
+
+    def _values_of(self, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+        """The value store: ``v``, or (values in keys) a view of the keys' first ``value_dim`` channels."""
+        return k[..., :self.value_dim] if self.values_in_keys else v
 
     @classmethod
     def for_model(cls, model, batch: int = 1, capacity: int | None = None, dtype: str | None = None,
@@ -132,9 +148,9 @@ class ContiguousKVCache(Cache):
             raise ValueError(f"a {dtype} cache cannot serve this model, which computes in "
                              f"{str(model.dtype).removeprefix('torch.')}; omit the dtype (or use 'auto')")
         cfg = model.config
-        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch=batch,
+        return cls(cfg.num_layers, cfg.cache_kv_heads, cfg.cache_key_dim, batch=batch,
                    capacity=cfg.max_positions if capacity is None else capacity, dtype=model.dtype,
-                   check_finite=check_finite)
+                   check_finite=check_finite, value_dim=cfg.cache_value_dim, values_in_keys=cfg.values_in_keys)
 
     # --- shape -------------------------------------------------------------
     @property
@@ -172,7 +188,11 @@ class ContiguousKVCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes reserved (capacity), not just used; see ``used_bytes``."""
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + (0 if self.values_in_keys else self.v.nbytes)
+
+    def layer_length(self, layer: int) -> int:
+        """Positions cached in ``layer`` (during a forward pass, earlier layers are ahead of later ones)."""
+        return self.lengths[self._layer(layer)]
 
     @property
     def used_bytes(self) -> int:
@@ -199,7 +219,8 @@ class ContiguousKVCache(Cache):
         if end > self.capacity:
             self._grow(end)
         self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        if not self.values_in_keys:
+            self.v[layer, :, :, start:end] = v
         self.lengths[layer] = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
@@ -213,11 +234,11 @@ class ContiguousKVCache(Cache):
         new_cap = max(needed, 2 * self.capacity)
         check_fits(self.nbytes // self.capacity * new_cap, f"growing the KV cache to {new_cap:,} positions")
         grown = []
-        for old in (self.k, self.v):  # allocate both before replacing either
+        for old in (self.k,) if self.values_in_keys else (self.k, self.v):  # allocate all before replacing any
             new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))
             new[:, :, :, : old.shape[3]] = old
             grown.append(new)
-        self.k, self.v = grown
+        self.k, self.v = grown[0], self._values_of(grown[0], grown[-1])
 
     # --- edits -------------------------------------------------------------
     def crop(self, length: int) -> None:
@@ -235,8 +256,9 @@ class ContiguousKVCache(Cache):
         integers in [0, batch); the new batch size is its length.
         """
         idx = batch_index_tensor(batch_indices, self.batch).to(self.k.device)
-        k, v = self.k.index_select(1, idx), self.v.index_select(1, idx)  # both before replacing either
-        self.k, self.v = k, v
+        k = self.k.index_select(1, idx)
+        v = None if self.values_in_keys else self.v.index_select(1, idx)  # both before replacing either
+        self.k, self.v = k, self._values_of(k, v)
 
     reorder = select
 

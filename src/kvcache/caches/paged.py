@@ -19,6 +19,10 @@ and the slots of its whole context.  In every layer ``attend`` then
    each prefill chunk on its own with causal SDPA over its context.  Blocks
    shared by every decoding sequence (a common system prompt) are attended
    once for all of them (cascade attention) instead of once per sequence.
+
+Values may be narrower than keys (``value_dim``); a latent (MLA) pool stores only
+keys ``[c_kv | k_pe]`` and reads values as their first ``value_dim`` channels
+(``values_in_keys``), so a token's latent is stored and gathered once.
 """
 
 from __future__ import annotations
@@ -107,28 +111,34 @@ class _StepPlan:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
-        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) < 1:
-            raise ValueError("num_layers, num_blocks, block_size, num_kv_heads and head_dim must all be >= 1")
+                 dtype: torch.dtype = torch.float32, value_dim: int | None = None, values_in_keys: bool = False):
+        value_dim = head_dim if value_dim is None else value_dim
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim, value_dim) < 1:
+            raise ValueError("num_layers, num_blocks, block_size, num_kv_heads, head_dim and value_dim must all "
+                             "be >= 1")
+        if values_in_keys and value_dim > head_dim:
+            raise ValueError(f"values_in_keys needs value_dim ({value_dim}) <= head_dim ({head_dim})")
         shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.v = None if values_in_keys else torch.zeros(shape[:3] + (value_dim,), dtype=dtype)
+        self.value_dim = value_dim
         self.block_size, self.num_blocks = block_size, num_blocks
         self.plan: _StepPlan | None = None
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype = torch.float32) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+        return config.kv_values_per_token() * block_size * elem
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int = 16) -> "PagedKVCache":
         c = model.config
-        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, model.dtype)
+        return cls(c.num_layers, num_blocks, block_size, c.cache_kv_heads, c.cache_key_dim, model.dtype,
+                   c.cache_value_dim, c.values_in_keys)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + (self.v.nbytes if self.v is not None else 0)
 
     def copy_blocks(self, ops) -> None:
         """Execute copy-on-write ops (``src``/``dst`` block ids) in every layer."""
@@ -136,7 +146,8 @@ class PagedKVCache:
         for op in ops:
             src, dst = slice(op.src * bs, (op.src + 1) * bs), slice(op.dst * bs, (op.dst + 1) * bs)
             self.k[:, :, dst] = self.k[:, :, src]
-            self.v[:, :, dst] = self.v[:, :, src]
+            if self.v is not None:
+                self.v[:, :, dst] = self.v[:, :, src]
 
     def settle(self, still_filling) -> None:
         """After a speculative step's rollback: nothing to do here (a rejected slot is simply written again)."""
@@ -151,18 +162,19 @@ class PagedKVCache:
         plan = self.plan
         if plan is None or q.shape[2] != plan.num_tokens:
             raise RuntimeError("PagedKVCache.attend called without a matching prepare() for this batch")
-        k_pool, v_pool = self.k[layer], self.v[layer]
+        k_pool = self.k[layer]
+        v_pool = self.v[layer] if self.v is not None else None  # None: values are the keys' first channels
         k_pool.index_copy_(1, plan.write_slots, k[0])
-        v_pool.index_copy_(1, plan.write_slots, v[0])
+        if v_pool is not None:
+            v_pool.index_copy_(1, plan.write_slots, v[0])
         if window is not None and plan.max_context > window:
             return self._attend_each(q, k_pool, v_pool, plan, window)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape[:3] + (self.value_dim,))
         for q_start, q_end, ctx in plan.prefills:
             if ctx is None:
                 keys, values = k[:, :, q_start:q_end], v[:, :, q_start:q_end]
             else:
-                keys = k_pool.index_select(1, ctx).unsqueeze(0)
-                values = v_pool.index_select(1, ctx).unsqueeze(0)
+                keys, values = (t.unsqueeze(0) for t in self._gather(k_pool, v_pool, ctx))
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
         if len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
@@ -170,50 +182,61 @@ class PagedKVCache:
             return self._attend_each(q, k_pool, v_pool, plan)
         return out
 
-    @staticmethod
-    def _attend_each(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan,
+    def _gather(self, k_pool: torch.Tensor, v_pool: torch.Tensor | None, slots: torch.Tensor):
+        """(keys, values) of ``slots``: (kv_heads, len, d) each; a latent pool's values are a view of its keys."""
+        keys = k_pool.index_select(1, slots)
+        return keys, (keys[..., :self.value_dim] if v_pool is None else v_pool.index_select(1, slots))
+
+    def _attend_each(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan,
                      window: int | None = None) -> torch.Tensor:
         """One sequence at a time over its gathered context, through ``attention`` (finite for any finite
         input).  Serves sliding-window models (Mistral) once a context is longer than the window -- each
         sequence attends to its last ``window`` positions; the blocks behind it stay allocated (evicting them
         is the bounded caches' job) -- and recomputes a batch whose fast kernels overflowed."""
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape[:3] + (self.value_dim,))
         for q_start, q_end, slots in plan.contexts:
-            keys, values = k_pool.index_select(1, slots)[None], v_pool.index_select(1, slots)[None]
+            keys, values = (t[None] for t in self._gather(k_pool, v_pool, slots))
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, window=window)
         return out
 
-    @staticmethod
-    def _decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
-        """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, d)."""
+    def _blocks(self, k_pool: torch.Tensor, v_pool: torch.Tensor | None, blocks: torch.Tensor):
+        """Whole blocks gathered at once: (keys, values), each (kv_heads, len(blocks) * block_size, d)."""
+        kv_heads, num_slots, dim = k_pool.shape
+        per_block = num_slots // self.block_size
+        keys = k_pool.view(kv_heads, per_block, -1).index_select(1, blocks).view(kv_heads, -1, dim)
+        if v_pool is None:
+            return keys, keys[..., :self.value_dim]
+        values = v_pool.view(kv_heads, per_block, -1).index_select(1, blocks).view(kv_heads, -1, self.value_dim)
+        return keys, values
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan
+                ) -> torch.Tensor:
+        """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, value_dim)."""
         batch, width = len(plan.decode_rows), plan.decode_width
-        heads, dim = q.shape[1], q.shape[3]
+        heads, dim, vdim = q.shape[1], q.shape[3], self.value_dim
         kv_heads = k_pool.shape[0]
         group = heads // kv_heads
         # (heads, batch, d) -> (kv_heads, batch, group, d): each KV head's whole group in one matmul
         qd = (q[0, :, plan.decode_rows] * dim ** -0.5).view(kv_heads, group, batch, dim).transpose(1, 2)
-        num_slots = k_pool.shape[1]
-        by_block = (kv_heads, num_slots // plan.block_size, plan.block_size * dim)
-        keys = k_pool.view(by_block).index_select(1, plan.decode_blocks).view(kv_heads, batch, width, dim)
-        values = v_pool.view(by_block).index_select(1, plan.decode_blocks).view(kv_heads, batch, width, dim)
+        keys, values = self._blocks(k_pool, v_pool, plan.decode_blocks)
+        keys, values = keys.view(kv_heads, batch, width, dim), values.view(kv_heads, batch, width, vdim)
         scores = torch.matmul(qd, keys.transpose(-1, -2))  # (kv_heads, batch, group, width)
         if not plan.decode_all_full:
             scores = scores + plan.decode_mask
         if plan.shared_blocks is None:
-            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, d)
-            return out.transpose(1, 2).reshape(heads, batch, dim)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, vdim)
+            return out.transpose(1, 2).reshape(heads, batch, vdim)
         # Cascade attention (as in FlashInfer / vLLM): every query against the shared prefix in one
         # matmul that reads the prefix once, each query against its own suffix, then the two partial
         # softmaxes are merged through their maxima and sums.
-        shared_k = k_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
-        shared_v = v_pool.view(by_block).index_select(1, plan.shared_blocks).view(kv_heads, -1, dim)
+        shared_k, shared_v = self._blocks(k_pool, v_pool, plan.shared_blocks)
         s1 = _heads_matmul(qd.reshape(kv_heads, batch * group, dim), shared_k).view(kv_heads, batch, group, -1)
         m1 = s1.amax(-1, keepdim=True)
         e1 = torch.exp(s1 - m1)
         o1 = _heads_matmul(e1.view(kv_heads, batch * group, -1), shared_v.transpose(-1, -2))
-        shared = (o1.view(kv_heads, batch, group, dim), m1, e1.sum(-1, keepdim=True))
+        shared = (o1.view(kv_heads, batch, group, vdim), m1, e1.sum(-1, keepdim=True))
         out = merge_partials([shared, softmax_partial(scores, values)])
-        return out.transpose(1, 2).reshape(heads, batch, dim)
+        return out.transpose(1, 2).reshape(heads, batch, vdim)
 
 
 def _heads_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,9 @@ class QuantizedKVCache(Cache):
     @classmethod
     def for_model(cls, model, batch: int = 1, capacity: int | None = None, **options) -> QuantizedKVCache:
         c = model.config
+        if c.mla is not None:
+            raise ValueError("the quantized caches do not store latent (MLA) attention's [c_kv | k_pe] yet: "
+                             "use the full-precision cache ('auto')")
         return cls(c.num_layers, c.num_kv_heads, c.head_dim, batch=batch,
                    capacity=c.max_positions if capacity is None else capacity, dtype=model.dtype, **options)
 

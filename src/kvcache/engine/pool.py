@@ -46,6 +46,9 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
         _check(blocks, fp_block, kv_cache, label)
         check_fits(blocks * fp_block, _what(blocks, label))
         return Pool(PagedKVCache.for_model(model, blocks, block_size), blocks, "auto", fp_block, 0)
+    if config.mla is not None:
+        raise ValueError(f"kv_cache {kv_cache!r}: the engine's quantized pools do not store latent (MLA) attention's "
+                         "[c_kv | k_pe] yet; use the full-precision pool ('auto')")
     spec = engine_spec(kv_cache, block_size)
     q_block = PagedQuantizedKVCache.bytes_per_block(config, block_size, spec)
     if num_blocks is not None:

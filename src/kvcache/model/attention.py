@@ -84,7 +84,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     qg = q.reshape(batch, kv_heads, heads // kv_heads, dim) * (1.0 / math.sqrt(dim))
     scores = torch.matmul(qg, k.transpose(-1, -2))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v).reshape(batch, heads, 1, dim)
+    return torch.matmul(probs, v).reshape(batch, heads, 1, v.shape[-1])
 
 
 def finite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None

@@ -3,7 +3,10 @@
 One flat dataclass covers both families we run: GPT-2 (learned positions,
 LayerNorm, GELU, fused QKV) and Llama (RoPE, RMSNorm, SwiGLU, GQA), with the
 Llama-family variants that are a flag away (Qwen2's QKV bias, Llama's
-``attention_bias``/``mlp_bias``, Mistral).  Which projections carry a bias
+``attention_bias``/``mlp_bias``, Mistral).  DeepSeek-V2/V3 are Llama-family
+blocks with two parts swapped, described by nested configs: multi-head latent
+attention (``mla``) and mixture-of-experts MLPs (``moe``); their config.json is
+read in ``deepseek.py``.  Which projections carry a bias
 follows transformers' modelling code for each ``model_type``, not just the
 config keys: Qwen2 always has a Q/K/V bias and never an output bias, Mistral
 has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
@@ -18,7 +21,55 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention: what each token caches is ``kv_lora_rank + qk_rope_head_dim`` values."""
+
+    kv_lora_rank: int  # width of the compressed latent c_kv (the values, after absorption)
+    q_lora_rank: int | None  # None: one q_proj; else q_a_proj -> RMSNorm -> q_b_proj
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # the shared RoPE key k_pe, cached beside c_kv
+    v_head_dim: int
+    softmax_scale: float  # (nope + rope)^-0.5, times YaRN's mscale^2 when the rope scaling asks for it
+    rope_interleave: bool = True  # the checkpoint's rope rows rotate pairs (2i, 2i+1) (deepseek.py permutes them)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek's mixture of experts: routed experts picked per token, plus always-on shared experts."""
+
+    num_experts: int
+    experts_per_token: int
+    shared_experts: int
+    intermediate_size: int  # per expert
+    first_dense_layers: int  # layers before this one keep a dense MLP
+    scoring: str  # "sigmoid" (V3, with a correction bias) or "softmax" (V2)
+    topk_method: str  # "noaux_tc" (V3: group-limited by top-2 sums), "greedy" or "group_limited_greedy" (V2)
+    num_groups: int
+    topk_groups: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rope scaling (rope_type "yarn"), as transformers computes it."""
+
+    factor: float
+    original_max_positions: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0  # multiplies cos/sin
+    truncate: bool = True
+    mscale: float | None = None  # DeepSeek: with mscale_all_dim, sets attention_factor and the softmax scale
+    mscale_all_dim: float | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +93,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
+    mla: MLAConfig | None = None  # DeepSeek: latent attention replaces Q/K/V heads
+    moe: MoEConfig | None = None  # DeepSeek: experts replace the MLP of layers >= moe.first_dense_layers
+    yarn: YarnScaling | None = None
 
     def __post_init__(self) -> None:
         # None = the architecture's own convention (GPT-2 has every bias, plain Llama none)
@@ -69,6 +123,8 @@ class ModelConfig:
             elif f.name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias"):
                 if not isinstance(value, bool):
                     raise ConfigValueError(f.name, value, "must be true or false")
+            elif f.name in ("mla", "moe", "yarn"):
+                continue  # checked when read (deepseek.py)
             elif f.name == "sliding_window" and value is not None and (not _is_int(value) or value < 1):
                 raise ConfigValueError(f.name, value, "must be null or an integer >= 1")
             elif f.name in ("bos_token_id", "eos_token_id") and value is not None:
@@ -78,6 +134,29 @@ class ModelConfig:
                                                           f"[0, vocab_size={self.vocab_size})")
         if self.arch not in ("gpt2", "llama"):
             raise ConfigValueError("arch", self.arch, "must be 'gpt2' or 'llama'")
+
+    # --- what a KV cache stores per token and layer (MLA: one latent "head", its values a prefix of its keys)
+    @property
+    def cache_kv_heads(self) -> int:
+        return 1 if self.mla else self.num_kv_heads
+
+    @property
+    def cache_key_dim(self) -> int:
+        return self.mla.latent_dim if self.mla else self.head_dim
+
+    @property
+    def cache_value_dim(self) -> int:
+        return self.mla.kv_lora_rank if self.mla else self.head_dim
+
+    @property
+    def values_in_keys(self) -> bool:
+        """MLA: the cached values are the first ``cache_value_dim`` channels of the keys, stored once."""
+        return self.mla is not None
+
+    def kv_values_per_token(self) -> int:
+        """Numbers a full-precision cache stores per token, over every layer."""
+        per_layer = self.cache_key_dim if self.values_in_keys else 2 * self.cache_value_dim
+        return self.num_layers * self.cache_kv_heads * per_layer
 
     @property
     def group_size(self) -> int:
@@ -106,6 +185,10 @@ class ModelConfig:
         try:
             if model_type == "gpt2":
                 return cls._from_gpt2(cfg)
+            if model_type.startswith("deepseek"):
+                from .deepseek import config_from_hf
+
+                return config_from_hf(cls, cfg)
             return cls._from_llama(cfg, model_type)
         except KeyError as exc:
             raise ValueError(f"config.json for {model_type} is missing the key {exc.args[0]!r}") from None

@@ -32,6 +32,10 @@ def _check_biases(c) -> None:
 
 def hf_config(model: Transformer) -> dict[str, Any]:
     c = model.config
+    if c.mla is not None:
+        from .deepseek import hf_config as deepseek_config
+
+        return deepseek_config(c)
     _check_biases(c)
     if c.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
@@ -56,6 +60,13 @@ def hf_config(model: Transformer) -> dict[str, Any]:
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     c, s = model.config, model.state_dict()
+    if c.mla is not None:
+        from .deepseek import export_state
+
+        out = {"model." + k: v for k, v in export_state(c, s).items()}
+        if not c.tie_word_embeddings:
+            out["lm_head.weight"] = s["lm_head.weight"]
+        return {k: v.contiguous() for k, v in out.items()}
     _check_biases(c)
     out: dict[str, torch.Tensor] = {}
     if c.arch == "gpt2":

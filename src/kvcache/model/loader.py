@@ -141,6 +141,10 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
     if c.arch == "gpt2":
         prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
         state = _gpt2_state(c, _Checkpoint(tensors, prefix, head.used))
+    elif c.mla is not None:
+        from . import deepseek
+
+        state = deepseek.load_state(c, _Checkpoint(tensors, "model.", head.used).take)
     else:
         state = _llama_state(c, _Checkpoint(tensors, "model.", head.used))
     if not c.tie_word_embeddings:
@@ -151,7 +155,8 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
                                   "the checkpoint's 'lm_head.weight' differs from the embedding matrix")
     _check_all_used(c, tensors, head.used)
     dtype = model.dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
+    fp32 = {k for k in state if k.endswith(("mlp.router", "mlp.router_bias"))}  # the MoE router stays float32
+    state = {k: v.to(torch.float32 if k in fp32 else dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and c.tie_word_embeddings)]
     if missing or unexpected:

@@ -5,18 +5,42 @@ Kept apart from the model file so caches that store keys before rotation can use
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, YarnScaling
 
 
 def rope_tables(config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_positions, head_dim), computed in fp32 like the reference implementation."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scale = 1.0
+    if config.yarn is not None:
+        inv_freq, scale = yarn_inv_freq(config.yarn, dim, config.rope_theta), config.yarn.attention_factor
     freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.int64).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def yarn_inv_freq(yarn: YarnScaling, dim: int, base: float) -> torch.Tensor:
+    """YaRN's frequencies: interpolated (divided by ``factor``) for dimensions that rotate fewer than
+    ``beta_slow`` times over the original context, kept for those rotating more than ``beta_fast`` times,
+    a linear ramp between (transformers' ``_compute_yarn_parameters``)."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolate = 1 - ramp
+    return (1.0 / (yarn.factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

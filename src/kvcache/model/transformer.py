@@ -1,8 +1,10 @@
-"""A decoder-only transformer, read top to bottom: GPT-2 and Llama in one file.
+"""A decoder-only transformer, read top to bottom: GPT-2, Llama and DeepSeek in one file.
 
 GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV with bias, tied head.
 Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen2 adds a QKV bias;
 Llama's attention_bias / mlp_bias add biases to the attention / MLP projections).
+DeepSeek-V2/V3: Llama's block with latent attention (mla.py) and, past the first
+dense layers, a mixture of experts (moe.py), chosen by two small factories.
 
 The model runs with or without a cache.  A cache is any object with
 ``attend(layer, q, k, v) -> out``: it stores the new keys/values and returns
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from .attention import attention
 from .config import ModelConfig
 from .linear import Linear, watched
+from .mla import LatentAttention
+from .moe import MoE
 from .rope import apply_rope, rope_tables
 
 
@@ -79,6 +83,16 @@ class MLP(nn.Module):
         return self.down(F.gelu(h, approximate="tanh"))
 
 
+def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    """Multi-head / grouped-query attention, or DeepSeek's multi-head latent attention."""
+    return LatentAttention(config, layer) if config.mla else Attention(config, layer)
+
+
+def make_mlp(config: ModelConfig, layer: int) -> nn.Module:
+    """The dense MLP, or (DeepSeek, from layer ``first_dense_layers`` on) a mixture of experts."""
+    return MoE(config) if config.moe and layer >= config.moe.first_dense_layers else MLP(config)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.arch == "gpt2":
         return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
@@ -89,9 +103,9 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = make_attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = make_mlp(config, layer)
 
     def forward(self, x: torch.Tensor, rope, cache: AttentionCache | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache)
