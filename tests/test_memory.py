@@ -435,3 +435,32 @@ def test_memory_cli_quantized(capsys):
 
     report = json.loads(capsys.readouterr().out)
     assert report["bytes_per_element"] == 1.125 and report["total_bytes"] == 30 * 2 * 3 * 64 * 4096 * 9 // 8
+
+
+# ------------------------------------------------------------- multi-head latent attention (DeepSeek)
+
+def test_deepseek_presets_count_the_latent():
+    from kvcache.memory import memory_report
+
+    v3 = memory_report("deepseek-v3", tokens=1, dtype="bf16")
+    assert v3.bytes_per_token == 61 * (512 + 64) * 2 == 70_272
+    assert v3.expanded_bytes_per_token == 61 * 128 * (128 + 64 + 128) * 2 == 4_997_120
+    assert memory_report("deepseek-v2-lite", tokens=1, dtype="fp16").bytes_per_token == 27 * 576 * 2
+    assert memory_report("deepseek-v2", tokens=1, dtype="fp16").bytes_per_token == 60 * 576 * 2
+    assert memory_report("llama-3-8b", tokens=1).bytes_per_token == 131_072  # the GQA comparison
+
+
+def test_a_deepseek_config_json_is_read_as_latent(tmp_path):
+    import json
+
+    from kvcache.memory import format_report, memory_report
+
+    cfg = {"model_type": "deepseek_v3", "num_hidden_layers": 3, "num_attention_heads": 4, "hidden_size": 64,
+           "num_key_value_heads": 128, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+           "v_head_dim": 12, "max_position_embeddings": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = memory_report(tmp_path, tokens=100, dtype="fp32")
+    assert r.bytes_per_token == 3 * 24 * 4 and r.total_bytes == 100 * 3 * 24 * 4
+    assert r.expanded_bytes_per_token == 3 * 4 * (16 + 8 + 12) * 4
+    text = format_report(r)
+    assert "latent 24 (c_kv 16 + k_pe 8" in text and "6.0x the latent cache" in text

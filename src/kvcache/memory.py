@@ -107,6 +107,11 @@ class ModelShape:
     head_dim: int
     hidden_size: int
     max_positions: int | None
+    # multi-head latent attention (DeepSeek): what is cached is the latent, not K/V per head
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for attr in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
@@ -123,6 +128,19 @@ class ModelShape:
                 f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+        mla = (self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim)
+        if any(v is not None for v in mla) and not all(is_int(v) and v > 0 for v in mla):
+            raise ValueError(f"ModelShape {self.name!r}: latent attention needs kv_lora_rank, qk_rope_head_dim, "
+                             f"qk_nope_head_dim and v_head_dim, all positive ints; got {mla}")
+
+    @property
+    def is_latent(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def latent_dim(self) -> int | None:
+        """MLA: values cached per token and layer, ``kv_lora_rank + qk_rope_head_dim`` (c_kv and k_pe)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_latent else None
 
     @property
     def kv_dim(self) -> int:
@@ -131,12 +149,23 @@ class ModelShape:
 
     @property
     def elements_per_token(self) -> int:
-        """K+V elements per token over all layers (one sequence)."""
-        return 2 * self.num_layers * self.kv_dim
+        """Cached elements per token over all layers (one sequence): K+V, or MLA's latent."""
+        return self.num_layers * (self.latent_dim if self.is_latent else 2 * self.kv_dim)
+
+    @property
+    def expanded_elements_per_token(self) -> int:
+        """MLA: what caching the up-projected per-head K (nope + rope) and V would take; otherwise the same."""
+        if not self.is_latent:
+            return self.elements_per_token
+        return self.num_layers * self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
 
 
 def _preset(name, layers, heads, kv_heads, head_dim, hidden, ctx) -> ModelShape:
     return ModelShape(name, layers, heads, kv_heads, head_dim, hidden, ctx)
+
+
+def _mla_preset(name, layers, heads, hidden, ctx, rank=512, rope=64, nope=128, v=128) -> ModelShape:
+    return ModelShape(name, layers, heads, heads, nope + rope, hidden, ctx, rank, rope, nope, v)
 
 
 # Published configs (Hugging Face config.json / papers).
@@ -164,6 +193,11 @@ PRESETS: dict[str, ModelShape] = {
         _preset("qwen2.5-0.5b", 24, 14, 2, 64, 896, 32768),
         # HuggingFaceTB/SmolLM2-135M-Instruct (kvcache pull smollm2-135m): 9 query heads, 3 KV heads.
         _preset("smollm2-135m", 30, 9, 3, 64, 576, 8192),
+        # DeepSeek (deepseek-ai/DeepSeek-V2, -V2-Lite, -V3): multi-head latent attention, kv_lora_rank 512,
+        # rope 64, nope 128, v 128; 163,840 positions (YaRN).
+        _mla_preset("deepseek-v2", 60, 128, 5120, 163840),
+        _mla_preset("deepseek-v2-lite", 27, 16, 2048, 163840),
+        _mla_preset("deepseek-v3", 61, 128, 7168, 163840),
     )
 }
 
@@ -245,6 +279,10 @@ def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None =
             )
         head_dim = hidden // heads
     max_positions = pick("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", required=False)
+    latent = {}
+    if data.get("kv_lora_rank") is not None:  # DeepSeek's multi-head latent attention
+        latent = {key: pick(key) for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}
+        kv_heads, head_dim = heads, latent["qk_nope_head_dim"] + latent["qk_rope_head_dim"]
 
     if name is None:
         name = data.get("_name_or_path") or default_name or data.get("model_type") or "custom"
@@ -256,6 +294,7 @@ def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None =
         head_dim=head_dim,
         hidden_size=hidden,
         max_positions=max_positions,
+        **latent,
     )
 
 
@@ -401,6 +440,7 @@ class MemoryReport:
     elements: int  # total K+V element count
     bytes_per_element: float = 2
     shape: ModelShape | None = field(default=None, repr=False)
+    expanded_bytes_per_token: int | None = None  # MLA: caching the up-projected per-head K/V instead
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -447,12 +487,13 @@ def memory_report(
         tokens=tokens,
         batch=batch,
         bytes_per_token=_bytes_for(shape.elements_per_token, per),
-        bytes_per_layer=_bytes_for(2 * shape.kv_dim * tokens, per),
+        bytes_per_layer=_bytes_for(shape.elements_per_token // shape.num_layers * tokens, per),
         bytes_per_sequence=_bytes_for(shape.elements_per_token * tokens, per),
         total_bytes=_bytes_for(elements, per),
         elements=elements,
         bytes_per_element=per,
         shape=shape,
+        expanded_bytes_per_token=_bytes_for(shape.expanded_elements_per_token, per) if shape.is_latent else None,
     )
 
 
@@ -514,7 +555,12 @@ def format_report(report: MemoryReport) -> str:
     """Readable multi-line summary of a :class:`MemoryReport`."""
     lines = [f"KV cache memory: {report.model}"]
     s = report.shape
-    if s is not None:
+    if s is not None and s.is_latent:
+        lines.append(
+            f"  shape        : {s.num_layers} layers x latent {s.latent_dim} (c_kv {s.kv_lora_rank} + k_pe "
+            f"{s.qk_rope_head_dim}; MLA, {s.num_heads} heads, hidden {s.hidden_size})"
+        )
+    elif s is not None:
         attn = "MHA" if s.num_kv_heads == s.num_heads else f"GQA, {s.num_heads} query heads"
         lines.append(
             f"  shape        : {s.num_layers} layers x {s.num_kv_heads} KV heads x head_dim {s.head_dim} "
@@ -531,8 +577,15 @@ def format_report(report: MemoryReport) -> str:
         f"  per sequence : {report.bytes_per_sequence:>17,} B  ({format_bytes(report.bytes_per_sequence)})",
         f"  total        : {report.total_bytes:>17,} B  ({format_bytes(report.total_bytes)})"
         f"  x batch {report.batch:,}",
-        f"  elements     : {report.elements:>17,}  (2 x K/V x layers x kv_heads x head_dim x tokens x batch)",
+        f"  elements     : {report.elements:>17,}  "
+        + ("(layers x latent x tokens x batch)" if s is not None and s.is_latent
+           else "(2 x K/V x layers x kv_heads x head_dim x tokens x batch)"),
     ]
+    if report.expanded_bytes_per_token is not None:
+        e = report.expanded_bytes_per_token
+        lines.append(f"  vs expanded  : {e:>17,} B per token if the up-projected K ({s.qk_nope_head_dim} + "
+                     f"{s.qk_rope_head_dim}) and V ({s.v_head_dim}) of {s.num_heads} heads were cached: "
+                     f"{e / report.bytes_per_token:.1f}x the latent cache")
     return "\n".join(lines)
 
 
