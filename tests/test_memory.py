@@ -61,12 +61,15 @@ def test_required_presets_present_and_consistent():
     required = {
         "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3-175b",
         "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
-        "mistral-7b", "qwen2.5-0.5b",
+        "mistral-7b", "qwen2.5-0.5b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3",
     }
     assert required <= set(PRESETS)
     for name, s in PRESETS.items():
         assert s.name == name
-        assert s.num_heads * s.head_dim == s.hidden_size, name
+        if s.is_latent:  # MLA heads are not a split of the hidden size; their query/key width is nope + rope
+            assert s.head_dim == s.qk_nope_head_dim + s.qk_rope_head_dim, name
+        else:
+            assert s.num_heads * s.head_dim == s.hidden_size, name
         assert s.num_heads % s.num_kv_heads == 0, name
 
 
