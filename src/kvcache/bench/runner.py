@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative", "serve")
+             "speculative", "serve", "mla")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,5 +123,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         from . import server_load
 
         rows = server_load.run(quick)
+    elif name == "mla":
+        from . import mla
+
+        rows = mla.run(quick)
     print(flush=True)
     return rows
