@@ -25,6 +25,9 @@ from .model.shapes import random_model
 def describe(model) -> str:
     c = model.config
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    if c.mla is not None:
+        return (f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads over one "
+                f"latent of {c.mla.latent_dim} (MLA), {params:.1f} M parameters")
     attn = "MHA" if c.num_kv_heads == c.num_heads else ("MQA" if c.num_kv_heads == 1 else "GQA")
     return (f"{c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / "
             f"{c.num_kv_heads} KV heads ({attn}), {params:.1f} M parameters")
@@ -145,9 +148,11 @@ def run(demo: Demo) -> int:
     print(f"speedup           : {t_plain / t_cached:.1f}x with the cache")
     c = model.config
     elem = model.dtype.itemsize
-    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
+    per_token = c.kv_values_per_token() * elem
     total_tokens = len(ids) + len(cached)
-    print(f"KV cache memory   : 2 (K,V) x {c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} dims x "
+    formula = (f"{c.num_layers} layers x latent {c.mla.latent_dim} (MLA)" if c.mla is not None else
+               f"2 (K,V) x {c.num_layers} layers x {c.num_kv_heads} KV heads x {c.head_dim} dims")
+    print(f"KV cache memory   : {formula} x "
           f"{elem} B = {per_token:,} B per token; {total_tokens} tokens = {per_token * total_tokens / 1024:.1f} KiB")
     if lossy:
         print(f"  stored as {demo.kv_cache}: {cache.used_bytes / 1024:.1f} KiB held "

@@ -148,8 +148,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if mask is None and seq_q == 1:
         return decode_attention(q, k, v)
     gqa = q.shape[1] != k.shape[1]
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:  # narrower values (MLA's expanded heads): the fused kernel wants one width, so pad
+        v = F.pad(v, (0, q.shape[-1] - dv))  # (PyTorch's fallback for unequal widths builds the whole score matrix)
     if mask is None and seq_q == seq_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[..., :dv]
     if mask is None:
         mask = causal_mask(seq_q, seq_k, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)[..., :dv]
