@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+pytest_plugins = ["served"]  # the live-server fixture of tests/server (tests/served.py)
+
 # Timing-based failures are noise on a shared 2-core machine: no per-example deadline.
 settings.register_profile("kvcache", deadline=None)
 settings.load_profile("kvcache")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from kvcache.engine.llm import LLM
 from kvcache.model.loader import load_model
@@ -53,3 +54,11 @@ def chat_model():
     return model
 
 
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A live server on loopback for a test module (import this fixture into the module)."""
+    s = Served(LLM(chat_model(), kv_memory="64MiB", max_num_seqs=64))
+    yield s
+    s.close()

@@ -32,19 +32,11 @@ from ..model.loader import load_model
 from ..model.transformer import Transformer
 from ..runtime import tune_malloc
 from .block_manager import BlockManager
+from .outputs import request_deltas, request_output
 from .pool import make_pool
 from .runner import forward_batch
 from .scheduler import Scheduler
-from .sequence import (
-    CompletionDelta,
-    CompletionOutput,
-    Request,
-    RequestDelta,
-    RequestOutput,
-    SamplingParams,
-    Sequence,
-    Status,
-)
+from .sequence import Request, RequestDelta, RequestOutput, SamplingParams, Sequence, Status
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -437,40 +429,14 @@ class LLM:
             raise ValueError(f"request {request_id} is not finished: step until it is, or abort_request it")
         del self.requests[request_id]
         self._end(request_id, "collected (its output was returned)")
-        outs = [self._completion(s) for s in sorted(r.sequences, key=lambda s: s.index)] if r.error is None else []
-        return RequestOutput(r.request_id, r.prompt_ids, outs, r.metrics, r.error)
+        return request_output(r)
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        text = seq.detokenizer.output_text if seq.detokenizer is not None else None  # no tokenizer: ids only
-        return CompletionOutput(seq.index, seq.output_ids, text, seq.finish_reason)
-
-    # --- streaming -------------------------------------------------------------
     def step_deltas(self) -> list[RequestDelta]:
         """``step``, reported as what each request gained: new token ids and text per completion, the finish
-        reason with a completion's last delta.  A finished request stays held until ``output`` collects it
-        (or ``abort_request`` drops it)."""
+        reason with a completion's last delta (for streaming).  A finished request stays held until
+        ``output`` collects it (or ``abort_request`` drops it)."""
         self.step()
-        deltas = []
-        for request in self.requests.values():
-            if request.reported:
-                continue
-            outputs = [d for d in (self._delta(s) for s in request.sequences) if d is not None]
-            if outputs or request.finished:
-                request.reported = request.finished
-                deltas.append(RequestDelta(request.request_id, outputs, request.finished, request.metrics,
-                                           request.error))
-        return deltas
-
-    @staticmethod
-    def _delta(seq: Sequence) -> CompletionDelta | None:
-        finished = seq.status is Status.FINISHED
-        new = seq.output_ids[seq.num_reported:]
-        text = seq.detokenizer.take(finished) if seq.detokenizer is not None else None
-        if not new and not text and (not finished or seq.reported_finish):
-            return None
-        seq.num_reported = seq.num_output
-        seq.reported_finish = finished
-        return CompletionDelta(seq.index, new, text, seq.finish_reason if finished else None)
+        return request_deltas(self.requests.values())
 
     def stats(self) -> dict:
         """Prefix-cache and memory metrics (tokens and blocks)."""
