@@ -142,6 +142,7 @@ REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "bf16": ("kvcache.caches.contiguous:ContiguousKVCache", {"dtype": "bfloat16"}),
     "int8": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 8}),
     "int4": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 4}),
+    "window": ("kvcache.caches.window:WindowKVCache", {}),
 }
 
 DESCRIPTIONS = {
@@ -152,6 +153,8 @@ DESCRIPTIONS = {
     "bf16": "full precision, bfloat16 (lossless; the model must compute in bfloat16)",
     "int8": "8-bit group-wise quantized keys and values, full-precision residual (lossy)",
     "int4": "4-bit group-wise quantized, two per byte; KIVI per-channel keys by default, rotation optional (lossy)",
+    "window": "bounded: the last `size` tokens in a ring buffer plus `sinks` first tokens (StreamingLLM); streams "
+              "past the model's context with positions=cache (lossy)",
 }
 
 

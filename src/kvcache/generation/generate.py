@@ -53,7 +53,7 @@ def stream(
     ``Proposer``: each model pass verifies its draft; the output is the same as without it (greedy: token for
     token; sampling: in distribution).  The proposer's ``stats`` count drafts and acceptances.
     """
-    ids = check_prompt(model, prompt_ids, max_new_tokens)
+    ids = check_prompt(model, prompt_ids, max_new_tokens, bounded_positions=True)  # the limit: once the cache is known
     max_new_tokens = int(max_new_tokens)
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
@@ -63,6 +63,7 @@ def stream(
         cache = make_cache(cache, model, batch=1, capacity=len(ids) + max_new_tokens)
     elif cache is not None:
         _check_cache(model, cache, ids, use_cache)
+    check_prompt(model, ids, max_new_tokens, bounded_positions=getattr(cache, "rotates_keys", False))
     config = SamplingConfig(temperature, top_k, top_p)
     stops = set(resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size))
     seed = check_seed(seed)
@@ -99,6 +100,10 @@ def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, co
         if use_cache and cache is None:
             cache = make_cache(None, model, batch=1, capacity=len(ids) + max_new_tokens)
         start = len(cache) if cache is not None else 0
+        chunk = getattr(cache, "max_chunk", len(ids))  # a window cache takes a long prompt in pieces
+        while len(ids) - start > chunk:
+            model(torch.tensor([ids[start:start + chunk]]), cache=cache, logits_index=slice(0, 0))
+            start += chunk
         token = _next_token(model, torch.tensor([ids[start:]]), cache, config, generator)
     for step in range(max_new_tokens):
         yield token

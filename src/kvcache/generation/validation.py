@@ -39,17 +39,22 @@ def check_vocab(ids: list[int], vocab: int, what: str = "token id") -> None:
             raise ValueError(f"{what} {i} is outside the vocabulary [0, {vocab})")
 
 
-def check_prompt(model, prompt_ids, max_new_tokens: int) -> list[int]:
-    """Validate a prompt and ``max_new_tokens`` against the model; returns the prompt as a list of ints."""
+def check_prompt(model, prompt_ids, max_new_tokens: int, bounded_positions: bool = False) -> list[int]:
+    """Validate a prompt and ``max_new_tokens`` against the model; returns the prompt as a list of ints.
+    ``bounded_positions``: the cache applies its own positions (a window cache with positions=cache), so the
+    request may run past the model's context."""
     ids = token_id_list(prompt_ids, "prompt_ids")
     if not ids:
         raise ValueError("empty prompt: generation needs at least one prompt token")
     check_vocab(ids, model.config.vocab_size)
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=0)
     limit = model.config.max_positions
-    if len(ids) + max_new_tokens > limit:
+    if len(ids) + max_new_tokens > limit and not bounded_positions:
+        size = min(1024, limit // 2)
+        hint = (f"; a window cache with its own positions streams past it (cache='window:size={size},sinks=4')"
+                if getattr(model, "rope_cos", None) is not None and model.config.mla is None else "")
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's maximum of {limit} positions")
+                         f"the model's maximum of {limit} positions{hint}")
     return ids
 
 

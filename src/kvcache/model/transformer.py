@@ -173,6 +173,8 @@ class Transformer(nn.Module):
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
+        elif getattr(cache, "rotates_keys", False):
+            rope = None  # positions past the trained context are fine: the cache applies its own (window.py)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if cos.dim() == 3:  # (batch, seq, d) -> broadcast over heads

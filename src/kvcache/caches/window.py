@@ -1,0 +1,211 @@
+"""A bounded cache: the last ``size`` tokens in a ring buffer, plus the first ``sinks`` tokens kept forever.
+
+StreamingLLM (Xiao et al., 2023) showed that keeping a few first tokens ("attention sinks") beside a recent
+window keeps perplexity stable over very long streams, where a plain window collapses once the first
+tokens leave it.  Memory and time per token stay flat, however long the stream.
+
+Storage per layer: ``sinks`` slots, then a ring of ``size + margin`` slots where token ``j`` (``j >= sinks``)
+lives in slot ``(j - sinks) % ring``.  Eviction is O(1): a slot is simply written again.  The ``margin``
+tokens that left the window are still held, so ``crop`` can roll back that far (speculative decoding)
+even after the ring has wrapped.
+
+Query ``t`` attends to the sinks and to the keys ``j`` with ``t - size < j <= t``.  Two position
+conventions:
+
+* ``positions=cache`` (StreamingLLM; the default for RoPE models): keys are stored before RoPE, and
+  rotated by their rank inside the cache.  A sink keeps its index; window keys keep their true distance
+  to the query, so ``q.k`` sees the order the cache holds.  Positions never exceed ``sinks + size + chunk``,
+  so a stream can run past the model's trained context.
+* ``positions=absolute`` (Mistral-style): the model rotates keys at their absolute positions before they
+  are stored, as with every other cache; valid only within the trained context.
+
+Attention equals dense attention over exactly the kept keys, with those positions (tests/caches/test_window.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..checks import check_int, is_int
+from ..model.attention import attention, merge_partials, softmax_partial
+from ..model.rope import apply_rope
+from .base import Cache, Option
+from .contiguous import CacheIndexError, batch_index_tensor, check_kv
+
+
+class WindowKVCache(Cache):
+    lossless = False  # tokens outside the window are forgotten
+    options = {
+        "size": Option(int, None, "recent tokens every query attends to (the window, itself included; default: "
+                       "1024, at most half the model's context)", minimum=1),
+        "sinks": Option(int, 0, "first tokens kept forever (StreamingLLM's attention sinks)", minimum=0),
+        "margin": Option(int, 16, "evicted tokens still held, so crop() can roll back this far", minimum=0),
+        "positions": Option(str, None, "cache: rotate keys by their rank in the cache (streams past the model's "
+                            "context; default for RoPE models); absolute: the model's own positions",
+                            choices=("cache", "absolute")),
+    }
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, size: int, sinks: int = 0,
+                 margin: int = 16, batch: int = 1, dtype: torch.dtype = torch.float32,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        for name, value, low in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
+                                 ("head_dim", head_dim, 1), ("size", size, 1), ("sinks", sinks, 0),
+                                 ("margin", margin, 0), ("batch", batch, 1)):
+            check_int(value, name, minimum=low)
+        self.size, self.sinks, self.ring = size, sinks, size + margin
+        shape = (num_layers, batch, num_kv_heads, sinks + self.ring, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.lengths = [0] * num_layers  # tokens seen per layer: the absolute position of the next one
+        self.rope = rope  # (cos, sin) tables: keys are rotated here (positions=cache)
+        self.check_finite = True
+
+    @classmethod
+    def for_model(cls, model, batch: int = 1, capacity: int | None = None, size: int | None = None, sinks: int = 0,
+                  margin: int = 16, positions: str | None = None) -> "WindowKVCache":
+        """``capacity`` is ignored: the cache is bounded by ``sinks + size + margin`` tokens."""
+        c = model.config
+        size = size if size is not None else min(1024, c.max_positions // 2)
+        if c.mla is not None:
+            raise ValueError("the window cache does not store latent (MLA) attention's [c_kv | k_pe] yet: "
+                             "use the full-precision cache ('auto')")
+        has_rope = getattr(model, "rope_cos", None) is not None
+        positions = positions or ("cache" if has_rope else "absolute")
+        if positions == "cache" and not has_rope:
+            raise ValueError("window positions=cache re-rotates keys with RoPE, and this model has learned "
+                             "positions (GPT-2): use positions=absolute")
+        if positions == "cache" and sinks + size >= c.max_positions:
+            raise ValueError(f"window sinks + size ({sinks + size}) must stay below the model's "
+                             f"{c.max_positions} positions, which the cache's own positions index")
+        rope = (model.rope_cos, model.rope_sin) if positions == "cache" else None
+        return cls(c.num_layers, c.num_kv_heads, c.head_dim, size, sinks, margin, batch, model.dtype, rope)
+
+    # --- shape ---------------------------------------------------------------
+    num_layers = property(lambda self: self.k.shape[0])
+    batch = property(lambda self: self.k.shape[1])
+    num_kv_heads = property(lambda self: self.k.shape[2])
+    head_dim = property(lambda self: self.k.shape[4])
+    dtype = property(lambda self: self.k.dtype)
+    device = property(lambda self: self.k.device)
+
+    @property
+    def rotates_keys(self) -> bool:
+        """True: the model must hand over keys and queries before RoPE (positions=cache)."""
+        return self.rope is not None
+
+    @property
+    def max_chunk(self) -> int:
+        """Most new tokens one call may bring: the cache's positions must stay inside the RoPE tables."""
+        return self.rope[0].shape[0] - self.sinks - self.size if self.rope is not None else 1 << 62
+
+    def __len__(self) -> int:
+        return self.lengths[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        n = len(self)
+        held = min(n, self.sinks) + min(max(n - self.sinks, 0), self.ring)
+        return self.nbytes * held // (self.sinks + self.ring)
+
+    # --- attention -------------------------------------------------------------
+    def _slots(self, positions: range) -> torch.Tensor:
+        s = self.sinks
+        return torch.tensor([j if j < s else s + (j - s) % self.ring for j in positions], dtype=torch.long)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        layer = self._layer(layer)
+        check_kv(self, layer, k, v)
+        n, new = self.lengths[layer], k.shape[2]
+        if new > self.max_chunk:
+            raise ValueError(f"{new} new tokens in one call; this window cache takes at most {self.max_chunk} "
+                             "(its positions must stay inside the model's RoPE tables): feed them in chunks")
+        size = min(self.size, window) if window else self.size
+        sinks = range(min(self.sinks, n))
+        recent = range(max(self.sinks, n - size + 1), n)
+        old = self._slots(range(len(sinks))) if len(recent) == 0 else torch.cat(
+            [self._slots(sinks), self._slots(recent)])
+        keys = torch.cat([self.k[layer][:, :, old], k], dim=2)
+        values = torch.cat([self.v[layer][:, :, old], v], dim=2)
+        pos_k = torch.tensor([*sinks, *recent, *range(n, n + new)])
+        pos_q = torch.arange(n, n + new)
+        out = self._attention(q, keys, values, pos_q, pos_k, size)
+        self._store(layer, k, v, n)
+        return out
+
+    def _attention(self, q, keys, values, pos_q, pos_k, size) -> torch.Tensor:
+        """Each query over the sinks and the last ``size`` positions up to itself."""
+        causal = pos_k[None, :] <= pos_q[:, None]
+        is_sink = pos_k[None, :] < self.sinks
+        in_window = pos_k[None, :] > pos_q[:, None] - size
+        if self.rope is None:  # keys were rotated at absolute positions by the model
+            return attention(q, keys, values, mask=causal & (is_sink | in_window))
+        cos, sin = self.rope
+        dim = q.shape[-1]
+        group = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        # window keys: true distances (rotate queries and keys at positions relative to the oldest key)
+        base = int(pos_k[pos_k >= self.sinks].min()) if bool((pos_k >= self.sinks).any()) else int(pos_q[0])
+        kpos, qpos = (pos_k - base).clamp_min(0), (pos_q - base).clamp_min(0)
+        k_rot = apply_rope(keys, cos[kpos], sin[kpos])
+        q_rot = apply_rope(q, cos[qpos], sin[qpos])
+        window_scores = torch.matmul(q_rot, k_rot.transpose(-1, -2)) * dim ** -0.5
+        window_scores = window_scores.masked_fill(~(causal & ~is_sink & in_window), float("-inf"))
+        parts = [softmax_partial(window_scores, values)]
+        if self.sinks:  # sinks: a sink keeps its index, the query sits at its rank among the kept keys
+            kept = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size)
+            rank = kept - 1
+            q_sink = apply_rope(q, cos[rank], sin[rank])
+            k_sink = apply_rope(keys, cos[pos_k.clamp_max(self.sinks - 1)], sin[pos_k.clamp_max(self.sinks - 1)])
+            sink_scores = torch.matmul(q_sink, k_sink.transpose(-1, -2)) * dim ** -0.5
+            parts.append(softmax_partial(sink_scores.masked_fill(~(causal & is_sink), float("-inf")), values))
+        return merge_partials(parts)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Write the new tokens into their slots; of more than a ring's worth, only the last ones survive."""
+        new = k.shape[2]
+        first = max(n, n + new - self.ring, 0)
+        keep = [j for j in range(n, n + new) if j < self.sinks or j >= first]
+        idx = torch.tensor([j - n for j in keep], dtype=torch.long)
+        slots = self._slots(keep)
+        self.k[layer].index_copy_(2, slots, k.index_select(2, idx))
+        self.v[layer].index_copy_(2, slots, v.index_select(2, idx))
+        self.lengths[layer] = n + new
+
+    # --- edits -------------------------------------------------------------------
+    def _layer(self, layer: int) -> int:
+        if not is_int(layer):
+            raise TypeError(f"layer must be an integer, got {layer!r} ({type(layer).__name__})")
+        if not 0 <= layer < self.num_layers:
+            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
+                                  f"(valid: 0..{self.num_layers - 1})")
+        return int(layer)
+
+    def crop(self, length: int) -> None:
+        """Roll back to ``length`` tokens: possible while the tokens its window needs are still held
+        (up to ``margin`` tokens back once the ring has wrapped)."""
+        if not is_int(length):
+            raise TypeError(f"cannot crop to {length!r}: the length must be an integer, got {type(length).__name__}")
+        n = len(self)
+        if not 0 <= length <= n:
+            raise ValueError(f"cannot crop to {length}: the cache holds {n} positions")
+        oldest_held = max(self.sinks, n - self.ring)
+        if max(self.sinks, length - self.size + 1) < oldest_held:
+            raise ValueError(f"cannot crop to {length}: a window cache rolls back at most margin = "
+                             f"{self.ring - self.size} tokens once it has wrapped (it holds {n} tokens, "
+                             f"the oldest from {oldest_held})")
+        self.lengths = [min(x, int(length)) for x in self.lengths]
+
+    def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
+        idx = batch_index_tensor(batch_indices, self.batch)
+        k, v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        self.k, self.v = k, v
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.num_layers
