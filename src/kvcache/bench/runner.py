@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative", "serve", "mla")
+             "speculative", "serve", "mla", "stream")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,5 +127,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         from . import mla
 
         rows = mla.run(quick)
+    elif name == "stream":
+        from . import streaming
+
+        rows = streaming.run(quick)
     print(flush=True)
     return rows

@@ -114,9 +114,10 @@ class WindowKVCache(Cache):
         return self.nbytes * held // (self.sinks + self.ring)
 
     # --- attention -------------------------------------------------------------
-    def _slots(self, positions: range) -> torch.Tensor:
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Storage slot of each absolute token position: sinks first, then the ring."""
         s = self.sinks
-        return torch.tensor([j if j < s else s + (j - s) % self.ring for j in positions], dtype=torch.long)
+        return torch.where(positions < s, positions, s + (positions - s) % self.ring)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
@@ -127,15 +128,13 @@ class WindowKVCache(Cache):
             raise ValueError(f"{new} new tokens in one call; this window cache takes at most {self.max_chunk} "
                              "(its positions must stay inside the model's RoPE tables): feed them in chunks")
         size = min(self.size, window) if window else self.size
-        sinks = range(min(self.sinks, n))
-        recent = range(max(self.sinks, n - size + 1), n)
-        old = self._slots(range(len(sinks))) if len(recent) == 0 else torch.cat(
-            [self._slots(sinks), self._slots(recent)])
-        keys = torch.cat([self.k[layer][:, :, old], k], dim=2)
-        values = torch.cat([self.v[layer][:, :, old], v], dim=2)
-        pos_k = torch.tensor([*sinks, *recent, *range(n, n + new)])
-        pos_q = torch.arange(n, n + new)
-        out = self._attention(q, keys, values, pos_q, pos_k, size)
+        lo = max(self.sinks, n - size + 1)
+        held = torch.cat([torch.arange(min(self.sinks, n)), torch.arange(lo, max(lo, n))])
+        old = self._slots(held)
+        keys = torch.cat([self.k[layer].index_select(2, old), k], dim=2)
+        values = torch.cat([self.v[layer].index_select(2, old), v], dim=2)
+        pos_k = torch.cat([held, torch.arange(n, n + new)])
+        out = self._attention(q, keys, values, torch.arange(n, n + new), pos_k, size)
         self._store(layer, k, v, n)
         return out
 
@@ -147,33 +146,28 @@ class WindowKVCache(Cache):
         if self.rope is None:  # keys were rotated at absolute positions by the model
             return attention(q, keys, values, mask=causal & (is_sink | in_window))
         cos, sin = self.rope
-        dim = q.shape[-1]
-        group = q.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         # window keys: true distances (rotate queries and keys at positions relative to the oldest key)
-        base = int(pos_k[pos_k >= self.sinks].min()) if bool((pos_k >= self.sinks).any()) else int(pos_q[0])
+        window_keys = pos_k >= self.sinks
+        base = int(pos_k[window_keys][0]) if bool(window_keys.any()) else int(pos_q[0])
         kpos, qpos = (pos_k - base).clamp_min(0), (pos_q - base).clamp_min(0)
-        k_rot = apply_rope(keys, cos[kpos], sin[kpos])
-        q_rot = apply_rope(q, cos[qpos], sin[qpos])
-        window_scores = torch.matmul(q_rot, k_rot.transpose(-1, -2)) * dim ** -0.5
-        window_scores = window_scores.masked_fill(~(causal & ~is_sink & in_window), float("-inf"))
-        parts = [softmax_partial(window_scores, values)]
+        scores = _grouped_scores(apply_rope(q, cos[qpos], sin[qpos]), apply_rope(keys, cos[kpos], sin[kpos]))
+        parts = [softmax_partial(scores.masked_fill(~(causal & ~is_sink & in_window), float("-inf")),
+                                 values.unsqueeze(2))]
         if self.sinks:  # sinks: a sink keeps its index, the query sits at its rank among the kept keys
-            kept = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size)
-            rank = kept - 1
-            q_sink = apply_rope(q, cos[rank], sin[rank])
-            k_sink = apply_rope(keys, cos[pos_k.clamp_max(self.sinks - 1)], sin[pos_k.clamp_max(self.sinks - 1)])
-            sink_scores = torch.matmul(q_sink, k_sink.transpose(-1, -2)) * dim ** -0.5
-            parts.append(softmax_partial(sink_scores.masked_fill(~(causal & is_sink), float("-inf")), values))
-        return merge_partials(parts)
+            rank = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size) - 1
+            spos = pos_k.clamp_max(self.sinks - 1)
+            scores = _grouped_scores(apply_rope(q, cos[rank], sin[rank]), apply_rope(keys, cos[spos], sin[spos]))
+            parts.append(softmax_partial(scores.masked_fill(~(causal & is_sink), float("-inf")), values.unsqueeze(2)))
+        out = merge_partials(parts)  # (batch, kv_heads, group, seq, dim)
+        return out.reshape(q.shape[0], q.shape[1], q.shape[2], -1)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         """Write the new tokens into their slots; of more than a ring's worth, only the last ones survive."""
         new = k.shape[2]
-        first = max(n, n + new - self.ring, 0)
-        keep = [j for j in range(n, n + new) if j < self.sinks or j >= first]
-        idx = torch.tensor([j - n for j in keep], dtype=torch.long)
-        slots = self._slots(keep)
+        positions = torch.arange(n, n + new)
+        keep = (positions < self.sinks) | (positions >= n + new - self.ring)
+        idx = keep.nonzero()[:, 0]
+        slots = self._slots(positions[idx])
         self.k[layer].index_copy_(2, slots, k.index_select(2, idx))
         self.v[layer].index_copy_(2, slots, v.index_select(2, idx))
         self.lengths[layer] = n + new
@@ -209,3 +203,11 @@ class WindowKVCache(Cache):
 
     def reset(self) -> None:
         self.lengths = [0] * self.num_layers
+
+
+def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled q.k for grouped-query attention without repeating keys: (batch, kv_heads, group, seq, keys)."""
+    b, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(b, kv_heads, heads // kv_heads, seq, dim)
+    return torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * dim ** -0.5
