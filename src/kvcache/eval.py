@@ -3,7 +3,9 @@
 Corpora need no download: ``code`` is the held-out validation split of the
 running Python's standard library sources (the files the shipped model never
 trained on, ``model/stdlib_corpus.py``), ``english`` is the English reference
-documentation that ships with Python (``pydoc_data.topics``).  Texts are joined
+documentation that ships with Python (``pydoc_data.topics``), ``mixed`` both,
+alternating.  Bounded caches are measured over one long stream instead
+(``eval_stream.py``).  Texts are joined
 in a fixed order, tokenized once, and cut into non-overlapping windows of
 ``context`` tokens from the start, as many as ``max_tokens`` allows: the same
 command gives the same windows on any machine with the same Python version.
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from .caches.base import make_cache, parse_spec
 
-CORPORA = ("code", "english")
+CORPORA = ("code", "english", "mixed")
 CacheFactory = Callable[..., object]  # (model, batch=..., capacity=...) -> a cache with attend()
 
 
@@ -55,8 +57,15 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def corpus_text(name: str) -> str:
-    """The text of a shipped corpus: ``code`` or ``english``."""
+def corpus_text(name: str, piece_chars: int = 6000) -> str:
+    """The text of a shipped corpus: ``code``, ``english``, or ``mixed`` (pieces of both, alternating: a stream
+    of concatenated documents of two kinds)."""
+    if name == "mixed":
+        english, code = corpus_text("english"), corpus_text("code")
+        pieces = []
+        for i in range(0, max(len(english), len(code)), piece_chars):
+            pieces += [english[i:i + piece_chars], code[i:i + piece_chars]]
+        return "\n\n".join(p for p in pieces if p)
     if name == "code":
         from .model.stdlib_corpus import corpus_files, read_text
 

@@ -7,7 +7,7 @@ the model's trained context.  The reference for such a cache is the sliding wind
 token ``t`` predicted by re-encoding the ``window`` tokens before it from scratch (exact, and quadratic,
 so it is evaluated every ``stride`` tokens).  Results are per-token losses, so curves can be drawn.
 
-The ``mixed`` corpus concatenates documents of the two shipped corpora, English and code, alternating.
+The default ``mixed`` corpus concatenates documents of the two shipped corpora, English and code, alternating.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import torch.nn.functional as F
 
 from .caches.base import make_cache, parse_spec
 from .eval import corpus_text
-
-STREAM_CORPORA = ("mixed", "code", "english")
 
 
 @dataclass
@@ -42,21 +40,9 @@ class StreamResult:
         return StreamResult(self.label, positions, [self.nll[index[p]] for p in positions], self.kv_bytes)
 
 
-def stream_text(corpus: str = "mixed", piece_chars: int = 6000) -> str:
-    """The text of a stream corpus; ``mixed`` alternates pieces of the English and code corpora."""
-    if corpus not in STREAM_CORPORA:
-        raise ValueError(f"unknown stream corpus {corpus!r}; choose from {', '.join(STREAM_CORPORA)}")
-    if corpus != "mixed":
-        return corpus_text(corpus)
-    english, code = corpus_text("english"), corpus_text("code")
-    pieces = []
-    for i in range(0, max(len(english), len(code)), piece_chars):
-        pieces += [english[i:i + piece_chars], code[i:i + piece_chars]]
-    return "\n\n".join(p for p in pieces if p)
-
-
 def stream_ids(model, max_tokens: int, corpus: str = "mixed", text: str | None = None) -> list[int]:
-    ids = model.tokenizer.encode(text if text is not None else stream_text(corpus))
+    """The first ``max_tokens`` tokens of ``text`` or of a shipped corpus (``mixed``: English and code)."""
+    ids = model.tokenizer.encode(text if text is not None else corpus_text(corpus))
     if len(ids) < max_tokens:
         raise ValueError(f"the stream has {len(ids):,} tokens, fewer than max_tokens={max_tokens:,}")
     return ids[:max_tokens]

@@ -141,23 +141,27 @@ class WindowKVCache(Cache):
     def _attention(self, q, keys, values, pos_q, pos_k, size) -> torch.Tensor:
         """Each query over the sinks and the last ``size`` positions up to itself."""
         causal = pos_k[None, :] <= pos_q[:, None]
-        is_sink = pos_k[None, :] < self.sinks
         in_window = pos_k[None, :] > pos_q[:, None] - size
         if self.rope is None:  # keys were rotated at absolute positions by the model
-            return attention(q, keys, values, mask=causal & (is_sink | in_window))
+            return attention(q, keys, values, mask=causal & ((pos_k < self.sinks)[None, :] | in_window))
         cos, sin = self.rope
-        # window keys: true distances (rotate queries and keys at positions relative to the oldest key)
-        window_keys = pos_k >= self.sinks
-        base = int(pos_k[window_keys][0]) if bool(window_keys.any()) else int(pos_q[0])
-        kpos, qpos = (pos_k - base).clamp_min(0), (pos_q - base).clamp_min(0)
-        scores = _grouped_scores(apply_rope(q, cos[qpos], sin[qpos]), apply_rope(keys, cos[kpos], sin[kpos]))
-        parts = [softmax_partial(scores.masked_fill(~(causal & ~is_sink & in_window), float("-inf")),
-                                 values.unsqueeze(2))]
-        if self.sinks:  # sinks: a sink keeps its index, the query sits at its rank among the kept keys
-            rank = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size) - 1
-            spos = pos_k.clamp_max(self.sinks - 1)
-            scores = _grouped_scores(apply_rope(q, cos[rank], sin[rank]), apply_rope(keys, cos[spos], sin[spos]))
-            parts.append(softmax_partial(scores.masked_fill(~(causal & is_sink), float("-inf")), values.unsqueeze(2)))
+        sink = pos_k < self.sinks
+        wi, si = (~sink).nonzero()[:, 0], sink.nonzero()[:, 0]
+        # window keys keep their true distance to each query: rotate both relative to the oldest window key
+        base = int(pos_k[wi[0]]) if len(wi) else int(pos_q[0])
+        kpos, qpos = pos_k[wi] - base, (pos_q - base).clamp_min(0)
+        k_win = apply_rope(keys[:, :, wi], cos[kpos], sin[kpos])
+        q_win = apply_rope(q, cos[qpos], sin[qpos])
+        mask = (causal & in_window)[:, wi]
+        if len(si) == 0:  # no sink yet (or none asked for): one fused attention call
+            return attention(q_win, k_win, values[:, :, wi], mask=mask)
+        parts = [softmax_partial(_grouped_scores(q_win, k_win).masked_fill(~mask, float("-inf")),
+                                 values[:, :, wi].unsqueeze(2))] if len(wi) else []
+        # sinks keep their index; the query sits at its rank among the kept keys
+        rank = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size) - 1
+        k_sink = apply_rope(keys[:, :, si], cos[pos_k[si]], sin[pos_k[si]])
+        scores = _grouped_scores(apply_rope(q, cos[rank], sin[rank]), k_sink)
+        parts.append(softmax_partial(scores.masked_fill(~causal[:, si], float("-inf")), values[:, :, si].unsqueeze(2)))
         out = merge_partials(parts)  # (batch, kv_heads, group, seq, dim)
         return out.reshape(q.shape[0], q.shape[1], q.shape[2], -1)
 
