@@ -52,7 +52,6 @@ def evaluate_stream(model, spec: str, ids: list[int], chunk: int = 256, label: s
     """Every position 1..N-1 predicted through one cache built from ``spec``, fed ``chunk`` tokens at a time."""
     parse_spec(spec)
     cache = make_cache(spec, model, batch=1, capacity=len(ids))
-    chunk = min(chunk, getattr(cache, "max_chunk", chunk))
     tokens = torch.tensor(ids)
     nll = []
     with torch.inference_mode():

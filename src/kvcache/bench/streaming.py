@@ -82,7 +82,7 @@ def cost(model, name: str, lengths: tuple[int, ...], budget: int, sinks: int, st
             if spec == "auto" and length + steps > model.config.max_positions:
                 continue
             cache = make_cache(spec, model, batch=1, capacity=length + steps + 1)
-            chunk = min(512, getattr(cache, "max_chunk", 512))
+            chunk = 512
             with torch.inference_mode():
                 for start in range(0, length, chunk):
                     model(torch.tensor([ids[start:min(start + chunk, length)]]), cache=cache, logits_index=slice(0, 0))

@@ -12,10 +12,13 @@ even after the ring has wrapped.
 Query ``t`` attends to the sinks and to the keys ``j`` with ``t - size < j <= t``.  Two position
 conventions:
 
-* ``positions=cache`` (StreamingLLM; the default for RoPE models): keys are stored before RoPE, and
-  rotated by their rank inside the cache.  A sink keeps its index; window keys keep their true distance
-  to the query, so ``q.k`` sees the order the cache holds.  Positions never exceed ``sinks + size + chunk``,
-  so a stream can run past the model's trained context.
+* ``positions=cache`` (StreamingLLM; the default for RoPE models): the model hands over keys and queries
+  before RoPE, and ``q.k`` sees each key at its rank inside the cache: a sink at its index, the query at
+  its rank among the kept keys, window keys at their true distance from it.  RoPE scores depend only on
+  position differences, so the cache rotates each key once, when it is stored, at its absolute position
+  (angles in float64: no table to run out of), and each query twice: at its absolute position against
+  the window, at its rank against the sinks.  No key is ever rotated twice, and a stream runs past the
+  model's trained context.
 * ``positions=absolute`` (Mistral-style): the model rotates keys at their absolute positions before they
   are stored, as with every other cache; valid only within the trained context.
 
@@ -30,7 +33,7 @@ import torch
 
 from ..checks import check_int, is_int
 from ..model.attention import attention, merge_partials, softmax_partial
-from ..model.rope import apply_rope
+from ..model.rope import apply_rope, rope_frequencies
 from .base import Cache, Option
 from .contiguous import CacheIndexError, batch_index_tensor, check_kv
 
@@ -49,7 +52,7 @@ class WindowKVCache(Cache):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, size: int, sinks: int = 0,
                  margin: int = 16, batch: int = 1, dtype: torch.dtype = torch.float32,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 rope: tuple[torch.Tensor, float] | None = None):
         for name, value, low in (("num_layers", num_layers, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("head_dim", head_dim, 1), ("size", size, 1), ("sinks", sinks, 0),
                                  ("margin", margin, 0), ("batch", batch, 1)):
@@ -59,8 +62,10 @@ class WindowKVCache(Cache):
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.lengths = [0] * num_layers  # tokens seen per layer: the absolute position of the next one
-        self.rope = rope  # (cos, sin) tables: keys are rotated here (positions=cache)
+        self.rope = rope  # (inverse frequencies, cos/sin scale): keys are rotated here (positions=cache)
         self.check_finite = True
+        self._step: tuple[int, torch.Tensor] | None = None  # (length, ring mask) shared by a decode step's layers
+        self._trig: dict = {}  # recent RoPE cos/sin by positions (contiguous ranges are keyed by their ends)
 
     @classmethod
     def for_model(cls, model, batch: int = 1, capacity: int | None = None, size: int | None = None, sinks: int = 0,
@@ -76,10 +81,7 @@ class WindowKVCache(Cache):
         if positions == "cache" and not has_rope:
             raise ValueError("window positions=cache re-rotates keys with RoPE, and this model has learned "
                              "positions (GPT-2): use positions=absolute")
-        if positions == "cache" and sinks + size >= c.max_positions:
-            raise ValueError(f"window sinks + size ({sinks + size}) must stay below the model's "
-                             f"{c.max_positions} positions, which the cache's own positions index")
-        rope = (model.rope_cos, model.rope_sin) if positions == "cache" else None
+        rope = rope_frequencies(c) if positions == "cache" else None
         return cls(c.num_layers, c.num_kv_heads, c.head_dim, size, sinks, margin, batch, model.dtype, rope)
 
     # --- shape ---------------------------------------------------------------
@@ -95,10 +97,6 @@ class WindowKVCache(Cache):
         """True: the model must hand over keys and queries before RoPE (positions=cache)."""
         return self.rope is not None
 
-    @property
-    def max_chunk(self) -> int:
-        """Most new tokens one call may bring: the cache's positions must stay inside the RoPE tables."""
-        return self.rope[0].shape[0] - self.sinks - self.size if self.rope is not None else 1 << 62
 
     def __len__(self) -> int:
         return self.lengths[-1]
@@ -124,17 +122,18 @@ class WindowKVCache(Cache):
         layer = self._layer(layer)
         check_kv(self, layer, k, v)
         n, new = self.lengths[layer], k.shape[2]
-        if new > self.max_chunk:
-            raise ValueError(f"{new} new tokens in one call; this window cache takes at most {self.max_chunk} "
-                             "(its positions must stay inside the model's RoPE tables): feed them in chunks")
         size = min(self.size, window) if window else self.size
+        pos_q = torch.arange(n, n + new)
+        if self.rope is not None:
+            k = self._rotate(k, pos_q)  # once, at its absolute position
+            if new == 1 and n >= self.sinks:
+                return self._decode(layer, q, k, v, n, size)
         lo = max(self.sinks, n - size + 1)
         held = torch.cat([torch.arange(min(self.sinks, n)), torch.arange(lo, max(lo, n))])
         old = self._slots(held)
         keys = torch.cat([self.k[layer].index_select(2, old), k], dim=2)
         values = torch.cat([self.v[layer].index_select(2, old), v], dim=2)
-        pos_k = torch.cat([held, torch.arange(n, n + new)])
-        out = self._attention(q, keys, values, torch.arange(n, n + new), pos_k, size)
+        out = self._attention(q, keys, values, pos_q, torch.cat([held, pos_q]), size)
         self._store(layer, k, v, n)
         return out
 
@@ -142,32 +141,70 @@ class WindowKVCache(Cache):
         """Each query over the sinks and the last ``size`` positions up to itself."""
         causal = pos_k[None, :] <= pos_q[:, None]
         in_window = pos_k[None, :] > pos_q[:, None] - size
-        if self.rope is None:  # keys were rotated at absolute positions by the model
-            return attention(q, keys, values, mask=causal & ((pos_k < self.sinks)[None, :] | in_window))
-        cos, sin = self.rope
         sink = pos_k < self.sinks
+        if self.rope is None:  # keys were rotated at absolute positions by the model
+            return attention(q, keys, values, mask=causal & (sink[None, :] | in_window))
         wi, si = (~sink).nonzero()[:, 0], sink.nonzero()[:, 0]
-        # window keys keep their true distance to each query: rotate both relative to the oldest window key
-        base = int(pos_k[wi[0]]) if len(wi) else int(pos_q[0])
-        kpos, qpos = pos_k[wi] - base, (pos_q - base).clamp_min(0)
-        k_win = apply_rope(keys[:, :, wi], cos[kpos], sin[kpos])
-        q_win = apply_rope(q, cos[qpos], sin[qpos])
-        mask = (causal & in_window)[:, wi]
-        if len(si) == 0:  # no sink yet (or none asked for): one fused attention call
-            return attention(q_win, k_win, values[:, :, wi], mask=mask)
-        parts = [softmax_partial(_grouped_scores(q_win, k_win).masked_fill(~mask, float("-inf")),
-                                 values[:, :, wi].unsqueeze(2))] if len(wi) else []
-        # sinks keep their index; the query sits at its rank among the kept keys
-        rank = torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size) - 1
-        k_sink = apply_rope(keys[:, :, si], cos[pos_k[si]], sin[pos_k[si]])
-        scores = _grouped_scores(apply_rope(q, cos[rank], sin[rank]), k_sink)
-        parts.append(softmax_partial(scores.masked_fill(~causal[:, si], float("-inf")), values[:, :, si].unsqueeze(2)))
-        out = merge_partials(parts)  # (batch, kv_heads, group, seq, dim)
-        return out.reshape(q.shape[0], q.shape[1], q.shape[2], -1)
+        parts = []
+        if len(wi):  # window keys at their true distance: the query at its absolute position
+            scores = _grouped_scores(self._rotate(q, pos_q), keys[:, :, wi])
+            parts.append(softmax_partial(scores.masked_fill(~(causal & in_window)[:, wi], float("-inf")),
+                                         values[:, :, wi].unsqueeze(2)))
+        if len(si):  # sinks at their index: the query at its rank among the kept keys
+            scores = _grouped_scores(self._rotate(q, self._rank(pos_q, size)), keys[:, :, si])
+            parts.append(softmax_partial(scores.masked_fill(~causal[:, si], float("-inf")),
+                                         values[:, :, si].unsqueeze(2)))
+        return merge_partials(parts).reshape(q.shape[0], q.shape[1], q.shape[2], -1)
+
+    def _decode(self, layer: int, q, k, v, n: int, size: int) -> torch.Tensor:
+        """One new token, sinks full: attend over the ring in place (slot order does not matter to softmax)."""
+        self._store(layer, k, v, n)
+        s = self.sinks
+        ring_k, ring_v = self.k[layer][:, :, s:], self.v[layer][:, :, s:]
+        if self._step is None or self._step[0] != n:  # the same for every layer of this step
+            slot = torch.arange(self.ring)
+            held = s + slot + self.ring * torch.div(n - s - slot, self.ring, rounding_mode="floor")
+            mask = torch.zeros(self.ring, dtype=q.dtype).masked_fill((held < s) | (held <= n - size), float("-inf"))
+            self._step = (n, mask)
+        pos = torch.tensor([n])
+        scores = _grouped_scores(self._rotate(q, pos), ring_k) + self._step[1]
+        if not s:
+            out = torch.matmul(torch.softmax(scores, dim=-1), ring_v.unsqueeze(2))
+            return out.reshape(q.shape[0], q.shape[1], 1, -1)
+        parts = [softmax_partial(scores, ring_v.unsqueeze(2))]
+        sink_scores = _grouped_scores(self._rotate(q, self._rank(pos, size)), self.k[layer][:, :, :s])
+        parts.append(softmax_partial(sink_scores, self.v[layer][:, :, :s].unsqueeze(2)))
+        return merge_partials(parts).reshape(q.shape[0], q.shape[1], 1, -1)
+
+    def _rank(self, pos_q: torch.Tensor, size: int) -> torch.Tensor:
+        """Each query's index among the keys it keeps: its sinks, then its window (itself last)."""
+        return torch.minimum(pos_q + 1, torch.tensor(self.sinks)) + (pos_q + 1 - self.sinks).clamp(0, size) - 1
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE at any position (float64 angles, so none is too far), as the model's tables would rotate.
+        Every layer of a step rotates at the same positions: the last few tables are kept."""
+        key = (tuple(positions.tolist()) if len(positions) < 8 else (int(positions[0]), len(positions),
+               int(positions[-1])), x.dtype)
+        trig = self._trig.get(key)
+        if trig is None:
+            inv_freq, scale = self.rope
+            angles = positions.double()[:, None] * inv_freq[None, :]
+            emb = torch.cat([angles, angles], dim=-1)
+            trig = ((emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype))
+            if len(self._trig) > 8:
+                self._trig.clear()
+            self._trig[key] = trig
+        return apply_rope(x, *trig)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         """Write the new tokens into their slots; of more than a ring's worth, only the last ones survive."""
         new = k.shape[2]
+        if new == 1:
+            slot = n if n < self.sinks else self.sinks + (n - self.sinks) % self.ring
+            self.k[layer][:, :, slot] = k[:, :, 0]
+            self.v[layer][:, :, slot] = v[:, :, 0]
+            self.lengths[layer] = n + 1
+            return
         positions = torch.arange(n, n + new)
         keep = (positions < self.sinks) | (positions >= n + new - self.ring)
         idx = keep.nonzero()[:, 0]

@@ -100,10 +100,6 @@ def _decode_loop(model, ids: list[int], max_new_tokens: int, use_cache: bool, co
         if use_cache and cache is None:
             cache = make_cache(None, model, batch=1, capacity=len(ids) + max_new_tokens)
         start = len(cache) if cache is not None else 0
-        chunk = getattr(cache, "max_chunk", len(ids))  # a window cache takes a long prompt in pieces
-        while len(ids) - start > chunk:
-            model(torch.tensor([ids[start:start + chunk]]), cache=cache, logits_index=slice(0, 0))
-            start += chunk
         token = _next_token(model, torch.tensor([ids[start:]]), cache, config, generator)
     for step in range(max_new_tokens):
         yield token

@@ -12,14 +12,21 @@ import torch
 from .config import ModelConfig, YarnScaling
 
 
-def rope_tables(config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_positions, head_dim), computed in fp32 like the reference implementation."""
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim / 2,), the scale applied to cos/sin), computed in fp32 like the reference
+    implementation; the frequencies are returned as float64 for callers computing angles at large positions."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scale = 1.0
     if config.yarn is not None:
         inv_freq, scale = yarn_inv_freq(config.yarn, dim, config.rope_theta), config.yarn.attention_factor
-    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.int64).float(), inv_freq)
+    return inv_freq.double(), scale
+
+
+def rope_tables(config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_positions, head_dim), computed in fp32 like the reference implementation."""
+    inv_freq, scale = rope_frequencies(config)
+    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.int64).float(), inv_freq.float())
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
