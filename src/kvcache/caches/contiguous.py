@@ -70,6 +70,16 @@ def batch_index_tensor(batch_indices, batch: int) -> torch.Tensor:
     return torch.tensor([int(i) for i in values], dtype=torch.long)
 
 
+def check_layer(layer, num_layers: int) -> int:
+    """``layer`` as an int in [0, num_layers), or a TypeError / CacheIndexError naming it."""
+    if not is_int(layer):
+        raise TypeError(f"layer must be an integer, got {layer!r} ({type(layer).__name__})")
+    if not 0 <= layer < num_layers:
+        raise CacheIndexError(f"layer {layer} out of range for a cache of {num_layers} layers "
+                              f"(valid: 0..{num_layers - 1})")
+    return int(layer)
+
+
 def check_kv(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Refuse new keys/values that do not fit ``cache`` (its batch, KV heads, head_dim, dtype, device)."""
     for name, t in (("key", k), ("value", v)):
@@ -200,12 +210,7 @@ class ContiguousKVCache(Cache):
 
     # --- writes ------------------------------------------------------------
     def _layer(self, layer: int) -> int:
-        if not is_int(layer):
-            raise TypeError(f"layer must be an integer, got {layer!r} ({type(layer).__name__})")
-        if not 0 <= layer < self.num_layers:
-            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
-                                  f"(valid: 0..{self.num_layers - 1})")
-        return int(layer)
+        return check_layer(layer, self.num_layers)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v (batch, kv_heads, n, d) to ``layer``; return views of all its cached K and V.

@@ -39,7 +39,7 @@ from ..model.attention import attention, finite_attention, merge_partials, softm
 from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
-from .contiguous import CacheIndexError, batch_index_tensor, check_kv
+from .contiguous import batch_index_tensor, check_kv, check_layer
 from .quant_ops import (
     TILE,
     QuantFormat,
@@ -314,11 +314,7 @@ class QuantizedKVCache(Cache):
 
     # --- edits ---------------------------------------------------------------
     def _layer(self, layer: int) -> int:
-        layer = check_int(layer, "layer")
-        if not 0 <= layer < self.num_layers:
-            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
-                                  f"(valid: 0..{self.num_layers - 1})")
-        return layer
+        return check_layer(layer, self.num_layers)
 
     def crop(self, length: int) -> None:
         """Roll back to the first ``length`` positions; every kept token keeps its stored form."""

@@ -35,7 +35,7 @@ from ..checks import check_int, is_int
 from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.rope import apply_rope, rope_frequencies
 from .base import Cache, Option
-from .contiguous import CacheIndexError, batch_index_tensor, check_kv
+from .contiguous import batch_index_tensor, check_kv, check_layer
 
 
 class WindowKVCache(Cache):
@@ -215,12 +215,7 @@ class WindowKVCache(Cache):
 
     # --- edits -------------------------------------------------------------------
     def _layer(self, layer: int) -> int:
-        if not is_int(layer):
-            raise TypeError(f"layer must be an integer, got {layer!r} ({type(layer).__name__})")
-        if not 0 <= layer < self.num_layers:
-            raise CacheIndexError(f"layer {layer} out of range for a cache of {self.num_layers} layers "
-                                  f"(valid: 0..{self.num_layers - 1})")
-        return int(layer)
+        return check_layer(layer, self.num_layers)
 
     def crop(self, length: int) -> None:
         """Roll back to ``length`` tokens: possible while the tokens its window needs are still held
