@@ -165,3 +165,8 @@ def test_speculative_decoding_over_a_wrapped_window():
     fast = generate(model, ids, 80, cache="window:size=20,sinks=2,margin=8", stop_token_ids=[],
                     speculative="prompt-lookup:k=4")
     assert fast == plain
+
+
+def test_a_window_too_big_for_the_machine_is_refused_before_allocating():
+    with pytest.raises((ValueError, MemoryError), match="needs .* GiB"):
+        make_cache("window:size=2000000000", MODEL)

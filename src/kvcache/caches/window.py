@@ -27,6 +27,7 @@ Attention equals dense attention over exactly the kept keys, with those position
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from ..checks import check_int, is_int
 from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.rope import apply_rope, rope_frequencies
+from ..runtime import check_fits
 from .base import Cache, Option
 from .contiguous import batch_index_tensor, check_kv, check_layer
 
@@ -59,6 +61,8 @@ class WindowKVCache(Cache):
             check_int(value, name, minimum=low)
         self.size, self.sinks, self.ring = size, sinks, size + margin
         shape = (num_layers, batch, num_kv_heads, sinks + self.ring, head_dim)
+        check_fits(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(),
+                   f"a window cache of {sinks + self.ring:,} slots x batch {batch}")
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.lengths = [0] * num_layers  # tokens seen per layer: the absolute position of the next one
