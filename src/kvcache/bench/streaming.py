@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..caches.base import make_cache
-from ..eval_stream import StreamResult, evaluate_stream, recompute_baseline, stream_ids, with_curve
+from ..eval_stream import evaluate_stream, recompute_baseline, stream_ids, with_curve
 from ..model import hub
 from ..model.loader import load_model
 from .common import table
@@ -33,7 +33,7 @@ def quality(model, name: str, tokens: int, budget: int, sinks: int, stride: int,
     compared = [with_curve(r.at(reference.positions), bucket) for r in runs[:2]] + [with_curve(reference, bucket)]
     ratios = {r.label: [a / b for (_, a), (_, b) in zip(r.curve, reference.curve)] for r in compared[:2]}
     return {"model": name, "tokens": tokens, "budget": budget, "sinks": sinks, "stride": stride, "bucket": bucket,
-            "results": compared, "full": runs[:2], "ratios": ratios}
+            "results": compared, "ratios": ratios}
 
 
 def format_quality(row: dict) -> str:
@@ -119,9 +119,7 @@ def run(quick: bool, plot_path: str = "docs/streaming_perplexity.png") -> dict:
                      (256, 1024) if quick else (1024, 4096, 8000, 16384, 32768), 1024 if real else 256, 4,
                      4 if quick else 16)
     print("\n" + format_cost(cost_rows))
-    return {"quality": [{k: v for k, v in r.items() if k not in ("results", "full")} |
+    return {"quality": [{k: v for k, v in r.items() if k != "results"} |
                         {"perplexity": {x.label: x.perplexity for x in r["results"]}} for r in rows],
             "cost": cost_rows}
 
-
-__all__ = ["StreamResult", "run"]

@@ -187,8 +187,8 @@ class WindowKVCache(Cache):
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE at any position (float64 angles, so none is too far), as the model's tables would rotate.
         Every layer of a step rotates at the same positions: the last few tables are kept."""
-        key = (tuple(positions.tolist()) if len(positions) < 8 else (int(positions[0]), len(positions),
-               int(positions[-1])), x.dtype)
+        # positions are always "+1 steps, then flat" (a range, or the ranks of one): ends and length fix them
+        key = (int(positions[0]), int(positions[-1]), len(positions), x.dtype)
         trig = self._trig.get(key)
         if trig is None:
             inv_freq, scale = self.rope
