@@ -143,6 +143,8 @@ REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "int8": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 8}),
     "int4": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 4}),
     "window": ("kvcache.caches.window:WindowKVCache", {}),
+    "snapkv": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "snapkv"}),
+    "h2o": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "h2o"}),
 }
 
 DESCRIPTIONS = {
@@ -155,6 +157,10 @@ DESCRIPTIONS = {
     "int4": "4-bit group-wise quantized, two per byte; KIVI per-channel keys by default, rotation optional (lossy)",
     "window": "bounded: the last `size` tokens in a ring buffer plus `sinks` first tokens (StreamingLLM); streams "
               "past the model's context with positions=cache (lossy)",
+    "snapkv": "prompt compression: each KV head keeps the `budget` prompt positions its last `window` queries "
+              "attend to most (SnapKV); generated tokens appended (lossy)",
+    "h2o": "bounded: each KV head keeps `budget` positions, evicting the least attended outside the last `window` "
+           "(H2O heavy hitters) (lossy)",
 }
 
 
