@@ -134,7 +134,7 @@ def test_memory_is_bounded_and_counted():
 def test_generation_streams_past_the_context():
     model = tiny_llama(max_positions=64)
     ids = [3, 9, 27]
-    with pytest.raises(ValueError, match="window cache with its own positions streams past it"):
+    with pytest.raises(ValueError, match="streams past it with a window cache that applies its own positions"):
         generate(model, ids, 100)
     with pytest.raises(ValueError, match="exceeds the model's maximum of 64"):
         generate(model, ids, 100, cache="window:size=16,positions=absolute")

@@ -403,6 +403,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.history = []  # (prompt, extra_key) of successful allocations
         self.next_id = 0
         self.tables = {}  # seq -> its block table after the previous rule
+        self.released = {}  # seq -> blocks of its table released (a sliding window moved past them)
         self.cow = {}  # seq -> copy ops returned by the previous rule
 
     def new_id(self):
@@ -494,7 +495,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         before = snapshot(self.bm)
         try:
             self.bm.truncate(seq, keep)
-        except ValueError:  # only when cutting into a shared block; nothing changed
+        except ValueError:  # only when cutting into a shared or released block; nothing changed
             assert vars(self.bm) == before
             return
         del self.tokens[seq][keep:]
@@ -508,6 +509,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.fork(parent, child)
         self.tokens[child] = list(self.tokens[parent])
         self.extra[child] = self.extra[parent]
+        self.released[child] = set(self.released.get(parent, ()))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def release(self, data):
+        """A sliding window moved on: blocks behind it go back to the pool (holes in the table)."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        last = len(self.bm.block_table(seq)) - 1
+        first = data.draw(st.integers(0, max(last, 0)))
+        stop = data.draw(st.integers(first, max(last, first)))
+        if last < 0:
+            return
+        before = snapshot(self.bm)
+        if stop > last:
+            with pytest.raises(ValueError):
+                self.bm.release(seq, first, stop)
+            assert vars(self.bm) == before
+            return
+        held = [b for b in self.bm.block_table(seq)[first:stop] if b is not None]
+        assert self.bm.release(seq, first, stop) == len(held)
+        self.released.setdefault(seq, set()).update(range(first, stop))
+        assert all(self.bm.block_table(seq)[i] is None for i in range(first, stop))
 
     @rule(
         prefix=st.sampled_from(PREFIXES),
@@ -541,6 +564,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         self.bm.free(seq)
         del self.tokens[seq], self.extra[seq]
+        self.released.pop(seq, None)
 
     @rule()
     def reset_prefix_cache(self):
@@ -566,11 +590,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         refs = [0] * bm.num_blocks
         for seq in self.tokens:
             table = bm.block_table(seq)
-            assert len(set(table)) == len(table)
+            held = [b for b in table if b is not None]
+            assert len(set(held)) == len(held)
+            assert {i for i, b in enumerate(table) if b is None} <= self.released.get(seq, set())
+            assert table[-1] is not None
             assert len(table) == bm.blocks_for(len(self.tokens[seq]))
             assert bm.num_tokens(seq) == len(self.tokens[seq])
             assert bm.token_ids(seq) == self.tokens[seq]
-            for bid in table:
+            for bid in held:
                 refs[bid] += 1
         assert len(set(bm._free)) == len(bm._free)
         free, evictable = set(bm._free), set(bm._evictable)
@@ -598,7 +625,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
             if seq not in self.tokens:
                 continue
             new = self.bm.block_table(seq)
-            assert len(new) >= len(old)
+            if len(new) < len(old):  # a speculative rollback
+                old = old[:len(new)]
+            new_kept = [b if i not in self.released.get(seq, ()) else None for i, b in enumerate(new)]
+            old = [b if i not in self.released.get(seq, ()) else None for i, b in enumerate(old)]
+            new = new_kept
             if new[: len(old)] != old:
                 assert n % BS != 0, "only a partially filled last block is ever swapped"
                 assert new[: len(old) - 1] == old[:-1], (old, new)
@@ -610,8 +641,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def contents(self):
         """Every sequence's slots hold exactly its own (prefix-dependent) KV."""
         for seq, toks in self.tokens.items():
-            slots = self.bm.slots(seq, 0, len(toks))
-            for p, slot in enumerate(slots):
+            table = self.bm.block_table(seq)
+            for p in range(len(toks)):
+                if table[p // BS] is None:  # released: never read again
+                    continue
+                slot = table[p // BS] * BS + p % BS
                 assert self.storage.get(slot) == content(self.extra[seq], toks, p), (seq, p)
 
     def teardown(self):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative", "serve", "mla", "stream")
+             "speculative", "serve", "mla", "stream", "compress")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,5 +131,9 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         from . import streaming
 
         rows = streaming.run(quick)
+    elif name == "compress":
+        from . import compression
+
+        rows = compression.run(quick)
     print(flush=True)
     return rows

@@ -34,6 +34,7 @@ import torch
 
 from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
+from .visible import AttentionWindow
 
 
 @dataclass
@@ -42,8 +43,9 @@ class BatchEntry:
 
     query_len: int
     context_len: int
-    block_table: Sequence[int]
+    block_table: Sequence[int | None]  # None: a block released behind the window
     draft: int = 0  # how many of the last tokens are speculative drafts the engine may roll back
+    window: AttentionWindow | None = None  # bounded attention (sliding window, sinks); None: the whole context
 
 
 class _StepPlan:
@@ -52,23 +54,35 @@ class _StepPlan:
     def __init__(self, entries: Sequence[BatchEntry], block_size: int, dtype: torch.dtype = torch.float32):
         offsets = torch.arange(block_size)
         self.write_slots: list[torch.Tensor] = []
-        self.prefills: list[tuple[int, int, torch.Tensor | None]] = []  # (q_start, q_end, context slots | None)
-        self.contexts: list[tuple[int, int, torch.Tensor]] = []  # every entry's (q_start, q_end, context slots)
-        decode_rows, decode_tables, decode_lens = [], [], []
+        # (q_start, q_end, context slots | None, mask | None): masks only for bounded attention
+        self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
+        self.contexts: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []  # every entry's
+        decode_rows, decode_tables, decode_visible = [], [], []
+        self.bounded = any(e.window is not None for e in entries)  # the entries' windows replace the model's
         start = 0
         for e in entries:
-            table = torch.as_tensor(list(e.block_table), dtype=torch.long)
-            slots = (table[:, None] * block_size + offsets).flatten()[: e.context_len]
-            self.write_slots.append(slots[e.context_len - e.query_len:])
-            self.contexts.append((start, start + e.query_len, slots))
+            table, first_query = list(e.block_table), e.context_len - e.query_len
+            end = slice(start, start + e.query_len)
+            new = torch.arange(first_query, e.context_len)
+            self.write_slots.append(torch.tensor([table[p // block_size] for p in new.tolist()],
+                                                 dtype=torch.long) * block_size + new % block_size)
+            blocks = (e.window.visible_blocks(first_query, e.context_len, block_size) if e.window is not None
+                      else range(-(-e.context_len // block_size)))
+            ids = torch.tensor([table[b] for b in blocks], dtype=torch.long)
+            positions = (torch.tensor(list(blocks), dtype=torch.long)[:, None] * block_size + offsets).flatten()
+            slots = (ids[:, None] * block_size + offsets).flatten()
+            mask = e.window.mask(new, positions) if e.window is not None else None
+            kept = positions < e.context_len
+            self.contexts.append((end.start, end.stop, slots[kept], None if mask is None else mask[:, kept]))
             if e.query_len == 1:
                 decode_rows.append(start)
-                decode_tables.append(list(e.block_table)[: -(-e.context_len // block_size)])
-                decode_lens.append(e.context_len)
+                decode_tables.append(ids.tolist())
+                decode_visible.append(kept if mask is None else mask[0])
             else:
                 # a prompt with nothing cached attends only to itself: no gather needed
-                ctx = slots if e.context_len > e.query_len else None
-                self.prefills.append((start, start + e.query_len, ctx))
+                whole = e.context_len > e.query_len or mask is not None
+                self.prefills.append((end.start, end.stop, slots[kept] if whole else None,
+                                      None if mask is None else mask[:, kept]))
             start += e.query_len
         self.num_tokens, self.block_size = start, block_size
         self.max_context = max(e.context_len for e in entries)
@@ -76,12 +90,13 @@ class _StepPlan:
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
         self.shared_blocks: torch.Tensor | None = None
         if decode_rows:
-            shared = self._shared_prefix(decode_tables, decode_lens, block_size)
+            decode_lens = [len(v) if self.bounded else int(v.sum()) for v in decode_visible]
+            shared = 0 if self.bounded else self._shared_prefix(decode_tables, decode_lens, block_size)
             if shared:
                 # cascade: the blocks every decoding sequence shares are attended once for all of them
                 self.shared_blocks = torch.tensor(decode_tables[0][:shared], dtype=torch.long)
                 decode_tables = [t[shared:] for t in decode_tables]
-                decode_lens = [n - shared * block_size for n in decode_lens]
+                decode_visible = [v[shared * block_size:] for v in decode_visible]
             # decode contexts are gathered whole blocks at a time (block_size x d contiguous floats per
             # copy instead of d), padded to the longest table; padding and unused slots are masked
             blocks = max(len(t) for t in decode_tables)
@@ -90,10 +105,12 @@ class _StepPlan:
                 padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             self.decode_blocks = padded.flatten()
             self.decode_width = width = blocks * block_size
-            lens = torch.tensor(decode_lens)
-            self.decode_all_full = bool((lens == width).all())
+            visible = torch.zeros(len(decode_rows), width, dtype=torch.bool)
+            for i, v in enumerate(decode_visible):
+                visible[i, :len(v)] = v
+            self.decode_all_full = bool(visible.all())
             mask = torch.zeros(len(decode_rows), width, dtype=dtype)  # additive: 0 on context, -inf elsewhere
-            mask.masked_fill_(torch.arange(width)[None, :] >= lens[:, None], float("-inf"))
+            mask.masked_fill_(~visible, float("-inf"))
             self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
 
 
@@ -167,15 +184,15 @@ class PagedKVCache:
         k_pool.index_copy_(1, plan.write_slots, k[0])
         if v_pool is not None:
             v_pool.index_copy_(1, plan.write_slots, v[0])
-        if window is not None and plan.max_context > window:
+        if window is not None and plan.max_context > window and not plan.bounded:
             return self._attend_each(q, k_pool, v_pool, plan, window)
         out = q.new_empty(q.shape[:3] + (self.value_dim,))
-        for q_start, q_end, ctx in plan.prefills:
+        for q_start, q_end, ctx, mask in plan.prefills:
             if ctx is None:
                 keys, values = k[:, :, q_start:q_end], v[:, :, q_start:q_end]
             else:
                 keys, values = (t.unsqueeze(0) for t in self._gather(k_pool, v_pool, ctx))
-            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values)
+            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, mask=mask)
         if len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
         if not torch.isfinite(out).all():  # the batched kernels overflowed on huge inputs: one at a time, exactly
@@ -190,13 +207,14 @@ class PagedKVCache:
     def _attend_each(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan,
                      window: int | None = None) -> torch.Tensor:
         """One sequence at a time over its gathered context, through ``attention`` (finite for any finite
-        input).  Serves sliding-window models (Mistral) once a context is longer than the window -- each
-        sequence attends to its last ``window`` positions; the blocks behind it stay allocated (evicting them
-        is the bounded caches' job) -- and recomputes a batch whose fast kernels overflowed."""
+        input).  Serves a sliding-window model (Mistral) past its window when the entries carry no window
+        of their own (paged beam search) -- each sequence attends to its last ``window`` positions -- and
+        recomputes a batch whose fast kernels overflowed."""
         out = q.new_empty(q.shape[:3] + (self.value_dim,))
-        for q_start, q_end, slots in plan.contexts:
+        for q_start, q_end, slots, mask in plan.contexts:
             keys, values = (t[None] for t in self._gather(k_pool, v_pool, slots))
-            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, window=window)
+            out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, mask=mask,
+                                                 window=None if mask is not None else window)
         return out
 
     def _blocks(self, k_pool: torch.Tensor, v_pool: torch.Tensor | None, blocks: torch.Tensor):

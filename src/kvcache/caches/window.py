@@ -76,7 +76,7 @@ class WindowKVCache(Cache):
                   margin: int = 16, positions: str | None = None) -> "WindowKVCache":
         """``capacity`` is ignored: the cache is bounded by ``sinks + size + margin`` tokens."""
         c = model.config
-        size = size if size is not None else min(1024, c.max_positions // 2)
+        size = size if size is not None else default_size(c)
         if c.mla is not None:
             raise ValueError("the window cache does not store latent (MLA) attention's [c_kv | k_pe] yet: "
                              "use the full-precision cache ('auto')")
@@ -243,6 +243,11 @@ class WindowKVCache(Cache):
 
     def reset(self) -> None:
         self.lengths = [0] * self.num_layers
+
+
+def default_size(config) -> int:
+    """The window when none is given: 1,024 tokens, at most half the model's context."""
+    return min(1024, config.max_positions // 2)
 
 
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

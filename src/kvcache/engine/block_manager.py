@@ -46,6 +46,12 @@ nano-vllm, written as one flat class:
 When a sequence is freed its blocks are released last-to-first, so within one
 sequence the tail blocks (the least likely to be shared) are evicted first,
 as in vLLM.
+
+A sliding-window sequence gives back the blocks its attention will never read
+again (:meth:`release`): their table entries become holes (``None``) and the
+blocks go back to the pool -- a full block stays findable in the prefix cache,
+since its KV is still exactly its prefix's.  The sequence keeps each full
+block's (key, content id), so the chain of keys continues past the holes.
 """
 
 from __future__ import annotations
@@ -104,9 +110,10 @@ class _Block:
 
 @dataclass(slots=True)
 class _Seq:
-    table: list
+    table: list  # block ids; None where a block was released (outside a sliding window)
     tokens: list
     extra: Hashable = None
+    chain: list = None  # (key, uid) of each full block, so hashing continues past released blocks
 
 
 class BlockManager:
@@ -153,6 +160,8 @@ class BlockManager:
         seq, bs = self._seq(seq_id), self.block_size
         if not 0 <= start <= end <= len(seq.tokens):
             raise IndexError(f"slots [{start}, {end}) outside 0..{len(seq.tokens)}")
+        if any(seq.table[i] is None for i in range(start // bs, self.blocks_for(end))):
+            raise IndexError(f"slots [{start}, {end}) include a released block")
         return [seq.table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def stats(self) -> BlockStats:
@@ -209,7 +218,7 @@ class BlockManager:
             table.append(bid)
         while len(table) < self.blocks_for(len(tokens)):
             table.append(self._take())
-        self._seqs[seq_id] = _Seq(table, tokens, extra_key)
+        self._seqs[seq_id] = _Seq(table, tokens, extra_key, [(self._blocks[b].key, self._blocks[b].uid) for b in hits])
         self._hash_full(seq_id, len(hits), len(tokens) // self.block_size)
         cached = len(hits) * self.block_size
         self.prefix_query_tokens += len(tokens)
@@ -257,6 +266,9 @@ class BlockManager:
             raise ValueError(f"num_tokens={num_tokens!r} outside 0..{len(seq.tokens)}")
         keep, bs = self.blocks_for(num_tokens), self.block_size
         cut = seq.table[keep - 1] if num_tokens % bs and len(seq.tokens) > num_tokens else None
+        if None in seq.table[max(keep - 1, 0):]:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} to {num_tokens} tokens: a block it would keep "
+                             "partial or free was already released")
         if cut is not None and self._blocks[cut].ref > 1:
             raise ValueError(f"cannot truncate sequence {seq_id!r} inside block {cut}, which another sequence shares")
         for bid in reversed(seq.table[keep:]):
@@ -271,6 +283,7 @@ class BlockManager:
             self._blocks[cut].clear()
         del seq.table[keep:]
         del seq.tokens[num_tokens:]
+        del seq.chain[num_tokens // bs:]
 
     def fork(self, parent_id, child_id) -> None:
         """The child shares every block of the parent (ref counts +1)."""
@@ -278,8 +291,9 @@ class BlockManager:
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id!r} already exists")
         for bid in parent.table:
-            self._blocks[bid].ref += 1
-        self._seqs[child_id] = _Seq(list(parent.table), list(parent.tokens), parent.extra)
+            if bid is not None:
+                self._blocks[bid].ref += 1
+        self._seqs[child_id] = _Seq(list(parent.table), list(parent.tokens), parent.extra, list(parent.chain))
 
     def free(self, seq_id, written: Optional[int] = None) -> None:
         """Release the sequence's blocks.  ``written``: how many of its tokens
@@ -292,16 +306,38 @@ class BlockManager:
         del self._seqs[seq_id]
         if written is not None:
             for bid in seq.table[written // self.block_size:]:
-                self._uncache(self._blocks[bid])
+                if bid is not None:
+                    self._uncache(self._blocks[bid])
         for bid in reversed(seq.table):  # tail blocks become LRU-first
-            block = self._blocks[bid]
-            block.ref -= 1
-            if block.ref == 0:
-                if self._is_cached(block):
-                    self._evictable[bid] = None
-                else:
-                    block.clear()
-                    self._free.append(bid)
+            if bid is not None:
+                self._give_back(bid)
+
+    def release(self, seq_id, first: int, stop: int) -> int:
+        """Give back blocks ``first..stop-1`` of the sequence's table: positions its attention will never read
+        again (behind a sliding window, past its sinks).  Their entries become holes (``None``); a block no
+        one else holds returns to the pool, findable by the prefix cache if it is a cached full block.  The
+        last block (still being written) is never released.  Returns how many blocks were released."""
+        seq = self._seq(seq_id)
+        if not 0 <= first <= stop <= len(seq.table) - 1:
+            raise ValueError(f"cannot release blocks [{first}, {stop}) of a {len(seq.table)}-block table: only "
+                             "blocks before the last one")
+        released = 0
+        for i in range(stop - 1, first - 1, -1):  # later blocks become LRU-first, as in free
+            if seq.table[i] is not None:
+                self._give_back(seq.table[i])
+                seq.table[i] = None
+                released += 1
+        return released
+
+    def _give_back(self, bid: int) -> None:
+        block = self._blocks[bid]
+        block.ref -= 1
+        if block.ref == 0:
+            if self._is_cached(block):
+                self._evictable[bid] = None
+            else:
+                block.clear()
+                self._free.append(bid)
 
     def reset_prefix_cache(self) -> None:
         """Drop every evictable cached block to the free list. Cached blocks
@@ -397,9 +433,7 @@ class BlockManager:
         seq, bs = self._seqs[seq_id], self.block_size
         for i in range(start, stop):
             block = self._blocks[seq.table[i]]
-            parent = self._blocks[seq.table[i - 1]] if i else None
-            pkey = parent.key if parent else None
-            puid = parent.uid if parent else None
+            pkey, puid = seq.chain[i - 1] if i else (None, None)
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             key = hash_block(pkey, tokens, seq.extra)
             same = self._lookup(key, tokens, seq.extra, puid)
@@ -408,4 +442,5 @@ class BlockManager:
             else:
                 uid, self._next_uid = self._next_uid, self._next_uid + 1
             block.key, block.uid, block.tokens, block.extra, block.parent_uid = key, uid, tokens, seq.extra, puid
+            seq.chain.append((key, uid))
             self._cached.setdefault(key, block.id)

@@ -87,6 +87,8 @@ class LLM:
         self.kv_cache_spec = pool.spec  # generate(..., cache=llm.kv_cache_spec) quantizes exactly as this engine
         self.kv_staging_blocks = pool.staging_blocks
         self.kv_block_bytes = pool.block_bytes  # one block, every layer (quantized: its codes and scales)
+        self.window = pool.window  # bounded attention (sliding window, sinks): blocks behind it are released
+        self.released_blocks = 0  # blocks given back from behind a window, over all requests
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs, self.config.max_positions)
         self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
@@ -149,7 +151,10 @@ class LLM:
         request = Request(self._next_request, ids, params, cache_salt=cache_salt)
         self._next_request += 1
         total = len(ids) + params.max_new_tokens
-        if self.block_manager.blocks_for(total) > self.num_blocks:
+        need = self.block_manager.blocks_for(total)
+        if self.window is not None:  # chunks of at most max_batch_tokens, blocks behind the window released
+            need = min(need, self.window.blocks_held(self.block_size, self.scheduler.max_batch_tokens))
+        if need > self.num_blocks:
             request.error = (f"request needs {total} tokens of KV but the whole pool holds "
                              f"{self.capacity_tokens} ({self.num_blocks} blocks of {self.block_size})")
             self._finish(request, time.perf_counter())
@@ -226,20 +231,27 @@ class LLM:
     def _run(self, batch: list[tuple[Sequence, int]], copies) -> list[Request]:
         """Forward the batch, sample and emit a token per sequence; the requests that finished."""
         self.cache.copy_blocks(copies)
-        work = []
+        work, work_tables = [], {}
         for seq, n in batch:
             tokens = seq.tokens + seq.draft  # a speculating sequence verifies its draft in the same pass
-            entry = BatchEntry(n, len(tokens), self.block_manager.block_table(seq.seq_id), len(seq.draft))
-            work.append((tokens[len(tokens) - n:], entry))
+            start = seq.num_computed  # the next n tokens: a decode token (+ drafts) or a prompt chunk
+            work_tables[seq.seq_id] = table = self.block_manager.block_table(seq.seq_id)
+            entry = BatchEntry(n, start + n, table, len(seq.draft), self.window)
+            work.append((tokens[start:start + n], entry))
         logits = forward_batch(self.model, self.cache, work)
-        for seq, _ in batch:
-            seq.num_computed = len(seq.tokens) + len(seq.draft)  # every KV of the batch is written now
+        for seq, n in batch:
+            seq.num_computed += n  # every KV of the batch is written now
+            held = sum(b is not None for b in work_tables[seq.seq_id])
+            seq.request.metrics.kv_bytes_peak = max(seq.request.metrics.kv_bytes_peak, held * self.kv_block_bytes)
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
         row, still_filling = 0, set()
         for seq, _ in batch:
-            self._blame = seq.request.request_id  # an error from here on is this request's
             rows = 1 + len(seq.draft)  # logits of the last token and of each draft token
+            if seq.num_computed < len(seq.tokens):  # a prompt chunk before the last: nothing to sample yet
+                row += rows
+                continue
+            self._blame = seq.request.request_id  # an error from here on is this request's
             new = self._accept(seq, logits[row:row + rows], still_filling) if seq.draft else [
                 greedy[row] if seq.request.params.sampling.greedy else self._sample(logits[row], seq)]
             if seq.num_output:
@@ -255,12 +267,25 @@ class LLM:
             row += rows
         self._blame = None
         self.cache.settle(still_filling)
+        if self.window is not None:
+            self._release_behind_window(batch)
         done = []
         for seq, _ in batch:
             if seq.request.finished and seq.request.metrics.finish_time is None:
                 self._finish(seq.request, now)
                 done.append(seq.request)
         return done
+
+    def _release_behind_window(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Give back each running sequence's blocks no later query reads (behind the window, past the sinks);
+        a full one stays in the prefix cache, whose KV it still is."""
+        for seq, _ in batch:
+            if seq.status is Status.RUNNING:
+                blocks = self.block_manager.blocks_for(self.block_manager.num_tokens(seq.seq_id))
+                first, stop = self.window.releasable(seq.num_computed, self.block_size, blocks)
+                released = self.block_manager.release(seq.seq_id, first, stop) if stop > first else 0
+                seq.request.metrics.released_blocks += released
+                self.released_blocks += released
 
     def _accept(self, seq: Sequence, logits: torch.Tensor, still_filling: set[int]) -> list[int]:
         """Verify ``seq``'s draft: the kept drafts and the token after them.  Rejected drafts leave the block
@@ -451,7 +476,7 @@ class LLM:
             "kv_blocks_free": b.blocks_free, "kv_usage_in_use": b.blocks_in_use / self.num_blocks,
             "kv_usage_cached": b.blocks_cached_evictable / self.num_blocks, "evictions": b.evictions,
             "cow_copies": b.cow_copies, "preemptions": s.preemptions, "recomputed_tokens": s.recomputed_tokens,
-            "prefill_tokens_computed": s.prefill_tokens,
+            "prefill_tokens_computed": s.prefill_tokens, "window_released_blocks": self.released_blocks,
             "spec_drafted_tokens": self.spec_drafted, "spec_accepted_tokens": self.spec_accepted,
             "spec_acceptance_rate": self.spec_accepted / self.spec_drafted if self.spec_drafted else 0.0,
         }

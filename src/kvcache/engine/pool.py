@@ -7,6 +7,12 @@ full-precision :class:`~kvcache.caches.paged.PagedKVCache`; a quantized spec
 holds the quantized blocks plus one full-precision staging block per
 sequence that can run at once (``max_num_seqs``, and never more than the
 blocks themselves): each running sequence fills one block at a time.
+
+``"window:size=W,sinks=S"`` is the full-precision pool with bounded attention
+(caches/visible.py): every query reads its sinks and its last ``W``
+positions, and blocks behind the window go back to the pool, so a long
+request holds bounded memory.  A sliding-window model (Mistral) gets its own
+window this way without asking; a smaller ``size`` narrows it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from ..caches.base import parse_spec
 from ..caches.paged import PagedKVCache
 from ..caches.paged_quantized import PagedQuantizedKVCache, engine_spec
+from ..caches.visible import AttentionWindow
+from ..caches.window import default_size
 from ..runtime import check_fits
 
 FULL_PRECISION = ("auto", "fp32", "fp64", "fp16", "bf16")  # registry names whose `dtype` must be the model's
@@ -29,6 +37,7 @@ class Pool:
     spec: str  # the single-stream spec that quantizes exactly as this pool ("auto" for full precision)
     block_bytes: int  # one block, every layer (quantized: codes and scales)
     staging_blocks: int  # full-precision blocks for the blocks being filled (0 for a full-precision pool)
+    window: AttentionWindow | None = None  # bounded attention: blocks behind it are released
 
 
 def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int | None, block_size: int,
@@ -38,6 +47,13 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
     config, dtype = model.config, model.dtype
     fp_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
     name, options = parse_spec("auto" if kv_cache is None else kv_cache)
+    own = config.sliding_window if config.sliding_window and config.sliding_window < config.max_positions else None
+    if name == "window":
+        window, spec = _window(model, kv_cache, options, own)
+        blocks = num_blocks if num_blocks is not None else budget // fp_block
+        _check(blocks, fp_block, kv_cache, label)
+        check_fits(blocks * fp_block, _what(blocks, label))
+        return Pool(PagedKVCache.for_model(model, blocks, block_size), blocks, spec, fp_block, 0, window)
     if name in FULL_PRECISION:
         if options.get("dtype") not in (None, str(dtype).removeprefix("torch.")):
             raise ValueError(f"kv_cache {kv_cache!r}: the engine's full-precision pool stores the model's dtype "
@@ -45,7 +61,8 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
         blocks = num_blocks if num_blocks is not None else budget // fp_block
         _check(blocks, fp_block, kv_cache, label)
         check_fits(blocks * fp_block, _what(blocks, label))
-        return Pool(PagedKVCache.for_model(model, blocks, block_size), blocks, "auto", fp_block, 0)
+        window = AttentionWindow(own) if own else None  # a sliding-window model's own window
+        return Pool(PagedKVCache.for_model(model, blocks, block_size), blocks, "auto", fp_block, 0, window)
     if config.mla is not None:
         raise ValueError(f"kv_cache {kv_cache!r}: the engine's quantized pools do not store latent (MLA) attention's "
                          "[c_kv | k_pe] yet; use the full-precision pool ('auto')")
@@ -62,6 +79,21 @@ def make_pool(model, kv_cache: str | None, budget: int | None, num_blocks: int |
     cache = PagedQuantizedKVCache(c.num_layers, blocks, block_size, c.num_kv_heads, c.head_dim, spec, staging,
                                   dtype, in_use)
     return Pool(cache, blocks, spec, q_block, staging)
+
+
+def _window(model, kv_cache: str, options: dict, own: int | None) -> tuple[AttentionWindow, str]:
+    """The engine's bounded attention from a ``window:...`` spec, and the single-stream spec equal to it."""
+    if options.get("positions", "absolute") != "absolute":
+        raise ValueError(f"kv_cache {kv_cache!r}: the engine keeps the model's own (absolute) positions; "
+                         "positions=cache (streaming past the model's context) is single-stream generate's")
+    if "margin" in options:
+        raise ValueError(f"kv_cache {kv_cache!r}: margin is single-stream crop's; the engine rolls speculative "
+                         "drafts back before it releases any block")
+    if model.config.mla is not None:
+        raise ValueError(f"kv_cache {kv_cache!r}: the window does not bound latent (MLA) attention yet")
+    size, sinks = options.get("size") or default_size(model.config), options.get("sinks", 0)
+    size = min(size, own) if own else size
+    return AttentionWindow(size, sinks), f"window:size={size},sinks={sinks},positions=absolute"
 
 
 def _what(blocks: int, label: str) -> str:

@@ -2,7 +2,10 @@
 
 Two queues.  Every step, each running sequence decodes one token (they all
 share one batched forward, so the weights are read once for all of them);
-then waiting prompts are admitted while KV blocks and the token budget
+prompts still being prefilled take the next chunk of their tokens that the
+token budget leaves (chunked prefill: a long prompt never stalls the
+decodes, and a sliding-window sequence never holds more than its window and
+a chunk); then waiting prompts are admitted while KV blocks and the budget
 allow, their prefill mixed into the same forward.  When a running sequence
 needs a block and none is left, the most recently admitted sequence is
 preempted by recompute: its blocks are freed and it goes back to the front
@@ -44,8 +47,8 @@ class Scheduler:
         copies: list[CopyOp] = []
         drafted = 0  # speculative tokens in the batch; every running sequence keeps one token of the budget
         for i, seq in enumerate(list(self.running)):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted below while making room for an earlier sequence
+            if seq.status is not Status.RUNNING or _pending(seq) > 1:
+                continue  # preempted below while making room for an earlier sequence; or still prefilling
             while seq.status is Status.RUNNING and not self.bm.can_append(seq.seq_id, 1):
                 self.preempt(self.running[-1])
             if seq.status is Status.RUNNING:
@@ -55,22 +58,38 @@ class Scheduler:
                 copies += self.bm.append_slots(seq.seq_id, [seq.tokens[-1], *seq.draft])
                 batch.append((seq, 1 + len(seq.draft)))
         budget = self.max_batch_tokens - len(batch) - drafted
+        for seq in list(self.running):  # prompts part-way through their prefill: the next chunk
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING or _pending(seq) <= 1:
+                continue
+            chunk = seq.tokens[seq.num_computed:seq.num_computed + min(_pending(seq), budget)]
+            scheduled = {id(s) for s, _ in batch}
+            while seq.status is Status.RUNNING and not self.bm.can_append(seq.seq_id, len(chunk)):
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled), None)
+                if victim is None:
+                    break  # only sequences of this batch hold blocks: the chunk waits for the next step
+                self.preempt(victim)
+            if seq.status is Status.RUNNING and self.bm.can_append(seq.seq_id, len(chunk)):
+                copies += self.bm.append_slots(seq.seq_id, chunk)
+                batch.append((seq, len(chunk)))
+                budget -= len(chunk)
         rejected: list[Sequence] = []
         seats = sum(map(self._width, self.running))
         while self.waiting and seats + self._width(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
-            compute = len(seq.tokens) - cached
-            if batch and compute > budget:
+            if budget <= 0:
                 break
-            if not self.bm.can_allocate(seq.tokens, seq.request.cache_salt):
+            cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
+            first = seq.tokens[:cached + min(len(seq.tokens) - cached, budget)]  # the first chunk
+            if not self.bm.can_allocate(first, seq.request.cache_salt):
                 if not batch and not self.running:  # the whole pool is ours and still too small
                     rejected.append(self.waiting.popleft())
                     continue
                 break
             self.waiting.popleft()
             seats += self._width(seq)
-            cached = self.bm.allocate(seq.seq_id, seq.tokens, seq.request.cache_salt)
+            cached = self.bm.allocate(seq.seq_id, first, seq.request.cache_salt)
             if seq.num_computed:  # readmitted after preemption: count the work redone
                 self.recomputed_tokens += len(seq.tokens) - cached
             if seq.num_output == 0 and seq.index == 0:
@@ -79,8 +98,8 @@ class Scheduler:
             seq.num_computed = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append((seq, len(seq.tokens) - cached))
-            budget -= len(seq.tokens) - cached
+            batch.append((seq, len(first) - cached))
+            budget -= len(first) - cached
         return batch, copies, rejected
 
     def _draft(self, seq: Sequence, room: int, later: int) -> list[int]:
@@ -130,3 +149,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or "abort"
+
+
+def _pending(seq: Sequence) -> int:
+    """Tokens of ``seq`` without KV yet: 1 for a decoding sequence (its newest token), more mid-prefill."""
+    return len(seq.tokens) - seq.num_computed

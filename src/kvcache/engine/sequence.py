@@ -153,6 +153,8 @@ class RequestMetrics:
     decode_passes: int = 0  # forward passes after the first token, over all completions
     num_output_tokens: int = 0  # over all completions, set when the request finishes
     num_completions: int = 0
+    released_blocks: int = 0  # KV blocks given back from behind a sliding window, over all completions
+    kv_bytes_peak: int = 0  # most KV bytes one completion held at once (its blocks, shared ones included)
 
     @property
     def tokens_per_pass(self) -> float | None:

@@ -50,8 +50,10 @@ def check_prompt(model, prompt_ids, max_new_tokens: int, bounded_positions: bool
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=0)
     limit = model.config.max_positions
     if len(ids) + max_new_tokens > limit and not bounded_positions:
-        size = min(1024, limit // 2)
-        hint = (f"; a window cache with its own positions streams past it (cache='window:size={size},sinks=4')"
+        from ..caches.window import default_size
+
+        hint = (f"; single-stream generate streams past it with a window cache that applies its own positions "
+                f"(cache='window:size={default_size(model.config)},sinks=4')"
                 if getattr(model, "rope_cos", None) is not None and model.config.mla is None else "")
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's maximum of {limit} positions{hint}")
