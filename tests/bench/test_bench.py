@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvcache.bench import append, decode, hf_compare, kernels, serving
 from kvcache.cli import main
 
@@ -81,3 +83,29 @@ def test_quantized_bench_races_every_cache_on_the_same_model():
     assert caches[:3] == ["kvcache auto", "kvcache int8", "kvcache int4"] and "hf DynamicCache" in caches
     assert all(r["tok_s"] > 0 and r["kv_mb"] > 0 for r in rows)
     assert rows[0]["vs_kvcache_fp32"] == 1.0 and rows[1]["attention_gb_s"] > 0
+
+
+def test_compression_bench_hides_one_line_and_scores_every_policy():
+    from kvcache.bench import compression
+    from kvcache.model.loader import load_model
+
+    model = load_model()
+    (sample,) = compression.retrieval_samples(model.tokenizer, 1, 300)
+    assert len(sample.prompt) <= 300 and 0.05 <= sample.depth <= 0.25
+    answer = model.tokenizer.decode(sample.answer)
+    assert len(answer) == 9 and answer.endswith('"')
+    rows = compression.bench_compression(model, "shipped", 1, 200, window=8)
+    assert [(r["policy"], r["budget_percent"]) for r in rows] == [("full cache", 100)] + [
+        (p, b) for p in ("snapkv", "h2o") for b in (25, 50, 100)]
+    full, snap100 = rows[0], rows[3]
+    assert snap100["answer_ppl"] == pytest.approx(full["answer_ppl"], rel=1e-4)  # a budget that holds it all
+    assert rows[1]["kv_bytes"] < rows[2]["kv_bytes"] < full["kv_bytes"]
+
+
+def test_engine_window_bench_bounds_peak_memory():
+    from kvcache.bench import streaming
+    from kvcache.model.loader import load_model
+
+    bounded, full = streaming.engine_memory(load_model(), "shipped", 200, 60, 64, 4)
+    assert bounded["same_as_generate"] and full["same_as_generate"]
+    assert bounded["released_blocks"] > 0 and bounded["peak_kv_bytes"] < full["peak_kv_bytes"]

@@ -145,7 +145,7 @@ def test_metrics_count_what_happened(served):
     for name in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
                  "prefix_cache_hits_total", "time_to_first_token_seconds_count", "e2e_request_latency_seconds_count",
                  "inter_token_latency_seconds_count", "kv_cache_bytes_reserved", "num_preemptions_total",
-                 "prompt_tokens_total"]:
+                 "prompt_tokens_total", "kv_cache_window_released_blocks_total"]:
         assert f"kvcache:{name}{label}" in after, name
     assert after["kvcache:kv_cache_bytes_reserved" + label] == served.llm.cache.nbytes
     assert any(k.startswith("kvcache:kv_cache_info{") for k in after)

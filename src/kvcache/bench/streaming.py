@@ -9,6 +9,10 @@ positions the recompute baseline evaluates; a PNG shows the curves.  Run on Smol
 
 Cost: decode tok/s and KV bytes at growing stream lengths, the window cache against the full cache (up
 to the model's context, where the full cache must stop).
+
+Engine: one long request through ``LLM`` with bounded attention (blocks behind the window released)
+against the plain engine: peak KV bytes, blocks released, tok/s, and the same tokens as single-stream
+``generate`` with the equivalent cache.
 """
 
 from __future__ import annotations
@@ -102,6 +106,38 @@ def format_cost(rows: list[dict]) -> str:
                   for r in rows])
 
 
+def engine_memory(model, name: str, prompt_tokens: int, new_tokens: int, budget: int, sinks: int) -> list[dict]:
+    """One request of ``prompt_tokens + new_tokens`` in the engine: a window policy vs the full pool."""
+    from ..engine.llm import LLM
+    from ..engine.sequence import SamplingParams
+    from ..generation.generate import generate
+
+    prompt = stream_ids(model, prompt_tokens)
+    rows = []
+    for spec in (f"window:size={budget - sinks},sinks={sinks}", None):
+        llm = LLM(model, kv_memory="2GiB", kv_cache=spec)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        llm.generate([prompt[:64]], SamplingParams(max_new_tokens=4))  # warm the kernels
+        start = time.perf_counter()
+        (out,) = llm.generate([prompt], params)
+        seconds = time.perf_counter() - start
+        same = out.token_ids == generate(model, prompt, new_tokens, cache=llm.kv_cache_spec, stop_token_ids=[])
+        rows.append({"model": name, "engine kv_cache": spec or "auto (full)", "tokens": prompt_tokens + new_tokens,
+                     "peak_kv_bytes": out.metrics.kv_bytes_peak, "released_blocks": out.metrics.released_blocks,
+                     "tok_s": new_tokens / seconds, "same_as_generate": same})
+        print(f"  engine {spec or 'auto'}: peak {out.metrics.kv_bytes_peak:,} B, {new_tokens / seconds:.1f} tok/s, "
+              f"same tokens as generate: {same}", flush=True)
+    return rows
+
+
+def format_engine(rows: list[dict]) -> str:
+    return table(["model", "engine kv_cache", "request tokens", "peak KV bytes", "blocks released", "tok/s",
+                  "same tokens as generate"],
+                 [[r["model"], f"`{r['engine kv_cache']}`", f"{r['tokens']:,}", f"{r['peak_kv_bytes']:,}",
+                   f"{r['released_blocks']:,}", f"{r['tok_s']:.1f}", "yes" if r["same_as_generate"] else "NO"]
+                  for r in rows])
+
+
 def run(quick: bool, plot_path: str = "docs/streaming_perplexity.png") -> dict:
     shipped = load_model()
     rows = [quality(shipped, "shipped model (512-token training context)", 2048 if quick else 8192, 256, 4,
@@ -119,7 +155,10 @@ def run(quick: bool, plot_path: str = "docs/streaming_perplexity.png") -> dict:
                      (256, 1024) if quick else (1024, 4096, 8000, 16384, 32768), 1024 if real else 256, 4,
                      4 if quick else 16)
     print("\n" + format_cost(cost_rows))
+    engine_rows = engine_memory(real or shipped, "SmolLM2-135M" if real else "shipped model", 256 if quick else 1024,
+                                32 if quick else 6000, 1024 if real else 256, 4)
+    print("\n" + format_engine(engine_rows))
     return {"quality": [{k: v for k, v in r.items() if k != "results"} |
                         {"perplexity": {x.label: x.perplexity for x in r["results"]}} for r in rows],
-            "cost": cost_rows}
+            "cost": cost_rows, "engine": engine_rows}
 

@@ -249,7 +249,7 @@ def _snapkv_votes(q_window: torch.Tensor, keys: torch.Tensor, kernel: int) -> to
 
 
 def _attention_with_column_sums(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                                block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                                block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention (the new queries are the last keys) and each key's attention summed over the
     queries and each KV head's group: H2O's scores.  Query blocks bound the score matrix's memory."""
     b, heads, seq, dim = q.shape

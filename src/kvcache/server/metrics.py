@@ -114,6 +114,8 @@ class _Gauges:
             ("prefix_cache_hits", CounterMetricFamily, s["prefix_hit_tokens"], "Prompt tokens found cached."),
             ("num_preemptions", CounterMetricFamily, s["preemptions"], "Sequences preempted."),
             ("kv_cache_evictions", CounterMetricFamily, s["evictions"], "Cached blocks evicted for reuse."),
+            ("kv_cache_window_released_blocks", CounterMetricFamily, s["window_released_blocks"],
+             "Blocks given back from behind a sliding window (bounded attention)."),
         ]:
             family = kind(p + metric, text, labels=labels)
             family.add_metric(name, value)
