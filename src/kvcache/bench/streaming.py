@@ -156,7 +156,7 @@ def run(quick: bool, plot_path: str = "docs/streaming_perplexity.png") -> dict:
                      4 if quick else 16)
     print("\n" + format_cost(cost_rows))
     engine_rows = engine_memory(real or shipped, "SmolLM2-135M" if real else "shipped model", 256 if quick else 1024,
-                                32 if quick else 6000, 1024 if real else 256, 4)
+                                32 if quick else 3000, 1024 if real else 256, 4)
     print("\n" + format_engine(engine_rows))
     return {"quality": [{k: v for k, v in r.items() if k != "results"} |
                         {"perplexity": {x.label: x.perplexity for x in r["results"]}} for r in rows],
