@@ -226,3 +226,41 @@ def test_heads_matmul_equals_a_batched_matmul(heads, monkeypatch):
     v = torch.randn(heads, 40, 16, generator=g)  # (tokens, d): passed as a transposed view, as the cascade does
     y = torch.randn(heads, 7, 40, generator=g)
     torch.testing.assert_close(_heads_matmul(y, v.transpose(-1, -2)), torch.matmul(y, v))
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, value_dim, in_keys", [(8, 2, 32, 32, False), (4, 4, 16, 16, False),
+                                                                      (6, 1, 48, 32, True)])
+def test_the_compiled_decode_kernel_equals_the_gathered_path(heads, kv_heads, dim, value_dim, in_keys, monkeypatch):
+    """Keys read in place through the block tables (any table order, windows and sinks, a latent pool whose
+    values are the keys' first channels) give the gathered PyTorch path's attention."""
+    from kvcache.caches import kernels
+    from kvcache.caches.visible import AttentionWindow
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(heads)
+    cache = PagedKVCache(1, 64, 4, kv_heads, dim, value_dim=value_dim, values_in_keys=in_keys)
+    cache.k.normal_(generator=g)
+    if cache.v is not None:
+        cache.v.normal_(generator=g)
+    rng = random.Random(dim)
+    free = list(range(64))
+    rng.shuffle(free)
+    entries = []
+    for n, window in [(1, None), (9, None), (31, AttentionWindow(6, 2)), (17, AttentionWindow(5)), (300 // 12, None),
+                      (40, AttentionWindow(3, 5))]:
+        table = [free.pop() for _ in range(-(-n // 4))]
+        if window is not None:  # blocks behind the window are holes, as after a release
+            first, stop = window.releasable(n - 1, 4, len(table))
+            table = [None if first <= i < stop else b for i, b in enumerate(table)]
+        entries.append(BatchEntry(1, n, table, window=window))
+    q = torch.randn(1, heads, len(entries), dim, generator=g)
+    k, v = torch.randn(1, kv_heads, len(entries), dim, generator=g), torch.randn(1, kv_heads, len(entries), value_dim,
+                                                                                 generator=g)
+    outs = []
+    for use in (True, False):
+        monkeypatch.setattr(kernels, "_library", kernels.library() if use else None)
+        cache.prepare(entries)
+        outs.append(cache.attend(0, q, k, v))
+        assert (cache.plan.kernel_args is not None) == use
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

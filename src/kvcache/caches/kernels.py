@@ -1,4 +1,5 @@
-"""Build (once, with gcc) and call the compiled decode kernel of the quantized cache.
+"""Build (once, with gcc) and call the compiled decode kernels: the quantized cache's, and the engine's
+full-precision paged pool's (keys read through the block tables, no gathered copy).
 
 The C source ships in the package (qattn.c, plain C99 + OpenMP, no PyTorch
 headers, so it compiles in about a second).  It is built for this CPU
@@ -79,6 +80,9 @@ def library() -> ctypes.CDLL | None:
     lib.kv_quant_decode.restype = ctypes.c_int
     ptr, num = ctypes.c_void_p, ctypes.c_int
     lib.kv_quant_decode.argtypes = [ptr] * 7 + [num] * 9 + [ptr, num, ptr, ptr, ptr, ptr, num, ptr]
+    lib.kv_paged_decode.restype = ctypes.c_int
+    lib.kv_paged_decode.argtypes = [ptr, ctypes.c_float, ptr, ptr] + [num] * 6 + [ctypes.c_long, ptr, num, num,
+                                                                               ptr, ptr, ptr, ptr]
     _library = lib
     return lib
 
@@ -135,4 +139,33 @@ def quant_decode(qg: torch.Tensor, k_codes, k_scale, k_offset, v_codes, v_scale,
         raise MemoryError("the quantized-cache kernel could not allocate its partials")
     if status != 0:
         raise ValueError("quant_decode: nothing to attend to (no stored and no full-precision token)")
+    return out
+
+
+def paged_usable(q: torch.Tensor, group: int) -> bool:
+    """The paged kernel's limits: float32, at most 64 query heads per KV head, and a library that built."""
+    return q.dtype == torch.float32 and group <= 64 and library() is not None
+
+
+def paged_decode(qg: torch.Tensor, scale: float, k_pool: torch.Tensor, v_pool: torch.Tensor | None, value_dim: int,
+                 tables: torch.Tensor, block_size: int, counts: torch.Tensor, lo: torch.Tensor,
+                 sinks: torch.Tensor) -> torch.Tensor:
+    """Decode attention of fp32 queries qg (B, H, G, D) times ``scale`` over one layer's pool k_pool (H, slots, D),
+    v_pool (H, slots, value_dim) (None: values are the keys' first ``value_dim`` channels): sequence b reads
+    positions j < counts[b] with j < sinks[b] or j >= lo[b], token j in slot tables[b, j // block_size] *
+    block_size + j % block_size.  int32 tables (B, max_blocks), counts, lo, sinks (B,).  Returns (B, H, G,
+    value_dim)."""
+    lib = library()
+    assert lib is not None, "paged_decode called without a kernel"
+    batch, heads, group, dim = qg.shape
+    qg = qg.contiguous()
+    out = qg.new_empty(batch, heads, group, value_dim)
+    values, stride = (k_pool, dim) if v_pool is None else (v_pool, v_pool.shape[-1])
+    status = lib.kv_paged_decode(qg.data_ptr(), scale, k_pool.data_ptr(), values.data_ptr(), batch, heads, group, dim,
+                                 value_dim, stride, k_pool.shape[1], tables.data_ptr(), tables.shape[1], block_size,
+                                 counts.data_ptr(), lo.data_ptr(), sinks.data_ptr(), out.data_ptr())
+    if status == 1:
+        raise MemoryError("the paged decode kernel could not allocate its partials")
+    if status != 0:
+        raise ValueError("paged_decode: nothing to attend to")
     return out

@@ -34,6 +34,7 @@ import torch
 
 from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
+from . import kernels
 from .visible import AttentionWindow
 
 
@@ -49,79 +50,114 @@ class BatchEntry:
 
 
 class _StepPlan:
-    """Index tensors for one forward pass, built once and reused by every layer."""
+    """Index tensors for one forward pass, built once and reused by every layer.
 
-    def __init__(self, entries: Sequence[BatchEntry], block_size: int, dtype: torch.dtype = torch.float32):
-        offsets = torch.arange(block_size)
-        self.write_slots: list[torch.Tensor] = []
-        # (q_start, q_end, context slots | None, mask | None): masks only for bounded attention
-        self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
-        self.contexts: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []  # every entry's
-        decode_rows, decode_tables, decode_visible = [], [], []
+    Decode rows (one new token each) are collected as plain lists and turned into tensors once: either the
+    compiled kernel's block tables, or (cascade over a shared prefix, or no kernel) the padded block gather
+    and its mask.  A prefill chunk gets its context's slots and, with bounded attention, its mask.
+    """
+
+    def __init__(self, entries: Sequence[BatchEntry], block_size: int, dtype: torch.dtype = torch.float32,
+                 use_kernel: bool = False):
+        self.entries, self.block_size, self.dtype = list(entries), block_size, dtype
         self.bounded = any(e.window is not None for e in entries)  # the entries' windows replace the model's
+        self.prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []  # q range, slots, mask
+        writes: list[int] = []  # the slot of every new token, in token order
+        decode_rows, self._decode = [], []  # _decode: (table, context length, window) per decode row
         start = 0
         for e in entries:
-            table, first_query = list(e.block_table), e.context_len - e.query_len
-            end = slice(start, start + e.query_len)
-            new = torch.arange(first_query, e.context_len)
-            self.write_slots.append(torch.tensor([table[p // block_size] for p in new.tolist()],
-                                                 dtype=torch.long) * block_size + new % block_size)
-            blocks = (e.window.visible_blocks(first_query, e.context_len, block_size) if e.window is not None
-                      else range(-(-e.context_len // block_size)))
-            ids = torch.tensor([table[b] for b in blocks], dtype=torch.long)
-            positions = (torch.tensor(list(blocks), dtype=torch.long)[:, None] * block_size + offsets).flatten()
-            slots = (ids[:, None] * block_size + offsets).flatten()
-            mask = e.window.mask(new, positions) if e.window is not None else None
-            kept = positions < e.context_len
-            self.contexts.append((end.start, end.stop, slots[kept], None if mask is None else mask[:, kept]))
+            table, first = e.block_table, e.context_len - e.query_len
+            writes += [table[p // block_size] * block_size + p % block_size for p in range(first, e.context_len)]
             if e.query_len == 1:
                 decode_rows.append(start)
-                decode_tables.append(ids.tolist())
-                decode_visible.append(kept if mask is None else mask[0])
+                self._decode.append((table, e.context_len, e.window))
             else:
+                slots, mask = self._context(e, torch.arange(first, e.context_len))
                 # a prompt with nothing cached attends only to itself: no gather needed
                 whole = e.context_len > e.query_len or mask is not None
-                self.prefills.append((end.start, end.stop, slots[kept] if whole else None,
-                                      None if mask is None else mask[:, kept]))
+                self.prefills.append((start, start + e.query_len, slots if whole else None, mask))
             start += e.query_len
-        self.num_tokens, self.block_size = start, block_size
+        self.num_tokens = start
         self.max_context = max(e.context_len for e in entries)
-        self.write_slots = torch.cat(self.write_slots)
+        self.write_slots = torch.tensor(writes, dtype=torch.long)
         self.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
+        self.all_decode = len(decode_rows) == start  # every token is a decode token, in row order
         self.shared_blocks: torch.Tensor | None = None
+        self.kernel_args: tuple[torch.Tensor, ...] | None = None
+        self.decode_blocks: torch.Tensor | None = None
         if decode_rows:
-            decode_lens = [len(v) if self.bounded else int(v.sum()) for v in decode_visible]
-            shared = 0 if self.bounded else self._shared_prefix(decode_tables, decode_lens, block_size)
-            if shared:
-                # cascade: the blocks every decoding sequence shares are attended once for all of them
-                self.shared_blocks = torch.tensor(decode_tables[0][:shared], dtype=torch.long)
-                decode_tables = [t[shared:] for t in decode_tables]
-                decode_visible = [v[shared * block_size:] for v in decode_visible]
-            # decode contexts are gathered whole blocks at a time (block_size x d contiguous floats per
-            # copy instead of d), padded to the longest table; padding and unused slots are masked
-            blocks = max(len(t) for t in decode_tables)
-            padded = torch.zeros(len(decode_rows), blocks, dtype=torch.long)
-            for i, t in enumerate(decode_tables):
-                padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            self.decode_blocks = padded.flatten()
-            self.decode_width = width = blocks * block_size
-            visible = torch.zeros(len(decode_rows), width, dtype=torch.bool)
-            for i, v in enumerate(decode_visible):
-                visible[i, :len(v)] = v
-            self.decode_all_full = bool(visible.all())
-            mask = torch.zeros(len(decode_rows), width, dtype=dtype)  # additive: 0 on context, -inf elsewhere
-            mask.masked_fill_(~visible, float("-inf"))
-            self.decode_mask = mask.view(len(decode_rows), 1, width)  # broadcasts over (kv_heads, ., group, .)
+            self.shared = 0 if self.bounded else self._shared_prefix(block_size)
+            if use_kernel and not self.shared:
+                self.kernel_args = self._kernel_args(block_size)
+            else:
+                self.gather_plan()
 
+    def _context(self, e: BatchEntry, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slots of the positions the entry's queries read, and their mask (bounded attention only)."""
+        bs = self.block_size
+        blocks = (e.window.visible_blocks(e.context_len - e.query_len, e.context_len, bs) if e.window is not None
+                  else range(-(-e.context_len // bs)))
+        offsets = torch.arange(bs)
+        ids = torch.tensor([e.block_table[b] for b in blocks], dtype=torch.long)
+        positions = (torch.tensor(list(blocks), dtype=torch.long)[:, None] * bs + offsets).flatten()
+        kept = positions < e.context_len
+        slots = (ids[:, None] * bs + offsets).flatten()[kept]
+        return slots, None if e.window is None else e.window.mask(new, positions[kept])
 
-    @staticmethod
-    def _shared_prefix(tables: list[list[int]], lens: list[int], block_size: int) -> int:
-        """Leading blocks common to every table (full blocks before each sequence's newest token)."""
-        if len(tables) < 2:
+    @property
+    def contexts(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """Every entry's (q_start, q_end, context slots, mask): the one-at-a-time fallback's, built on demand."""
+        out, start = [], 0
+        for e in self.entries:
+            slots, mask = self._context(e, torch.arange(e.context_len - e.query_len, e.context_len))
+            out.append((start, start + e.query_len, slots, mask))
+            start += e.query_len
+        return out
+
+    def _kernel_args(self, block_size: int) -> tuple[torch.Tensor, ...]:
+        """int32 (block tables, context lengths, first window positions, sinks) of the decode rows."""
+        width = max(-(-n // block_size) for _, n, _ in self._decode)
+        rows = [[-1 if b is None else b for b in table[: -(-n // block_size)]] for table, n, _ in self._decode]
+        tables = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+        counts = torch.tensor([n for _, n, _ in self._decode], dtype=torch.int32)
+        lo = torch.tensor([max(n - w.size, 0) if w else 0 for _, n, w in self._decode], dtype=torch.int32)
+        sinks = torch.tensor([w.sinks if w else 0 for _, _, w in self._decode], dtype=torch.int32)
+        return tables, counts, lo, sinks
+
+    def gather_plan(self) -> None:
+        """The PyTorch decode path: whole blocks gathered (block_size x d contiguous floats per copy), padded
+        to the longest table, with an additive mask for padding, unwritten slots and (bounded) invisible ones.
+        The ``shared`` leading blocks common to every row are attended once for all (cascade)."""
+        block_size, shared = self.block_size, self.shared
+        if shared:
+            self.shared_blocks = torch.tensor(self._decode[0][0][:shared], dtype=torch.long)
+        lists = [w.visible_blocks(n - 1, n, block_size) if w else range(shared, -(-n // block_size))
+                 for _, n, w in self._decode]
+        width_blocks = max(len(b) for b in lists)
+        index = torch.full((len(lists), width_blocks), -1, dtype=torch.long)
+        ids = torch.zeros(len(lists), width_blocks, dtype=torch.long)
+        for i, ((table, _, _), blocks) in enumerate(zip(self._decode, lists)):
+            index[i, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.long)
+            ids[i, : len(blocks)] = torch.tensor([table[b] for b in blocks], dtype=torch.long)
+        positions = (index[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+        n = torch.tensor([n for _, n, _ in self._decode])[:, None]
+        visible = (index[:, :, None] >= 0).expand(-1, -1, block_size).flatten(1) & (positions < n)
+        for i, (_, count, w) in enumerate(self._decode):
+            if w is not None:
+                visible[i] &= w.mask(torch.tensor([count - 1]), positions[i])[0]
+        self.decode_blocks = ids.flatten()
+        self.decode_width = width_blocks * block_size
+        self.decode_all_full = bool(visible.all())
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        self.decode_mask = mask.view(len(lists), 1, -1)  # broadcasts over (kv_heads, ., group, .)
+
+    def _shared_prefix(self, block_size: int) -> int:
+        """Leading blocks common to every decode row (full blocks before each sequence's newest token)."""
+        if len(self._decode) < 2:
             return 0
-        limit = min((n - 1) // block_size for n in lens)
-        first, shared = tables[0], 0
-        while shared < limit and all(t[shared] == first[shared] for t in tables[1:]):
+        limit = min((n - 1) // block_size for _, n, _ in self._decode)
+        first, shared = self._decode[0][0], 0
+        while shared < limit and all(t[shared] == first[shared] for t, _, _ in self._decode[1:]):
             shared += 1
         return shared
 
@@ -171,7 +207,8 @@ class PagedKVCache:
 
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""
-        self.plan = _StepPlan(entries, self.block_size, self.k.dtype)  # the mask in the pool's dtype
+        use_kernel = self.k.dtype == torch.float32 and kernels.library() is not None
+        self.plan = _StepPlan(entries, self.block_size, self.k.dtype, use_kernel)  # the mask in the pool's dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
@@ -186,14 +223,16 @@ class PagedKVCache:
             v_pool.index_copy_(1, plan.write_slots, v[0])
         if window is not None and plan.max_context > window and not plan.bounded:
             return self._attend_each(q, k_pool, v_pool, plan, window)
-        out = q.new_empty(q.shape[:3] + (self.value_dim,))
+        out = q.new_empty(q.shape[:3] + (self.value_dim,)) if plan.prefills else None
         for q_start, q_end, ctx, mask in plan.prefills:
             if ctx is None:
                 keys, values = k[:, :, q_start:q_end], v[:, :, q_start:q_end]
             else:
                 keys, values = (t.unsqueeze(0) for t in self._gather(k_pool, v_pool, ctx))
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, mask=mask)
-        if len(plan.decode_rows):
+        if plan.all_decode:
+            out = self._decode(q, k_pool, v_pool, plan).unsqueeze(0)
+        elif len(plan.decode_rows):
             out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
         if not torch.isfinite(out).all():  # the batched kernels overflowed on huge inputs: one at a time, exactly
             return self._attend_each(q, k_pool, v_pool, plan)
@@ -230,10 +269,18 @@ class PagedKVCache:
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan
                 ) -> torch.Tensor:
         """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, value_dim)."""
-        batch, width = len(plan.decode_rows), plan.decode_width
-        heads, dim, vdim = q.shape[1], q.shape[3], self.value_dim
+        batch, heads, dim, vdim = len(plan.decode_rows), q.shape[1], q.shape[3], self.value_dim
         kv_heads = k_pool.shape[0]
         group = heads // kv_heads
+        if plan.kernel_args is not None and kernels.paged_usable(q, group):  # keys read in place, no gather
+            rows = q[0] if plan.all_decode else q[0, :, plan.decode_rows]  # (heads, batch, d)
+            qk = rows.transpose(0, 1).reshape(batch, kv_heads, group, dim)  # a view when q is (1, N, heads, d)
+            out = kernels.paged_decode(qk, dim ** -0.5, k_pool, v_pool, vdim, plan.kernel_args[0], self.block_size,
+                                       *plan.kernel_args[1:])
+            return out.view(batch, heads, vdim).transpose(0, 1)
+        if plan.decode_blocks is None:
+            plan.gather_plan()
+        width = plan.decode_width
         # (heads, batch, d) -> (kv_heads, batch, group, d): each KV head's whole group in one matmul
         qd = (q[0, :, plan.decode_rows] * dim ** -0.5).view(kv_heads, group, batch, dim).transpose(1, 2)
         keys, values = self._blocks(k_pool, v_pool, plan.decode_blocks)

@@ -18,6 +18,10 @@
  * sequence's logical tile t is physical tile tiles[b][t] -- a 16-token block is one tile).
  * Built at first use with gcc (kvcache/caches/kernels.py); the PyTorch
  * reference in quant_ops.py computes the same thing and the tests compare them.
+ *
+ * kv_paged_decode does the same for the engine's full-precision paged pool: each sequence's keys are
+ * read in place through its block table (no gathered copy), only the positions its attention sees
+ * (a sliding window and its sinks), in the same items and partials.
  */
 #include <math.h>
 #include <stdint.h>
@@ -361,6 +365,30 @@ static int max_of(const int32_t *x, int n) {
     return m;
 }
 
+/* Combine each (sequence, KV head)'s ``chunks`` partials (max, sum, unnormalised output of width D) into
+ * the normalised output (B*H, G, D). */
+static void merge_parts(const float *parts, int rows, int chunks, int qgroup, int dim, float *out) {
+    const int width = dim + 2;
+    for (int bh = 0; bh < rows; bh++)
+        for (int g = 0; g < qgroup; g++) {
+            float m = -INFINITY;
+            for (int c = 0; c < chunks; c++) {
+                const float mc = parts[((size_t)(bh * chunks + c) * qgroup + g) * width];
+                m = mc > m ? mc : m;
+            }
+            float l = 0.f, *o = out + ((size_t)bh * qgroup + g) * dim;
+            memset(o, 0, sizeof(float) * dim);
+            for (int c = 0; c < chunks; c++) {
+                const float *p = parts + ((size_t)(bh * chunks + c) * qgroup + g) * width;
+                float w = p[0] == -INFINITY ? 0.f : exp_nonpositive(p[0] - m);
+                l += p[1] * w;
+                for (int d = 0; d < dim; d++) o[d] += p[2 + d] * w;
+            }
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            for (int d = 0; d < dim; d++) o[d] *= inv;
+        }
+}
+
 /* Decode attention of q (B, H, G, D), already scaled, over counts[b] stored tokens and fcounts[b] full-precision
  * ones per sequence (fk/fv: (B, H, fcap, D), the sinks, residual or block being filled; NULL if none), with
  * storage contiguous (tiles NULL) or paged (tiles: (B, max_tiles) physical tiles): the normalised output. */
@@ -394,24 +422,74 @@ int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const
             else empty_partial(part, qgroup, dim);
         }
     }
-    for (int bh = 0; bh < batch * heads; bh++)
-        for (int g = 0; g < qgroup; g++) {
-            float m = -INFINITY;
-            for (int c = 0; c < chunks; c++) {
-                const float mc = parts[((size_t)(bh * chunks + c) * qgroup + g) * width];
-                m = mc > m ? mc : m;
-            }
-            float l = 0.f, *o = out + ((size_t)bh * qgroup + g) * dim;
-            memset(o, 0, sizeof(float) * dim);
-            for (int c = 0; c < chunks; c++) {
-                const float *p = parts + ((size_t)(bh * chunks + c) * qgroup + g) * width;
-                float w = p[0] == -INFINITY ? 0.f : exp_nonpositive(p[0] - m);
-                l += p[1] * w;
-                for (int d = 0; d < dim; d++) o[d] += p[2 + d] * w;
-            }
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            for (int d = 0; d < dim; d++) o[d] *= inv;
+    merge_parts(parts, batch * heads, chunks, qgroup, dim, out);
+    free(parts);
+    return 0;
+}
+
+/* Partial of one (sequence b, KV head h) over its visible tokens with visible index in [i0, i1): index i is
+ * position i below s0 (the sinks), else position start + (i - s0).  Keys k (H, slots, D) and values v
+ * (H, slots, vstride; the first VD channels are read) in place, through the sequence's block table. */
+static void run_paged_item(const float *qin, float scale, const float *k, const float *v, long slots,
+                           const int32_t *table, int bs, int s0, int start, int i0, int i1, int h, int G, int D,
+                           int VD, int vstride, float *part) {
+    const int n = i1 - i0;
+    float scores[G * CHUNK], q[G * D];
+    for (int i = 0; i < G * D; i++) q[i] = qin[i] * scale;
+    for (int i = i0; i < i1; i++) {
+        const int pos = i < s0 ? i : start + (i - s0);
+        const float *key = k + ((size_t)h * slots + (size_t)table[pos / bs] * bs + pos % bs) * D;
+        for (int g = 0; g < G; g++) {
+            float acc = 0.f;
+            for (int d = 0; d < D; d++) acc += q[g * D + d] * key[d];
+            scores[g * n + (i - i0)] = acc;
         }
+    }
+    for (int g = 0; g < G; g++) {
+        float m = -INFINITY, l = 0.f, *p = part + (size_t)g * (VD + 2), *o = p + 2;
+        for (int i = 0; i < n; i++) m = scores[g * n + i] > m ? scores[g * n + i] : m;
+        memset(o, 0, sizeof(float) * VD);
+        for (int i = i0; i < i1; i++) {
+            const int pos = i < s0 ? i : start + (i - s0);
+            const float e = exp_nonpositive(scores[g * n + (i - i0)] - m);
+            const float *row = v + ((size_t)h * slots + (size_t)table[pos / bs] * bs + pos % bs) * vstride;
+            l += e;
+            for (int d = 0; d < VD; d++) o[d] += e * row[d];
+        }
+        p[0] = m;
+        p[1] = l;
+    }
+}
+
+/* Decode attention of q (B, H, G, D) times ``scale`` over the engine's paged pool: sequence b attends to
+ * positions j < counts[b] with j < sinks[b] or j >= lo[b], token j at slot tables[b][j / bs] * bs + j % bs
+ * of k (H, slots, D) and v (H, slots, vstride).  out (B, H, G, VD). */
+int kv_paged_decode(const float *q, float scale, const float *k, const float *v, int batch, int heads, int qgroup,
+                    int dim, int vdim, int vstride, long slots, const int32_t *tables, int max_blocks, int bs,
+                    const int32_t *counts, const int32_t *lo, const int32_t *sinks, float *out) {
+    int most = 0;
+    for (int b = 0; b < batch; b++) {
+        const int s0 = sinks[b] < counts[b] ? sinks[b] : counts[b], start = lo[b] > s0 ? lo[b] : s0;
+        const int visible = s0 + (counts[b] > start ? counts[b] - start : 0);
+        most = visible > most ? visible : most;
+    }
+    const int chunks = (most + CHUNK - 1) / CHUNK, items = batch * heads * chunks;
+    if (items == 0) return 2;
+    float *parts = malloc(sizeof(float) * (size_t)items * qgroup * (vdim + 2));
+    if (!parts) return 1;
+#pragma omp parallel for schedule(static)
+    for (int it = 0; it < items; it++) {
+        const int bh = it / chunks, c = it % chunks, b = bh / heads, h = bh % heads;
+        const int s0 = sinks[b] < counts[b] ? sinks[b] : counts[b], start = lo[b] > s0 ? lo[b] : s0;
+        const int visible = s0 + (counts[b] > start ? counts[b] - start : 0);
+        const int i0 = c * CHUNK, i1 = i0 + CHUNK < visible ? i0 + CHUNK : visible;
+        float *part = parts + (size_t)it * qgroup * (vdim + 2);
+        if (i0 < i1)
+            run_paged_item(q + (size_t)bh * qgroup * dim, scale, k, v, slots, tables + (size_t)b * max_blocks, bs, s0, start,
+                           i0, i1, h, qgroup, dim, vdim, vstride, part);
+        else empty_partial(part, qgroup, vdim);
+    }
+    merge_parts(parts, batch * heads, chunks, qgroup, vdim, out);
     free(parts);
     return 0;
 }

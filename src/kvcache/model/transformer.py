@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .linear import Linear, watched
 from .mla import LatentAttention
 from .moe import MoE
-from .rope import apply_rope, rope_tables
+from .rope import Rope, rope_tables
 
 
 class AttentionCache(Protocol):
@@ -42,6 +42,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.split = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.out = Linear(q_size, config.hidden_size, bias=bool(config.attention_out_bias))
         # Mistral-style sliding window; only passed to caches when set, so simple caches need not know it
@@ -49,15 +50,15 @@ class Attention(nn.Module):
         self.window = window if window and window < config.max_positions else None
         self.cache_kwargs = {"window": self.window} if self.window else {}
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: AttentionCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: AttentionCache | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        qk = qkv[..., :self.qk_size].view(batch, seq, heads + kv_heads, dim)
+        if rope is not None:  # queries and keys rotated in one go
+            qk = rope.rotate_heads_last(qk)
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+        v = qkv[..., self.qk_size:].view(batch, seq, kv_heads, dim).transpose(1, 2)
         if cache is None:
             out = attention(q, k, v, window=self.window)
         else:
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if cos.dim() == 3:  # (batch, seq, d) -> broadcast over heads
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            rope = (cos.to(x.dtype), sin.to(x.dtype))
+            rope = Rope(cos.to(x.dtype), sin.to(x.dtype))
         for block in self.layers:
             x = block(x, rope, cache)
         if logits_index is not None:
