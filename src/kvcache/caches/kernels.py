@@ -149,12 +149,12 @@ def paged_usable(q: torch.Tensor, group: int) -> bool:
 
 def paged_decode(qg: torch.Tensor, scale: float, k_pool: torch.Tensor, v_pool: torch.Tensor | None, value_dim: int,
                  tables: torch.Tensor, block_size: int, counts: torch.Tensor, lo: torch.Tensor,
-                 sinks: torch.Tensor) -> torch.Tensor:
+                 sinks: torch.Tensor) -> torch.Tensor | None:
     """Decode attention of fp32 queries qg (B, H, G, D) times ``scale`` over one layer's pool k_pool (H, slots, D),
     v_pool (H, slots, value_dim) (None: values are the keys' first ``value_dim`` channels): sequence b reads
     positions j < counts[b] with j < sinks[b] or j >= lo[b], token j in slot tables[b, j // block_size] *
     block_size + j % block_size.  int32 tables (B, max_blocks), counts, lo, sinks (B,).  Returns (B, H, G,
-    value_dim)."""
+    value_dim), or None when the output overflowed (huge inputs): the caller recomputes it exactly."""
     lib = library()
     assert lib is not None, "paged_decode called without a kernel"
     batch, heads, group, dim = qg.shape
@@ -166,6 +166,8 @@ def paged_decode(qg: torch.Tensor, scale: float, k_pool: torch.Tensor, v_pool: t
                                  counts.data_ptr(), lo.data_ptr(), sinks.data_ptr(), out.data_ptr())
     if status == 1:
         raise MemoryError("the paged decode kernel could not allocate its partials")
+    if status == 3:
+        return None
     if status != 0:
         raise ValueError("paged_decode: nothing to attend to")
     return out

@@ -230,12 +230,13 @@ class PagedKVCache:
             else:
                 keys, values = (t.unsqueeze(0) for t in self._gather(k_pool, v_pool, ctx))
             out[:, :, q_start:q_end] = attention(q[:, :, q_start:q_end], keys, values, mask=mask)
-        if plan.all_decode:
-            out = self._decode(q, k_pool, v_pool, plan).unsqueeze(0)
-        elif len(plan.decode_rows):
-            out[0, :, plan.decode_rows] = self._decode(q, k_pool, v_pool, plan)
-        if not torch.isfinite(out).all():  # the batched kernels overflowed on huge inputs: one at a time, exactly
-            return self._attend_each(q, k_pool, v_pool, plan)
+        if len(plan.decode_rows):  # (prefill chunks went through `attention`, finite for any finite input)
+            decoded = self._decode(q, k_pool, v_pool, plan)
+            if decoded is None:  # the batched kernels overflowed on huge inputs: one at a time, exactly
+                return self._attend_each(q, k_pool, v_pool, plan)
+            if plan.all_decode:
+                return decoded.unsqueeze(0)
+            out[0, :, plan.decode_rows] = decoded
         return out
 
     def _gather(self, k_pool: torch.Tensor, v_pool: torch.Tensor | None, slots: torch.Tensor):
@@ -267,8 +268,10 @@ class PagedKVCache:
         return keys, values
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan
-                ) -> torch.Tensor:
-        """Grouped-matmul attention of every decode token over its padded context -> (heads, batch, value_dim)."""
+                ) -> torch.Tensor | None:
+        """Attention of every decode token over its context -> (heads, batch, value_dim): the compiled kernel
+        through the block tables, else a grouped matmul over the padded gathered contexts.  None if it
+        overflowed."""
         batch, heads, dim, vdim = len(plan.decode_rows), q.shape[1], q.shape[3], self.value_dim
         kv_heads = k_pool.shape[0]
         group = heads // kv_heads
@@ -277,7 +280,7 @@ class PagedKVCache:
             qk = rows.transpose(0, 1).reshape(batch, kv_heads, group, dim)  # a view when q is (1, N, heads, d)
             out = kernels.paged_decode(qk, dim ** -0.5, k_pool, v_pool, vdim, plan.kernel_args[0], self.block_size,
                                        *plan.kernel_args[1:])
-            return out.view(batch, heads, vdim).transpose(0, 1)
+            return None if out is None else out.view(batch, heads, vdim).transpose(0, 1)
         if plan.decode_blocks is None:
             plan.gather_plan()
         width = plan.decode_width
@@ -290,7 +293,7 @@ class PagedKVCache:
             scores = scores + plan.decode_mask
         if plan.shared_blocks is None:
             out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (kv_heads, batch, group, vdim)
-            return out.transpose(1, 2).reshape(heads, batch, vdim)
+            return _finite_or_none(out.transpose(1, 2).reshape(heads, batch, vdim))
         # Cascade attention (as in FlashInfer / vLLM): every query against the shared prefix in one
         # matmul that reads the prefix once, each query against its own suffix, then the two partial
         # softmaxes are merged through their maxima and sums.
@@ -301,7 +304,12 @@ class PagedKVCache:
         o1 = _heads_matmul(e1.view(kv_heads, batch * group, -1), shared_v.transpose(-1, -2))
         shared = (o1.view(kv_heads, batch, group, vdim), m1, e1.sum(-1, keepdim=True))
         out = merge_partials([shared, softmax_partial(scores, values)])
-        return out.transpose(1, 2).reshape(heads, batch, vdim)
+        return _finite_or_none(out.transpose(1, 2).reshape(heads, batch, vdim))
+
+
+def _finite_or_none(out: torch.Tensor) -> torch.Tensor | None:
+    """``out``, or None if a fast kernel overflowed (inf or nan) and the batch must be recomputed exactly."""
+    return out if torch.isfinite(out).all() else None
 
 
 def _heads_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

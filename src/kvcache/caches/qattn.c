@@ -429,36 +429,74 @@ int kv_quant_decode(const float *q, const uint8_t *kc, const uint16_t *ks, const
 
 /* Partial of one (sequence b, KV head h) over its visible tokens with visible index in [i0, i1): index i is
  * position i below s0 (the sinks), else position start + (i - s0).  Keys k (H, slots, D) and values v
- * (H, slots, vstride; the first VD channels are read) in place, through the sequence's block table. */
-static void run_paged_item(const float *qin, float scale, const float *k, const float *v, long slots,
-                           const int32_t *table, int bs, int s0, int start, int i0, int i1, int h, int G, int D,
-                           int VD, int vstride, float *part) {
+ * (H, slots, vstride; the first VD channels are read) in place, through the sequence's block table.
+ * Positions walk block by block (no division per token); D and VD are compile-time in the common shapes. */
+static inline __attribute__((always_inline)) void paged_item(const float *qin, float scale, const float *k,
+                                                             const float *v, long slots, const int32_t *table,
+                                                             int bs, int s0, int start, int i0, int i1, int h,
+                                                             int G, const int D, const int VD, int vstride,
+                                                             float *part) {
     const int n = i1 - i0;
     float scores[G * CHUNK], q[G * D];
     for (int i = 0; i < G * D; i++) q[i] = qin[i] * scale;
-    for (int i = i0; i < i1; i++) {
-        const int pos = i < s0 ? i : start + (i - s0);
-        const float *key = k + ((size_t)h * slots + (size_t)table[pos / bs] * bs + pos % bs) * D;
-        for (int g = 0; g < G; g++) {
-            float acc = 0.f;
-            for (int d = 0; d < D; d++) acc += q[g * D + d] * key[d];
-            scores[g * n + (i - i0)] = acc;
+    const float *kh = k + (size_t)h * slots * D, *vh = v + (size_t)h * slots * vstride;
+    for (int pass = 0; pass < 2; pass++) {  /* pass 0: scores; pass 1: values */
+        if (pass == 1)
+            for (int g = 0; g < G; g++) {
+                float m = -INFINITY, *p = part + (size_t)g * (VD + 2);
+                for (int i = 0; i < n; i++) m = scores[g * n + i] > m ? scores[g * n + i] : m;
+                for (int i = 0; i < n; i++) scores[g * n + i] = exp_nonpositive(scores[g * n + i] - m);
+                float l = 0.f;
+                for (int i = 0; i < n; i++) l += scores[g * n + i];
+                p[0] = m;
+                p[1] = l;
+                memset(p + 2, 0, sizeof(float) * VD);
+            }
+        int i = i0;
+        while (i < i1) {  /* one run of consecutive positions inside one block per iteration */
+            const int pos = i < s0 ? i : start + (i - s0), blk = pos / bs, off = pos - blk * bs;
+            int run = bs - off, left = (i < s0 ? s0 : i1) - i;
+            run = run < left ? run : left;
+            run = run < i1 - i ? run : i1 - i;
+            const size_t slot = (size_t)table[blk] * bs + off;
+            for (int t = 0; t < run; t++) {
+                const int col = i - i0 + t;
+                if (pass == 0) {
+                    const float *key = kh + (slot + t) * D;
+                    for (int g = 0; g < G; g++) {
+                        float acc = 0.f;
+                        for (int d = 0; d < D; d++) acc += q[g * D + d] * key[d];
+                        scores[g * n + col] = acc;
+                    }
+                } else {
+                    const float *row = vh + (slot + t) * vstride;
+                    for (int g = 0; g < G; g++) {
+                        float *o = part + (size_t)g * (VD + 2) + 2;
+                        const float e = scores[g * n + col];
+                        for (int d = 0; d < VD; d++) o[d] += e * row[d];
+                    }
+                }
+            }
+            i += run;
         }
     }
-    for (int g = 0; g < G; g++) {
-        float m = -INFINITY, l = 0.f, *p = part + (size_t)g * (VD + 2), *o = p + 2;
-        for (int i = 0; i < n; i++) m = scores[g * n + i] > m ? scores[g * n + i] : m;
-        memset(o, 0, sizeof(float) * VD);
-        for (int i = i0; i < i1; i++) {
-            const int pos = i < s0 ? i : start + (i - s0);
-            const float e = exp_nonpositive(scores[g * n + (i - i0)] - m);
-            const float *row = v + ((size_t)h * slots + (size_t)table[pos / bs] * bs + pos % bs) * vstride;
-            l += e;
-            for (int d = 0; d < VD; d++) o[d] += e * row[d];
-        }
-        p[0] = m;
-        p[1] = l;
+}
+
+typedef void (*PagedFn)(const float *, float, const float *, const float *, long, const int32_t *, int, int, int,
+                        int, int, int, int, int, int, int, float *);
+#define PAGED(DIM, VDIM) \
+    static void paged_##DIM##_##VDIM(const float *q, float sc, const float *k, const float *v, long slots, \
+                                     const int32_t *t, int bs, int s0, int st, int i0, int i1, int h, int G, \
+                                     int D, int VD, int vs, float *part) { \
+        (void)D; (void)VD; \
+        paged_item(q, sc, k, v, slots, t, bs, s0, st, i0, i1, h, G, DIM, VDIM, vs, part); \
     }
+PAGED(64, 64)
+PAGED(128, 128)
+PAGED(576, 512)
+static void paged_any(const float *q, float sc, const float *k, const float *v, long slots, const int32_t *t, int bs,
+                      int s0, int st, int i0, int i1, int h, int G, int D, int VD, int vs, float *part) {
+    paged_item(q, sc, k, v, slots, t, bs, s0, st, i0, i1, h, G, D, VD, vs, part);
 }
 
 /* Decode attention of q (B, H, G, D) times ``scale`` over the engine's paged pool: sequence b attends to
@@ -477,6 +515,8 @@ int kv_paged_decode(const float *q, float scale, const float *k, const float *v,
     if (items == 0) return 2;
     float *parts = malloc(sizeof(float) * (size_t)items * qgroup * (vdim + 2));
     if (!parts) return 1;
+    const PagedFn item = dim == 64 && vdim == 64 ? paged_64_64 : dim == 128 && vdim == 128 ? paged_128_128
+                         : dim == 576 && vdim == 512 ? paged_576_512 : paged_any;
 #pragma omp parallel for schedule(static)
     for (int it = 0; it < items; it++) {
         const int bh = it / chunks, c = it % chunks, b = bh / heads, h = bh % heads;
@@ -485,11 +525,13 @@ int kv_paged_decode(const float *q, float scale, const float *k, const float *v,
         const int i0 = c * CHUNK, i1 = i0 + CHUNK < visible ? i0 + CHUNK : visible;
         float *part = parts + (size_t)it * qgroup * (vdim + 2);
         if (i0 < i1)
-            run_paged_item(q + (size_t)bh * qgroup * dim, scale, k, v, slots, tables + (size_t)b * max_blocks, bs, s0, start,
-                           i0, i1, h, qgroup, dim, vdim, vstride, part);
+            item(q + (size_t)bh * qgroup * dim, scale, k, v, slots, tables + (size_t)b * max_blocks, bs, s0, start, i0,
+                 i1, h, qgroup, dim, vdim, vstride, part);
         else empty_partial(part, qgroup, vdim);
     }
     merge_parts(parts, batch * heads, chunks, qgroup, vdim, out);
     free(parts);
+    for (size_t i = 0; i < (size_t)batch * heads * qgroup * vdim; i++)
+        if (!(fabsf(out[i]) <= 3.4028234e38f)) return 3; /* overflowed (inf or nan): the caller recomputes */
     return 0;
 }

@@ -125,7 +125,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     result, checked on the small output, is recomputed by :func:`finite_attention`.
     """
     out = _attention(q, k, v, mask, window)
-    if torch.isfinite(out).all():
+    if torch.isfinite(out.sum()):  # one reduction; a sum that overflows only costs a needless exact recompute
         return out
     if mask is None:
         mask = causal_mask(q.shape[2], k.shape[2], q.device, window)
