@@ -20,6 +20,7 @@ def _has_onednn_linear() -> bool:
 
 
 ONEDNN_LINEAR = _has_onednn_linear()
+_onednn_linear = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_LINEAR else None  # resolved once
 
 
 class WatchedParameter(nn.Parameter):
@@ -101,12 +102,14 @@ class Linear(nn.Linear):
         return source is not self.weight or (version, pointer) != (self.weight._version, self.weight.data_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
-            weight = self.weight
+        weight = self.weight
+        if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
             if self.packed is not None:
                 # replaced or changed in place, or (not stale: it is the WatchedParameter packed) handed out
-                if self._stale() or self.weight.aliased:
+                if self._stale() or weight.aliased:
                     self.pack()
-                weight = self.packed if self.packed is not None else self.weight
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+                weight = self.packed if self.packed is not None else weight
+            return _onednn_linear(x, weight, self.bias, "none", [], "")
+        return F.linear(x, weight, self.bias)
+
+    __call__ = forward  # no module hooks on the decode path: nn.Module's call machinery is a share of every token

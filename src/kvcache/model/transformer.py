@@ -65,6 +65,8 @@ class Attention(nn.Module):
             out = cache.attend(self.layer, q, k, v, **self.cache_kwargs)
         return self.out(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    __call__ = forward  # called once per layer per token: skip nn.Module's hook machinery (see Linear)
+
 
 class MLP(nn.Module):
     """GPT-2: fc -> GELU(tanh) -> proj.  Llama: down(silu(gate) * up) with gate/up fused."""
@@ -83,6 +85,8 @@ class MLP(nn.Module):
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(h, approximate="tanh"))
 
+    __call__ = forward
+
 
 def make_attention(config: ModelConfig, layer: int) -> nn.Module:
     """Multi-head / grouped-query attention, or DeepSeek's multi-head latent attention."""
@@ -94,10 +98,18 @@ def make_mlp(config: ModelConfig, layer: int) -> nn.Module:
     return MoE(config) if config.moe and layer >= config.moe.first_dense_layers else MLP(config)
 
 
+class RMSNorm(nn.RMSNorm):
+    __call__ = nn.RMSNorm.forward  # twice per layer per token: skip nn.Module's hook machinery (see Linear)
+
+
+class LayerNorm(nn.LayerNorm):
+    __call__ = nn.LayerNorm.forward
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.arch == "gpt2":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        return LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
 class Block(nn.Module):
@@ -111,6 +123,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache: AttentionCache | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+    __call__ = forward
 
 
 class Transformer(nn.Module):
