@@ -134,9 +134,11 @@ def test_compression_bounds_memory_in_generate():
 def test_spec_strings():
     assert parse_spec("snapkv:budget=256,window=16,kernel=7") == (
         "snapkv", {"policy": "snapkv", "budget": 256, "window": 16, "kernel": 7})
-    assert parse_spec("h2o:budget=128")[1] == {"policy": "h2o", "budget": 128}
+    assert parse_spec("h2o:budget=128")[1] == {"policy": "h2o", "kernel": 1, "budget": 128}
     with pytest.raises(ValueError, match="option 'policy'"):
         parse_spec("h2o:policy=snapkv")
+    with pytest.raises(ValueError, match="unknown option 'kernel' for 'h2o'"):  # SnapKV's pooling only
+        parse_spec("h2o:kernel=3")
     with pytest.raises(ValueError, match="window .* must be smaller than budget"):
         make_cache("snapkv:budget=16,window=16", MODEL)
 

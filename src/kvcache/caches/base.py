@@ -144,7 +144,7 @@ REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "int4": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 4}),
     "window": ("kvcache.caches.window:WindowKVCache", {}),
     "snapkv": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "snapkv"}),
-    "h2o": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "h2o"}),
+    "h2o": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "h2o", "kernel": 1}),  # no vote pooling
 }
 
 DESCRIPTIONS = {
