@@ -3,10 +3,13 @@
 Two queues.  Every step, each running sequence decodes one token (they all
 share one batched forward, so the weights are read once for all of them);
 prompts still being prefilled take the next chunk of their tokens that the
-token budget leaves (chunked prefill: a long prompt never stalls the
-decodes, and a sliding-window sequence never holds more than its window and
-a chunk); then waiting prompts are admitted while KV blocks and the budget
-allow, their prefill mixed into the same forward.  When a running sequence
+token budget leaves (chunked prefill: a prompt longer than the whole budget
+never stalls the decodes, and a sliding-window sequence never holds more
+than its window and a chunk); then waiting prompts are admitted while KV
+blocks and the budget allow, their prefill mixed into the same forward.  A
+prompt that fits the whole budget but not what is left of it waits for the
+next step rather than being split: a chunk over cached context needs masked
+attention, several times slower than one causal chunk.  When a running sequence
 needs a block and none is left, the most recently admitted sequence is
 preempted by recompute: its blocks are freed and it goes back to the front
 of the waiting queue with every token it has produced, to be prefilled again
@@ -81,7 +84,10 @@ class Scheduler:
             if budget <= 0:
                 break
             cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
-            first = seq.tokens[:cached + min(len(seq.tokens) - cached, budget)]  # the first chunk
+            compute = len(seq.tokens) - cached
+            if batch and budget < compute <= self.max_batch_tokens:
+                break  # it fits whole in a later step: one chunk attends fastest (no masked context)
+            first = seq.tokens[:cached + min(compute, budget)]  # the first chunk
             if not self.bm.can_allocate(first, seq.request.cache_salt):
                 if not batch and not self.running:  # the whole pool is ours and still too small
                     rejected.append(self.waiting.popleft())
