@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import is_int
-from ..model.attention import attention
+from ..model.attention import attention, grouped_scores
 from .base import Option
 from .contiguous import ContiguousKVCache, batch_index_tensor, check_kv
 
@@ -228,9 +228,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _grouped_probs(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention (batch, kv_heads, group, seq_q, seq_k) without repeating keys."""
-    b, heads, seq, dim = q.shape
-    kv = keys.shape[1]
-    scores = torch.matmul(q.view(b, kv, heads // kv, seq, dim), keys.unsqueeze(2).transpose(-1, -2)) * dim ** -0.5
+    scores = grouped_scores(q, keys)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, -1)

@@ -71,11 +71,11 @@ class _StepPlan:
             if e.query_len == 1:
                 decode_rows.append(start)
                 self._decode.append((table, e.context_len, e.window))
-            else:
+            elif e.context_len > e.query_len or e.window is not None:
                 slots, mask = self._context(e, torch.arange(first, e.context_len))
-                # a prompt with nothing cached attends only to itself: no gather needed
-                whole = e.context_len > e.query_len or mask is not None
-                self.prefills.append((start, start + e.query_len, slots if whole else None, mask))
+                self.prefills.append((start, start + e.query_len, slots, mask))
+            else:  # a prompt with nothing cached attends only to itself: no gather needed
+                self.prefills.append((start, start + e.query_len, None, None))
             start += e.query_len
         self.num_tokens = start
         self.max_context = max(e.context_len for e in entries)

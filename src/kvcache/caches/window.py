@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_int, is_int
-from ..model.attention import attention, merge_partials, softmax_partial
+from ..model.attention import attention, grouped_scores, merge_partials, softmax_partial
 from ..model.rope import apply_rope, rope_frequencies
 from ..runtime import check_fits
 from .base import Cache, Option
@@ -151,11 +151,11 @@ class WindowKVCache(Cache):
         wi, si = (~sink).nonzero()[:, 0], sink.nonzero()[:, 0]
         parts = []
         if len(wi):  # window keys at their true distance: the query at its absolute position
-            scores = _grouped_scores(self._rotate(q, pos_q), keys[:, :, wi])
+            scores = grouped_scores(self._rotate(q, pos_q), keys[:, :, wi])
             parts.append(softmax_partial(scores.masked_fill(~(causal & in_window)[:, wi], float("-inf")),
                                          values[:, :, wi].unsqueeze(2)))
         if len(si):  # sinks at their index: the query at its rank among the kept keys
-            scores = _grouped_scores(self._rotate(q, self._rank(pos_q, size)), keys[:, :, si])
+            scores = grouped_scores(self._rotate(q, self._rank(pos_q, size)), keys[:, :, si])
             parts.append(softmax_partial(scores.masked_fill(~causal[:, si], float("-inf")),
                                          values[:, :, si].unsqueeze(2)))
         return merge_partials(parts).reshape(q.shape[0], q.shape[1], q.shape[2], -1)
@@ -171,12 +171,12 @@ class WindowKVCache(Cache):
             mask = torch.zeros(self.ring, dtype=q.dtype).masked_fill((held < s) | (held <= n - size), float("-inf"))
             self._step = (n, mask)
         pos = torch.tensor([n])
-        scores = _grouped_scores(self._rotate(q, pos), ring_k) + self._step[1]
+        scores = grouped_scores(self._rotate(q, pos), ring_k) + self._step[1]
         if not s:
             out = torch.matmul(torch.softmax(scores, dim=-1), ring_v.unsqueeze(2))
             return out.reshape(q.shape[0], q.shape[1], 1, -1)
         parts = [softmax_partial(scores, ring_v.unsqueeze(2))]
-        sink_scores = _grouped_scores(self._rotate(q, self._rank(pos, size)), self.k[layer][:, :, :s])
+        sink_scores = grouped_scores(self._rotate(q, self._rank(pos, size)), self.k[layer][:, :, :s])
         parts.append(softmax_partial(sink_scores, self.v[layer][:, :, :s].unsqueeze(2)))
         return merge_partials(parts).reshape(q.shape[0], q.shape[1], 1, -1)
 
@@ -248,11 +248,3 @@ class WindowKVCache(Cache):
 def default_size(config) -> int:
     """The window when none is given: 1,024 tokens, at most half the model's context."""
     return min(1024, config.max_positions // 2)
-
-
-def _grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Scaled q.k for grouped-query attention without repeating keys: (batch, kv_heads, group, seq, keys)."""
-    b, heads, seq, dim = q.shape
-    kv_heads = k.shape[1]
-    qg = q.view(b, kv_heads, heads // kv_heads, seq, dim)
-    return torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * dim ** -0.5

@@ -241,7 +241,8 @@ class LLM:
         logits = forward_batch(self.model, self.cache, work)
         for seq, n in batch:
             seq.num_computed += n  # every KV of the batch is written now
-            held = sum(b is not None for b in work_tables[seq.seq_id])
+            table = work_tables[seq.seq_id]  # holes (released blocks) only with bounded attention
+            held = len(table) if self.window is None else sum(b is not None for b in table)
             seq.request.metrics.kv_bytes_peak = max(seq.request.metrics.kv_bytes_peak, held * self.kv_block_bytes)
         greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()

@@ -77,6 +77,14 @@ def merge_partials(parts: list[Partial]) -> torch.Tensor:
     return out / total
 
 
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled q.k for grouped-query attention without repeating keys: (batch, kv_heads, group, seq, keys)."""
+    b, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(b, kv_heads, heads // kv_heads, seq, dim)
+    return torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * dim ** -0.5
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One query token per sequence attending to every cached key: grouped matmul."""
     batch, heads, _, dim = q.shape
