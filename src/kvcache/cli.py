@@ -183,7 +183,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from . import eval as quality
-    from .caches.base import parse_spec
+    from .caches.registry import parse_spec
     from .model.loader import load_model
 
     _check_spec(args)
@@ -256,7 +256,7 @@ def _print_eval(model, result) -> None:
 
 def _check_spec(args: argparse.Namespace) -> None:
     """A bad --kv-cache spec is a usage error, found before the (slow) model load."""
-    from .caches.base import parse_spec
+    from .caches.registry import parse_spec
 
     for spec in args.kv_cache if isinstance(args.kv_cache, list) else [args.kv_cache]:
         if spec is None:
@@ -268,7 +268,7 @@ def _check_spec(args: argparse.Namespace) -> None:
 
 
 def _caches(args: argparse.Namespace) -> int:
-    from .caches.base import describe_caches
+    from .caches.registry import describe_caches
 
     print("cache specs: NAME[:KEY=VALUE,...], e.g. int4:group=32,residual=128,rotate=1")
     for name, description, options in describe_caches():

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .caches.base import make_cache
+from .caches.registry import make_cache
 from .checks import check_int
 from .generation.detokenizer import Detokenizer
 from .generation.generate import stream

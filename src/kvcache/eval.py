@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .caches.base import make_cache, parse_spec
+from .caches.registry import make_cache, parse_spec
 
 CORPORA = ("code", "english", "mixed")
 CacheFactory = Callable[..., object]  # (model, batch=..., capacity=...) -> a cache with attend()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .caches.base import make_cache, parse_spec
+from .caches.registry import make_cache, parse_spec
 from .eval import corpus_text
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .caches.base import parse_spec
+from .caches.registry import parse_spec
 from .caches.quantized import QuantizedKVCache
 
 __all__ = ["QuantizedCache", "QuantizedLayer"]

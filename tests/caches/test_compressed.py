@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_window import tiny_llama
 
-from kvcache.caches.base import make_cache, parse_spec
+from kvcache.caches.registry import make_cache, parse_spec
 from kvcache.caches.compressed import CompressedKVCache
 from kvcache.generation.generate import generate
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.caches.base import REGISTRY, Cache, make_cache, parse_spec
+from kvcache.caches.base import Cache
+from kvcache.caches.registry import REGISTRY, make_cache, parse_spec
 from kvcache.model.attention import attention
 from kvcache.model.config import ModelConfig
 from kvcache.model.transformer import Transformer

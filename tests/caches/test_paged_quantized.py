@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvcache.caches import kernels
-from kvcache.caches.base import parse_spec
+from kvcache.caches.registry import parse_spec
 from kvcache.caches.paged import BatchEntry
 from kvcache.caches.paged_quantized import PagedQuantizedKVCache, engine_spec
 from kvcache.caches.quant_ops import QuantFormat, QuantizedRows, quantize, quantized_partial, to_tiles

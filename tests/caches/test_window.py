@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache.caches.base import make_cache, parse_spec
+from kvcache.caches.registry import make_cache, parse_spec
 from kvcache.caches.window import WindowKVCache
 from kvcache.generation.generate import generate
 from kvcache.model.config import ModelConfig

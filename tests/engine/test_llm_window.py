@@ -53,7 +53,7 @@ def test_a_quantized_cache_past_the_window(mistral, spec):
     exact = generate(model, prompt, 16, stop_token_ids=[])
     got = generate(model, prompt, 16, stop_token_ids=[], cache=spec)
     assert len(got) == 16 and sum(a == b for a, b in zip(got, exact)) >= (14 if spec.startswith("int8") else 10)
-    from kvcache.caches.base import make_cache
+    from kvcache.caches.registry import make_cache
     from kvcache.model.attention import attention
 
     cache = make_cache(spec, model, capacity=8)

@@ -107,7 +107,7 @@ def test_interrupted_forward(model, monkeypatch, at):
 def test_error_while_emitting(model, monkeypatch, at):
     llm = new_engine(model)
     rids = [llm.add_request(p, sp) for p, sp in zip(PROMPTS, params())]
-    fail_once(monkeypatch, llm, "_emit", at, RuntimeError)
+    fail_once(monkeypatch, llm.stop_rules, "emit", at, RuntimeError)
     reported = []
     with pytest.raises(RuntimeError, match="injected"):
         while True:

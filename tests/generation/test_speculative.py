@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_hf_llama
-from kvcache.caches.base import make_cache
+from kvcache.caches.registry import make_cache
 from kvcache.generation.generate import generate
 from kvcache.generation.speculative import (
     DraftModel,

@@ -21,14 +21,14 @@ PROMPTS = [f"def function_{i}(x):\n    " for i in range(6)]
 @pytest.fixture(scope="module")
 def faulty():
     llm = LLM(chat_model(), kv_memory="64MiB", max_num_seqs=64)
-    emit = llm._emit
+    emit = llm.stop_rules.emit
 
     def emit_or_raise(seq, token):
         if seq.request.params.seed == POISON_SEED and seq.num_output >= 3:
             raise RuntimeError("injected fault")
         return emit(seq, token)
 
-    llm._emit = emit_or_raise
+    llm.stop_rules.emit = emit_or_raise
     s = Served(llm)
     yield s
     s.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..caches.base import make_cache
+from ..caches.registry import make_cache
 from ..eval import corpus_text
 from ..model import hub
 from ..model.loader import load_model

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from ..caches.base import make_cache
+from ..caches.registry import make_cache
 from .common import table, timed
 
 OURS = ("auto", "int8", "int4")

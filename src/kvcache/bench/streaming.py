@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..caches.base import make_cache
+from ..caches.registry import make_cache
 from ..eval_stream import evaluate_stream, recompute_baseline, stream_ids, with_curve
 from ..model import hub
 from ..model.loader import load_model

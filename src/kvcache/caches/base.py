@@ -1,4 +1,4 @@
-"""The cache contract, written down, and the registry of cache spec strings.
+"""The two cache contracts, written down: ``Cache`` (single-stream) and ``PagedPool`` (the engine's pool).
 
 What the model calls
     ``attend(layer, q, k, v, window=None) -> out``: store ``k``/``v``
@@ -18,23 +18,30 @@ What a caller uses
     builds one shaped for a model.  Every method validates before it changes
     anything: a refused call leaves the cache as it was.
 
-Spec strings (``generate(..., cache="int4:group=32,residual=128")``, ``--kv-cache``)
-    ``NAME[:KEY=VALUE[,KEY=VALUE...]]``.  ``NAME`` is a registered cache
-    (:data:`REGISTRY`); keys are that cache's options (``Cache.options``);
-    values are integers, booleans (``1/0``, ``true/false``, ``yes/no``) or one
-    of an option's listed choices.  Unknown names, keys or values raise
-    ``ValueError`` listing what is valid.  ``kvcache caches`` prints them all.
+What the model may also read (optional for a cache of your own; ``Cache`` gives the defaults)
+    ``rotates_keys``: True when the cache applies RoPE itself, so the model
+    passes queries and keys unrotated (caches/window.py).  ``value_dim``: the
+    width of the values (narrower than keys for latent attention).
+    ``stores_unattended(layer)``: True when ``update(layer, k, v)`` may store
+    this layer's KV without attending and the layer holds nothing yet, so
+    latent attention (MLA) runs a prompt in its expanded form.
+
+The engine's pool (``PagedPool``, below) serves a flattened batch of many
+sequences through block tables; the registry (caches/registry.py) names, for
+every cache type, its ``Cache`` class and its ``PagedPool`` class (or why the
+engine does not serve it).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from ..runtime import check_fits
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Cache(ABC):
 
     options: ClassVar[dict[str, Option]] = {}
     lossless: ClassVar[bool] = True
+    rotates_keys: ClassVar[bool] = False  # True: keys and queries arrive unrotated; the cache applies RoPE
 
     @classmethod
     @abstractmethod
@@ -122,6 +130,16 @@ class Cache(ABC):
     @abstractmethod
     def used_bytes(self) -> int: ...
 
+    @property
+    def value_dim(self) -> int:
+        """Width of the stored values (``head_dim`` unless values are narrower, as with latent attention)."""
+        return self.head_dim
+
+    def stores_unattended(self, layer: int) -> bool:
+        """True when ``update(layer, k, v)`` stores without attending and ``layer`` holds nothing yet (MLA's
+        expanded prompt form); a cache without ``update`` keeps the default, False."""
+        return False
+
     def fits(self, model, batch: int = 1) -> None:
         """Raise ValueError unless this cache is shaped for ``model`` with ``batch`` rows."""
         c = model.config
@@ -133,84 +151,76 @@ class Cache(ABC):
                              f"{want[2]} KV heads, head_dim {want[3]})")
 
 
-# name -> ("module:Class", options fixed by the name).  A new cache type: one file and one line here.
-REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
-    "auto": ("kvcache.caches.contiguous:ContiguousKVCache", {}),
-    "fp32": ("kvcache.caches.contiguous:ContiguousKVCache", {"dtype": "float32"}),
-    "fp64": ("kvcache.caches.contiguous:ContiguousKVCache", {"dtype": "float64"}),
-    "fp16": ("kvcache.caches.contiguous:ContiguousKVCache", {"dtype": "float16"}),
-    "bf16": ("kvcache.caches.contiguous:ContiguousKVCache", {"dtype": "bfloat16"}),
-    "int8": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 8}),
-    "int4": ("kvcache.caches.quantized:QuantizedKVCache", {"bits": 4}),
-    "window": ("kvcache.caches.window:WindowKVCache", {}),
-    "snapkv": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "snapkv"}),
-    "h2o": ("kvcache.caches.compressed:CompressedKVCache", {"policy": "h2o", "kernel": 1}),  # no vote pooling
-}
+@dataclass(frozen=True)
+class PoolSizing:
+    """What the engine asks of a pool: ``num_blocks`` blocks, or as many as ``budget`` bytes hold."""
 
-DESCRIPTIONS = {
-    "auto": "full precision in the model's dtype (the default; lossless)",
-    "fp32": "full precision, float32 (lossless; the model must compute in float32)",
-    "fp64": "full precision, float64 (lossless; the model must compute in float64)",
-    "fp16": "full precision, float16 (lossless; the model must compute in float16)",
-    "bf16": "full precision, bfloat16 (lossless; the model must compute in bfloat16)",
-    "int8": "8-bit group-wise quantized keys and values, full-precision residual (lossy)",
-    "int4": "4-bit group-wise quantized, two per byte; KIVI per-channel keys by default, rotation optional (lossy)",
-    "window": "bounded: the last `size` tokens in a ring buffer plus `sinks` first tokens (StreamingLLM); streams "
-              "past the model's context with positions=cache (lossy)",
-    "snapkv": "prompt compression: each KV head keeps the `budget` prompt positions its last `window` queries "
-              "attend to most (SnapKV); generated tokens appended (lossy)",
-    "h2o": "bounded: each KV head keeps `budget` positions, evicting the least attended outside the last `window` "
-           "(H2O heavy hitters) (lossy)",
-}
+    budget: int | None
+    num_blocks: int | None
+    block_size: int
+    max_num_seqs: int  # sequences that can run at once (a quantized pool stages one block for each)
+    in_use: Callable[[int], bool]  # is a block id referenced (the block manager's answer)
+    label: str = ""  # names the budget in errors
+
+    def blocks(self, block_bytes: int, spec: str) -> int:
+        """The block count for blocks of ``block_bytes``, checked to be >= 1 and to fit the machine."""
+        blocks = self.num_blocks if self.num_blocks is not None else self.budget // block_bytes
+        self.check(blocks, block_bytes, blocks * block_bytes, spec)
+        return blocks
+
+    def check(self, blocks: int, block_bytes: int, total: int, spec: str) -> None:
+        if blocks < 1:
+            raise ValueError(f"kv_memory {self.label} holds no block of {block_bytes} bytes (kv_cache={spec!r})")
+        check_fits(total, f"a KV pool of {blocks:,} blocks" + (f" ({self.label})" if self.label else ""))
 
 
-def cache_class(name: str) -> type[Cache]:
-    target, _ = _entry(name)
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+class PagedPool(ABC):
+    """The engine's KV pool contract: what the step plan, the paged kernels and ``LLM`` need.
 
+    A pool holds ``num_blocks`` blocks of ``block_size`` token slots for every layer; the block manager
+    (engine/block_manager.py) decides which blocks a sequence owns, the pool only moves tensors.  Per step
+    the engine calls ``copy_blocks`` (copy-on-write), ``prepare`` (the flattened batch: one
+    ``BatchEntry`` per sequence), then the model calls ``attend`` per layer, and after sampling the engine
+    calls ``settle``.  ``for_engine`` builds a pool for a model from a parsed spec and the sizing.
 
-def _entry(name: str) -> tuple[str, dict[str, Any]]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown cache {name!r}; registered caches: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    Attributes every pool sets: ``num_blocks``, ``block_size``, ``spec`` (the single-stream spec that gives
+    the same tokens: ``generate(..., cache=pool.spec)``), ``block_bytes`` (one block, every layer),
+    ``staging_blocks`` (full-precision blocks for blocks being filled; 0 if none), ``window`` (an
+    ``AttentionWindow`` whose blocks behind it the engine releases, or None).
+    """
 
+    rotates_keys: ClassVar[bool] = False  # the engine keeps absolute positions: the model rotates
+    num_blocks: int
+    block_size: int
+    spec: str = "auto"
+    block_bytes: int = 0
+    staging_blocks: int = 0
+    window = None  # AttentionWindow | None
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"int4:group=32,residual=128"`` -> ``("int4", {"bits": 4, "group": 32, "residual": 128})``."""
-    if not isinstance(spec, str):
-        raise TypeError(f"a cache spec must be a string, got {type(spec).__name__}")
-    name, _, rest = spec.strip().partition(":")
-    _, fixed = _entry(name)
-    accepted = cache_class(name).options
-    options = dict(fixed)
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ValueError(f"cache spec {spec!r}: {item!r} is not KEY=VALUE")
-        if key not in accepted or key in fixed:
-            valid = ", ".join(k for k in accepted if k not in fixed) or "none"
-            raise ValueError(f"cache spec {spec!r}: unknown option {key!r} for {name!r} (options: {valid})")
-        if key in options and key not in fixed:
-            raise ValueError(f"cache spec {spec!r}: option {key!r} given twice")
-        options[key] = accepted[key].parse(key, text.strip())
-    return name, options
+    @classmethod
+    @abstractmethod
+    def for_engine(cls, model, spec, sizing: PoolSizing) -> PagedPool:
+        """A pool for ``model`` from ``spec`` (a parsed ``CacheSpec``); ValueError naming what cannot be served."""
 
+    @property
+    @abstractmethod
+    def nbytes(self) -> int: ...
 
-def make_cache(spec: str | Cache | None, model, batch: int = 1, capacity: int | None = None) -> Cache:
-    """A cache for ``model`` from a spec string (None: ``"auto"``); a ``Cache`` object is checked and returned."""
-    if isinstance(spec, Cache):
-        spec.fits(model, batch)
-        return spec
-    name, options = parse_spec("auto" if spec is None else spec)
-    return cache_class(name).for_model(model, batch=batch, capacity=capacity, **options)
+    @abstractmethod
+    def copy_blocks(self, ops) -> None:
+        """Copy-on-write: every op's ``src`` block into its ``dst`` block, in every layer."""
 
+    @abstractmethod
+    def prepare(self, entries) -> None:
+        """Describe the next forward pass: one ``BatchEntry`` per sequence, in the order their tokens are flattened."""
 
-def describe_caches() -> list[tuple[str, str, dict[str, Option]]]:
-    """(name, description, free options) for every registered cache, for ``kvcache caches`` and docs."""
-    rows = []
-    for name, (_, fixed) in REGISTRY.items():
-        free = {k: o for k, o in cache_class(name).options.items() if k not in fixed}
-        rows.append((name, DESCRIPTIONS.get(name, ""), free))
-    return rows
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
+        """q (1, heads, N, d), k/v (1, kv_heads, N, d) for the N flattened tokens of the prepared batch."""
+
+    def settle(self, still_filling) -> None:
+        """After a speculative step's rollback; ``still_filling``: block ids the rollback left partial."""
+
+    def stores_unattended(self, layer: int) -> bool:
+        return False  # latent attention runs absorbed over a pool

@@ -92,7 +92,7 @@ def check_kv(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} has batch {b} but the cache holds batch {cache.batch}")
         if h != cache.num_kv_heads:
             raise ValueError(f"{name} has {h} KV heads but the cache holds {cache.num_kv_heads}")
-        want = cache.head_dim if name == "key" else getattr(cache, "value_dim", cache.head_dim)
+        want = cache.head_dim if name == "key" else cache.value_dim
         if d != want:
             raise ValueError(f"{name} has head_dim {d} but the cache holds {want}")
         if t.dtype != cache.dtype:
@@ -139,7 +139,7 @@ class ContiguousKVCache(Cache):
         per_position = head_dim + (0 if values_in_keys else value_dim)
         check_fits(math.prod(shape[:4]) * per_position * torch.empty((), dtype=dtype).element_size(),
                    f"a KV cache of {capacity:,} positions x batch {batch}")
-        self.value_dim, self.values_in_keys = value_dim, values_in_keys
+        self._value_dim, self.values_in_keys = value_dim, values_in_keys
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = self._values_of(self.k, torch.zeros(shape[:4] + (value_dim,), dtype=dtype, device=device)
                                  if not values_in_keys else None)
@@ -199,6 +199,14 @@ class ContiguousKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes reserved (capacity), not just used; see ``used_bytes``."""
         return self.k.nbytes + (0 if self.values_in_keys else self.v.nbytes)
+
+    @property
+    def value_dim(self) -> int:
+        return self._value_dim
+
+    def stores_unattended(self, layer: int) -> bool:
+        """``update`` stores without attending: latent attention runs an empty layer's prompt expanded."""
+        return self.layer_length(layer) == 0
 
     def layer_length(self, layer: int) -> int:
         """Positions cached in ``layer`` (during a forward pass, earlier layers are ahead of later ones)."""

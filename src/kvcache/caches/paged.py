@@ -35,6 +35,7 @@ import torch
 from ..model.attention import attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
 from . import kernels
+from .base import PagedPool, PoolSizing
 from .visible import AttentionWindow
 
 
@@ -162,7 +163,9 @@ class _StepPlan:
         return shared
 
 
-class PagedKVCache:
+class PagedKVCache(PagedPool):
+    """The full-precision pool (the model's dtype); a sliding-window model gets its own window."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, value_dim: int | None = None, values_in_keys: bool = False):
         value_dim = head_dim if value_dim is None else value_dim
@@ -176,6 +179,7 @@ class PagedKVCache:
         self.v = None if values_in_keys else torch.zeros(shape[:3] + (value_dim,), dtype=dtype)
         self.value_dim = value_dim
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_bytes = self.nbytes // num_blocks
         self.plan: _StepPlan | None = None
 
     @staticmethod
@@ -188,6 +192,19 @@ class PagedKVCache:
         c = model.config
         return cls(c.num_layers, num_blocks, block_size, c.cache_kv_heads, c.cache_key_dim, model.dtype,
                    c.cache_value_dim, c.values_in_keys)
+
+    @classmethod
+    def for_engine(cls, model, spec, sizing: PoolSizing) -> PagedKVCache:
+        """``auto`` or the model's own dtype name; a model's own sliding window bounds its attention."""
+        dtype = str(model.dtype).removeprefix("torch.")
+        if spec.get("dtype") not in (None, dtype):
+            raise ValueError(f"kv_cache {str(spec)!r}: the engine's full-precision pool stores the model's dtype "
+                             f"({dtype}); use 'auto', or a quantized cache")
+        blocks = sizing.blocks(cls.bytes_per_block(model.config, sizing.block_size, model.dtype), str(spec))
+        pool = cls.for_model(model, blocks, sizing.block_size)
+        own = own_window(model.config)
+        pool.window = AttentionWindow(own) if own else None
+        return pool
 
     @property
     def nbytes(self) -> int:
@@ -305,6 +322,12 @@ class PagedKVCache:
         shared = (o1.view(kv_heads, batch, group, vdim), m1, e1.sum(-1, keepdim=True))
         out = merge_partials([shared, softmax_partial(scores, values)])
         return _finite_or_none(out.transpose(1, 2).reshape(heads, batch, vdim))
+
+
+def own_window(config) -> int | None:
+    """A sliding-window model's window (None when it covers the whole context)."""
+    window = config.sliding_window
+    return window if window and window < config.max_positions else None
 
 
 def _finite_or_none(out: torch.Tensor) -> torch.Tensor | None:

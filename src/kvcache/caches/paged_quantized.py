@@ -32,39 +32,43 @@ import torch
 
 from ..model.attention import attention, merge_partials, softmax_partial
 from . import kernels
-from .base import cache_class, parse_spec
-from .paged import BatchEntry
+from .base import PagedPool, PoolSizing
+from .paged import BatchEntry, PagedKVCache
 from .prefill_view import prefill_attention, view_masks
 from .quant_ops import TILE, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
 from .quant_store import QuantizedStore
 from .quantized import QuantizedKVCache, check_range
+from .registry import CacheSpec
 
 
-def engine_spec(spec: str, block_size: int) -> str:
-    """The single-stream spec equal to ``spec`` in an engine of ``block_size``-token blocks, every option explicit.
+def engine_spec(spec: str | CacheSpec, block_size: int) -> str:
+    """The single-stream spec equal to ``spec`` in an engine of ``block_size``-token blocks, every option explicit."""
+    return str(engine_options(CacheSpec.parse(spec), block_size))
 
-    The engine keeps only the block being filled in full precision (``residual=0``, ``block=block_size``, no
-    sinks) and groups KIVI keys over one block; anything else given explicitly is refused.
-    """
-    name, given = parse_spec(spec)
-    if not issubclass(cache_class(name), QuantizedKVCache):
-        raise ValueError(f"cache {name!r} is not a quantized cache")
+
+def engine_options(spec: CacheSpec, block_size: int) -> CacheSpec:
+    """``spec`` as the engine stores it: only the block being filled in full precision (``residual=0``,
+    ``block=block_size``, no sinks) and KIVI keys grouped over one block; anything else given is refused."""
+    text = str(spec)
+    if not issubclass(spec.type.cache_class(), QuantizedKVCache):
+        raise ValueError(f"cache {spec.name!r} is not a quantized cache")
     for key, allowed in (("residual", 0), ("sinks", 0), ("block", block_size)):
-        if key in given and given[key] != allowed:
-            raise ValueError(f"kv_cache {spec!r}: the engine keeps only the block being filled in full precision, "
-                             f"so {key} must be {allowed} here (got {given[key]}); {key} is a single-stream option")
-    bits = given["bits"]
-    keys = given.get("keys") or ("channel" if bits == 4 else "token")
-    group = given.get("group", block_size if keys == "channel" else QuantizedKVCache.options["group"].default)
+        if key in spec.given and spec.options[key] != allowed:
+            raise ValueError(f"kv_cache {text!r}: the engine keeps only the block being filled in full precision, "
+                             f"so {key} must be {allowed} here (got {spec.options[key]}); {key} is a single-stream "
+                             "option")
+    bits = spec.options["bits"]
+    keys = spec.get("keys") or ("channel" if bits == 4 else "token")
+    group = spec.get("group", block_size if keys == "channel" else QuantizedKVCache.options["group"].default)
     if keys == "channel" and block_size % group:
-        raise ValueError(f"kv_cache {spec!r}: keys=channel groups tokens within a block, so group ({group}) must "
+        raise ValueError(f"kv_cache {text!r}: keys=channel groups tokens within a block, so group ({group}) must "
                          f"divide the block size ({block_size})")
-    value_group = given.get("value_group", 32 if keys == "channel" else group)
+    value_group = spec.get("value_group", 32 if keys == "channel" else group)
     options = {"keys": keys, "group": group, "value_group": value_group, "residual": 0, "block": block_size}
-    options.update({k: int(given[k]) for k in ("symmetric", "rotate") if given.get(k)})
-    if given.get("kernel") is False:
-        options["kernel"] = 0
-    return f"{name}:" + ",".join(f"{k}={v}" for k, v in options.items())
+    options.update({k: bool(spec.options[k]) for k in ("symmetric", "rotate") if spec.get(k)})
+    if spec.get("kernel") is False:
+        options["kernel"] = False
+    return CacheSpec(spec.name, {**spec.type.fixed, **options}, tuple(options))
 
 
 class _Plan:
@@ -132,15 +136,18 @@ class _Plan:
             self.decode_fresh_index = torch.tensor(self.decode_fresh, dtype=long)
 
 
-class PagedQuantizedKVCache:
+class PagedQuantizedKVCache(PagedPool):
+    """The int8 / int4 pool: ``spec`` is the single-stream spec it equals (``engine_spec``)."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 spec: str, staging_blocks: int, dtype: torch.dtype = torch.float32,
+                 spec: str | CacheSpec, staging_blocks: int, dtype: torch.dtype = torch.float32,
                  in_use: Callable[[int], bool] | None = None):
-        probe = QuantizedKVCache(1, 1, head_dim, capacity=1, dtype=dtype, **parse_spec(spec)[1])  # checks options
+        spec = CacheSpec.parse(spec)
+        probe = QuantizedKVCache(1, 1, head_dim, capacity=1, dtype=dtype, **spec.options)  # checks options
         if block_size % TILE or (probe.key_fmt.per_channel and block_size % probe.key_fmt.group):
             raise ValueError(f"a quantized pool needs blocks of a multiple of {TILE} tokens (and of the key group), "
                              f"got block_size={block_size}")
-        self.spec, self.key_fmt, self.value_fmt = spec, probe.key_fmt, probe.value_fmt
+        self.spec, self.key_fmt, self.value_fmt = str(spec), probe.key_fmt, probe.value_fmt
         self.rotation = hadamard(head_dim, dtype) if probe.rotation is not None else None
         self.use_kernel = probe.use_kernel
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
@@ -151,12 +158,32 @@ class PagedQuantizedKVCache:
         self.slots: dict[int, int] = {}  # block id -> staging slot
         self.free_slots = list(range(max(1, staging_blocks)))[::-1]
         self.in_use = in_use or (lambda block: True)
+        self.staging_blocks = staging_blocks
+        self.block_bytes = self.store.nbytes // num_blocks  # codes and scales (the staging slots apart)
         self.plan: _Plan | None = None
 
+    @classmethod
+    def for_engine(cls, model, spec: CacheSpec, sizing: PoolSizing) -> PagedQuantizedKVCache:
+        """Blocks and staging slots from the budget: each running sequence fills one block at a time."""
+        c, bs = model.config, sizing.block_size
+        if c.mla is not None:
+            raise ValueError(f"kv_cache {str(spec)!r}: the engine's quantized pools do not store latent (MLA) "
+                             "attention's [c_kv | k_pe] yet; use the full-precision pool ('auto')")
+        single = engine_options(spec, bs)
+        fp_block = PagedKVCache.bytes_per_block(c, bs, model.dtype)
+        q_block = cls.bytes_per_block(c, bs, single)
+        if sizing.num_blocks is not None:
+            blocks, staging = sizing.num_blocks, min(sizing.max_num_seqs, sizing.num_blocks)
+        else:
+            staging = min(sizing.max_num_seqs, sizing.budget // (q_block + fp_block))
+            blocks = (sizing.budget - staging * fp_block) // q_block
+        sizing.check(blocks, q_block + fp_block, blocks * q_block + staging * fp_block, str(spec))
+        return cls(c.num_layers, blocks, bs, c.num_kv_heads, c.head_dim, single, staging, model.dtype, sizing.in_use)
+
     @staticmethod
-    def bytes_per_block(config, block_size: int, spec: str) -> int:
+    def bytes_per_block(config, block_size: int, spec: str | CacheSpec) -> int:
         """Codes and scales of one block, every layer (the staging slots are counted apart)."""
-        probe = QuantizedKVCache(1, 1, config.head_dim, capacity=1, **parse_spec(spec)[1])
+        probe = QuantizedKVCache(1, 1, config.head_dim, capacity=1, **CacheSpec.parse(spec).options)
         store = QuantizedStore(config.num_layers, 1, config.num_kv_heads, config.head_dim, probe.key_fmt,
                                probe.value_fmt, block_size)
         return store.nbytes

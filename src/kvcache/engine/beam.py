@@ -39,7 +39,7 @@ import torch
 from ..caches.paged import BatchEntry
 from ..generation.beam import BeamHypothesis, start_search
 from .block_manager import BlockManager, OutOfBlocks
-from .runner import forward_batch
+from .model_runner import forward_batch
 
 __all__ = ["paged_beam_search"]
 

@@ -47,3 +47,11 @@ def completion_delta(seq: Sequence) -> CompletionDelta | None:
     seq.num_reported = seq.num_output
     seq.reported_finish = finished
     return CompletionDelta(seq.index, new, text, seq.finish_reason if finished else None)
+
+
+def finish_metrics(request: Request, now: float) -> None:
+    """Stamp a request's finish: its time, output tokens and completions."""
+    m = request.metrics
+    m.finish_time = now
+    m.num_output_tokens = sum(s.num_output for s in request.sequences)
+    m.num_completions = len(request.sequences)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..caches.base import Cache, make_cache
+from ..caches.base import Cache
+from ..caches.registry import make_cache
 from ..checks import is_int
 from .validation import check_prompt, resolve_stop_ids
 

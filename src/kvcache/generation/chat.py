@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..caches.base import make_cache
+from ..caches.registry import make_cache
 from ..model.chat_template import check_messages
 from .detokenizer import Detokenizer
 from .generate import stream

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..caches.base import Cache, make_cache
+from ..caches.base import Cache
+from ..caches.registry import make_cache
 from .sampling import SamplingConfig, sample
 from .speculative import Proposer, make_proposer, speculative_loop
 from .validation import check_prompt, check_seed, resolve_stop_ids
@@ -63,7 +64,7 @@ def stream(
         cache = make_cache(cache, model, batch=1, capacity=len(ids) + max_new_tokens)
     elif cache is not None:
         _check_cache(model, cache, ids, use_cache)
-    check_prompt(model, ids, max_new_tokens, bounded_positions=getattr(cache, "rotates_keys", False))
+    check_prompt(model, ids, max_new_tokens, bounded_positions=isinstance(cache, Cache) and cache.rotates_keys)
     config = SamplingConfig(temperature, top_k, top_p)
     stops = set(resolve_stop_ids(model.tokenizer, stop_token_ids, model.config.vocab_size))
     seed = check_seed(seed)

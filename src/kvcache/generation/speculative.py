@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..caches.base import Cache, Option, make_cache
+from ..caches.base import Cache, Option
+from ..caches.registry import make_cache
 from ..checks import check_int
 from .sampling import SamplingConfig, probs, sample
 

@@ -98,7 +98,8 @@ class LatentAttention(nn.Module):
 
 
 def _empty(cache, layer: int) -> bool:
-    """A cache that can store without attending (``update``) and holds nothing yet for this layer: the prompt
-    attends only to itself, so the expanded form runs.  The engine's paged caches always go absorbed."""
-    length = getattr(cache, "layer_length", None)
-    return length is not None and hasattr(cache, "update") and length(layer) == 0
+    """A cache that can store without attending and holds nothing yet for this layer (the contract's
+    ``stores_unattended``): the prompt attends only to itself, so the expanded form runs.  The engine's
+    pools, and a cache of one's own without the member, go absorbed."""
+    stores_unattended = getattr(cache, "stores_unattended", None)
+    return stores_unattended is not None and stores_unattended(layer)

@@ -32,6 +32,14 @@ from .rope import Rope, rope_tables
 
 
 class AttentionCache(Protocol):
+    """What the model asks of a cache (caches/base.py writes the full contracts down).
+
+    Required: ``attend(layer, q, k, v, window=None)``.  Read when present: ``len(cache)`` (the next
+    position), ``rotates_keys`` (True: the cache applies RoPE, the model passes q and k unrotated) and
+    ``stores_unattended(layer)`` (latent attention's expanded prompt form, model/mla.py).  A cache of one's
+    own may implement ``attend`` alone.
+    """
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvcache.caches.paged import BatchEntry, PagedKVCache
-from kvcache.engine.runner import forward_batch
+from kvcache.engine.model_runner import forward_batch
 from kvcache.model.loader import load_model
 
 
