@@ -144,7 +144,7 @@ def test_demo_prompt_longer_than_the_model(capsys, gpt2_dir):
 
 
 def test_demo_python_api_rejects_zero_tokens():
-    from kvcache import demo
+    from kvcache.cli import demo
 
     with pytest.raises(ValueError, match="max_new_tokens"):
         demo.main(random_shape="gpt2-small", max_new_tokens=0)

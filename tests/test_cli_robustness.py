@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcache import cli
-from kvcache.cli import main
+from kvcache.cli import generate, main
 from kvcache.model.loader import DEFAULT_MODEL_DIR
 
 FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"]
@@ -57,7 +57,7 @@ def test_ctrl_c_is_exit_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_generate", interrupted)
+    monkeypatch.setattr(generate, "run", interrupted)
     err = one_line_error(capsys, ["generate", "x"], status=130)
     assert "interrupted" in err
 
@@ -66,7 +66,7 @@ def test_a_closed_pipe_is_quiet(capsys, monkeypatch):
     def closed(args):
         raise BrokenPipeError
 
-    monkeypatch.setattr(cli, "_generate", closed)
+    monkeypatch.setattr(generate, "run", closed)
     monkeypatch.setattr(cli, "_silence_stdout", lambda: None)  # pytest owns stdout here
     assert main(["generate", "x"]) == 141
     assert capsys.readouterr().err == ""

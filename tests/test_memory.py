@@ -1,4 +1,3 @@
-import argparse
 import json
 
 import pytest
@@ -10,7 +9,6 @@ from kvcache.memory import (
     PRESETS,
     MemoryReport,
     ModelShape,
-    add_arguments,
     dtype_bytes,
     format_bytes,
     format_report,
@@ -18,7 +16,6 @@ from kvcache.memory import (
     kv_cache_bytes,
     kv_cache_elements,
     memory_report,
-    run,
     shape_from_config,
 )
 
@@ -42,10 +39,11 @@ LLAMA3_CONFIG = {
 }
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="kvcache memory")
-    add_arguments(parser)
-    return parser.parse_args(argv)
+def memory_cli(argv):
+    """``kvcache memory ARGV`` through the real command line; its exit status."""
+    from kvcache.cli import main
+
+    return main(["memory", *argv])
 
 
 # ----------------------------------------------------------------- presets --
@@ -347,14 +345,13 @@ def test_format_report_readable():
 
 
 def test_cli_preset(capsys):
-    args = _cli(["llama-2-7b", "--tokens", "4096", "--batch", "8", "--dtype", "fp16"])
-    assert run(args) == 0
+    assert memory_cli(["llama-2-7b", "--tokens", "4096", "--batch", "8", "--dtype", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "llama-2-7b" in out and "17,179,869,184" in out
 
 
 def test_cli_json_output(capsys):
-    assert run(_cli(["--json", "gpt2"])) == 0
+    assert memory_cli(["--json", "gpt2"]) == 0
     data = json.loads(capsys.readouterr().out)
     for key in ("model", "dtype", "tokens", "batch", "bytes_per_token", "bytes_per_layer",
                 "bytes_per_sequence", "total_bytes", "elements"):
@@ -367,13 +364,13 @@ def test_cli_json_output(capsys):
 
 def test_cli_config_path(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(GPT2_CONFIG))
-    assert run(_cli([str(tmp_path), "--tokens", "10", "--json"])) == 0
+    assert memory_cli([str(tmp_path), "--tokens", "10", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["total_bytes"] == 2 * 12 * 768 * 10 * 2
 
 
 def test_cli_list(capsys):
-    assert run(_cli(["--list"])) == 0
+    assert memory_cli(["--list"]) == 0
     out = capsys.readouterr().out
     for name in PRESETS:
         assert name in out
@@ -381,32 +378,32 @@ def test_cli_list(capsys):
 
 
 def test_cli_alias(capsys):
-    assert run(_cli(["gpt2-small", "--tokens", "1", "--json"])) == 0
+    assert memory_cli(["gpt2-small", "--tokens", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == "gpt2" and data["bytes_per_token"] == 2 * 12 * 768 * 2
-    assert run(_cli(["--list"])) == 0
+    assert memory_cli(["--list"]) == 0
     assert "gpt2-small = gpt2" in capsys.readouterr().out
 
 
 def test_cli_unknown_preset(capsys):
-    assert run(_cli(["no-such-model"])) == 2
+    assert memory_cli(["no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "llama-2-7b" in err
 
 
 def test_cli_bad_dtype(capsys):
-    assert run(_cli(["gpt2", "--dtype", "fp64"])) == 2
+    assert memory_cli(["gpt2", "--dtype", "fp64"]) == 2
     err = capsys.readouterr().err
     assert "fp64" in err and "bf16" in err
 
 
 def test_cli_no_model(capsys):
-    assert run(_cli([])) == 2
+    assert memory_cli([]) == 2
     assert "preset" in capsys.readouterr().err
 
 
 def test_cli_bad_tokens(capsys):
-    assert run(_cli(["gpt2", "--tokens", "0"])) == 2
+    assert memory_cli(["gpt2", "--tokens", "0"]) == 2
     assert "tokens" in capsys.readouterr().err
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .caches.registry import parse_spec
 from .caches.quantized import QuantizedKVCache
+from .caches.registry import parse_spec
 
 __all__ = ["QuantizedCache", "QuantizedLayer"]
 

@@ -59,16 +59,14 @@ allocator/paging overhead.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
 from .checks import is_int
+from .kv_shapes import ALIASES, PRESETS, ModelShape, alias_list, resolve_model, shape_from_config
 
 __all__ = [
     "ALIASES",
@@ -76,263 +74,20 @@ __all__ = [
     "MemoryReport",
     "ModelShape",
     "PRESETS",
-    "add_arguments",
+    "alias_list",
     "dtype_bytes",
     "format_bytes",
+    "format_presets",
     "format_report",
     "human_bytes",
     "human_bytes_si",
     "kv_cache_bytes",
     "kv_cache_elements",
     "memory_report",
+    "preset_rows",
     "resolve_model",
-    "run",
     "shape_from_config",
 ]
-
-
-# --------------------------------------------------------------------------- #
-# Model shapes
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The attention geometry that determines KV-cache size."""
-
-    name: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    max_positions: int | None
-    # multi-head latent attention (DeepSeek): what is cached is the latent, not K/V per head
-    kv_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None
-    qk_nope_head_dim: int | None = None
-    v_head_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        for attr in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
-            value = getattr(self, attr)
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"ModelShape {self.name!r}: {attr} must be a positive int, got {value!r}")
-        if self.max_positions is not None and (not is_int(self.max_positions) or self.max_positions <= 0):
-            raise ValueError(
-                f"ModelShape {self.name!r}: max_positions must be a positive int or None, "
-                f"got {self.max_positions!r}"
-            )
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
-            )
-        mla = (self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim)
-        if any(v is not None for v in mla) and not all(is_int(v) and v > 0 for v in mla):
-            raise ValueError(f"ModelShape {self.name!r}: latent attention needs kv_lora_rank, qk_rope_head_dim, "
-                             f"qk_nope_head_dim and v_head_dim, all positive ints; got {mla}")
-
-    @property
-    def is_latent(self) -> bool:
-        return self.kv_lora_rank is not None
-
-    @property
-    def latent_dim(self) -> int | None:
-        """MLA: values cached per token and layer, ``kv_lora_rank + qk_rope_head_dim`` (c_kv and k_pe)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_latent else None
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of K (or V) per token per layer: ``num_kv_heads * head_dim``."""
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def elements_per_token(self) -> int:
-        """Cached elements per token over all layers (one sequence): K+V, or MLA's latent."""
-        return self.num_layers * (self.latent_dim if self.is_latent else 2 * self.kv_dim)
-
-    @property
-    def expanded_elements_per_token(self) -> int:
-        """MLA: what caching the up-projected per-head K (nope + rope) and V would take; otherwise the same."""
-        if not self.is_latent:
-            return self.elements_per_token
-        return self.num_layers * self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
-
-
-def _preset(name, layers, heads, kv_heads, head_dim, hidden, ctx) -> ModelShape:
-    return ModelShape(name, layers, heads, kv_heads, head_dim, hidden, ctx)
-
-
-def _mla_preset(name, layers, heads, hidden, ctx, rank=512, rope=64, nope=128, v=128) -> ModelShape:
-    return ModelShape(name, layers, heads, heads, nope + rope, hidden, ctx, rank, rope, nope, v)
-
-
-# Published configs (Hugging Face config.json / papers).
-PRESETS: dict[str, ModelShape] = {
-    s.name: s
-    for s in (
-        # GPT-2 family (openai-community/gpt2*): head_dim 64, 1024 positions.
-        _preset("gpt2", 12, 12, 12, 64, 768, 1024),
-        _preset("gpt2-medium", 24, 16, 16, 64, 1024, 1024),
-        _preset("gpt2-large", 36, 20, 20, 64, 1280, 1024),
-        _preset("gpt2-xl", 48, 25, 25, 64, 1600, 1024),
-        # GPT-3 175B (Brown et al. 2020, Table 2.1): d_head 128, n_ctx 2048.
-        _preset("gpt3-175b", 96, 96, 96, 128, 12288, 2048),
-        # Llama 2 (meta-llama/Llama-2-*-hf): 4096 positions; 70B uses GQA.
-        _preset("llama-2-7b", 32, 32, 32, 128, 4096, 4096),
-        _preset("llama-2-13b", 40, 40, 40, 128, 5120, 4096),
-        _preset("llama-2-70b", 80, 64, 8, 128, 8192, 4096),
-        # Llama 3 (meta-llama/Meta-Llama-3-*): GQA with 8 KV heads, 8192 positions.
-        _preset("llama-3-8b", 32, 32, 8, 128, 4096, 8192),
-        _preset("llama-3-70b", 80, 64, 8, 128, 8192, 8192),
-        # Mistral-7B-v0.1: GQA 8 KV heads; max_position_embeddings 32768
-        # (sliding window 4096 is not modelled here).
-        _preset("mistral-7b", 32, 32, 8, 128, 4096, 32768),
-        # Qwen/Qwen2.5-0.5B: 14 query heads, 2 KV heads, head_dim 896/14 = 64.
-        _preset("qwen2.5-0.5b", 24, 14, 2, 64, 896, 32768),
-        # HuggingFaceTB/SmolLM2-135M-Instruct (kvcache pull smollm2-135m): 9 query heads, 3 KV heads.
-        _preset("smollm2-135m", 30, 9, 3, 64, 576, 8192),
-        # DeepSeek (deepseek-ai/DeepSeek-V2, -V2-Lite, -V3): multi-head latent attention, kv_lora_rank 512,
-        # rope 64, nope 128, v 128; 163,840 positions (YaRN).
-        _mla_preset("deepseek-v2", 60, 128, 5120, 163840),
-        _mla_preset("deepseek-v2-lite", 27, 16, 2048, 163840),
-        _mla_preset("deepseek-v3", 61, 128, 7168, 163840),
-    )
-}
-
-
-# Other names for presets: the rest of the project (``--random gpt2-small``, the
-# benchmarks) calls the 124 M GPT-2 "gpt2-small", after the paper's model sizes.
-ALIASES: dict[str, str] = {"gpt2-small": "gpt2"}
-
-
-def _as_positive_int(value: Any, key: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value <= 0:
-        raise ValueError(f"{where}: {key!r} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _load_config_dict(config: str | Path) -> tuple[dict, str]:
-    path = Path(config).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    default_name = path.parent.name if path.name == "config.json" else path.stem
-    return data, default_name or str(path)
-
-
-def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None = None) -> ModelShape:
-    """Build a :class:`ModelShape` from a Hugging Face ``config.json``.
-
-    ``config`` is the parsed dict, a path to the JSON file, or a path to a
-    folder containing ``config.json``.  Understands GPT-2 keys (``n_layer``,
-    ``n_head``, ``n_embd``, ``n_positions``/``n_ctx``) and Llama/Mistral/Qwen2
-    keys (``num_hidden_layers``, ``num_attention_heads``,
-    ``num_key_value_heads`` [default: ``num_attention_heads``],
-    ``hidden_size``, ``head_dim`` [default: hidden/heads],
-    ``max_position_embeddings``).  Raises ``ValueError`` naming missing keys.
-    """
-    if isinstance(config, (str, Path)):
-        data, default_name = _load_config_dict(config)
-        where = str(config)
-    elif isinstance(config, Mapping):
-        data, default_name, where = dict(config), None, "config"
-    else:
-        raise TypeError(f"config must be a dict or a path, got {type(config).__name__}")
-
-    # Multimodal wrappers (e.g. Llava) keep the language model under text_config.
-    if (
-        "text_config" in data
-        and isinstance(data["text_config"], Mapping)
-        and not any(k in data for k in ("num_hidden_layers", "n_layer"))
-    ):
-        data = {**data, **data["text_config"]}
-
-    def pick(*keys: str, required: bool = True) -> Any:
-        for key in keys:
-            if data.get(key) is not None:
-                return _as_positive_int(data[key], key, where)
-        if required:
-            raise ValueError(
-                f"{where}: missing required key {' / '.join(repr(k) for k in keys)} "
-                f"(have: {', '.join(sorted(data)) or 'nothing'})"
-            )
-        return None
-
-    layers = pick("num_hidden_layers", "n_layer", "num_layers")
-    heads = pick("num_attention_heads", "n_head", "num_heads")
-    hidden = pick("hidden_size", "n_embd", "d_model")
-    kv_heads = pick("num_key_value_heads", "n_head_kv", "num_kv_heads", required=False) or heads
-    head_dim = pick("head_dim", required=False)
-    if head_dim is None:
-        if hidden % heads:
-            raise ValueError(
-                f"{where}: hidden size {hidden} is not divisible by {heads} heads and no 'head_dim' is given"
-            )
-        head_dim = hidden // heads
-    max_positions = pick("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", required=False)
-    latent = {}
-    if data.get("kv_lora_rank") is not None:  # DeepSeek's multi-head latent attention
-        latent = {key: pick(key) for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")}
-        kv_heads, head_dim = heads, latent["qk_nope_head_dim"] + latent["qk_rope_head_dim"]
-
-    if name is None:
-        name = data.get("_name_or_path") or default_name or data.get("model_type") or "custom"
-    return ModelShape(
-        name=str(name),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        hidden_size=hidden,
-        max_positions=max_positions,
-        **latent,
-    )
-
-
-def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelShape:
-    """Turn a preset name or alias (case-insensitive), config path/folder, config dict
-    or :class:`ModelShape` into a :class:`ModelShape`."""
-    if isinstance(model, ModelShape):
-        return model
-    if isinstance(model, Mapping):
-        return shape_from_config(model)
-    if isinstance(model, Path):
-        return shape_from_config(model)
-    if isinstance(model, str):
-        key = model.strip().lower()
-        key = ALIASES.get(key, key)
-        if key in PRESETS:
-            return PRESETS[key]
-        path = Path(model).expanduser()
-        if path.exists():
-            return shape_from_config(_config_source(path))
-        raise ValueError(
-            f"unknown model {model!r}: not a preset and no such file or folder. "
-            f"Presets: {', '.join(PRESETS)} (aliases: {_alias_list()})"
-        )
-    raise TypeError(f"model must be a preset name, path, dict or ModelShape, got {type(model).__name__}")
-
-
-def _config_source(path: Path) -> Path | dict[str, Any]:
-    """A config.json path, or for a GGUF file (or a folder holding only one) the config it describes."""
-    from .model.gguf import find_gguf, is_gguf, read_config
-
-    if path.is_dir() and not (path / "config.json").exists():
-        path = find_gguf(path) or path
-    return read_config(path) if is_gguf(path) else path
-
-
-def _alias_list() -> str:
-    return ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items())
 
 
 # --------------------------------------------------------------------------- #
@@ -608,82 +363,8 @@ def format_presets(dtype: str = "fp16") -> str:
     return "\n".join(rows)
 
 
-# --------------------------------------------------------------------------- #
-# CLI hooks
-# --------------------------------------------------------------------------- #
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``kvcache memory`` options to ``parser``."""
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="preset name or alias (case-insensitive; see --list) or path to a config.json / model folder",
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=None, help="context length in tokens (default: the model's max positions)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="number of sequences (default: 1)")
-    parser.add_argument(
-        "--dtype",
-        default="fp16",
-        help=f"KV storage dtype: {', '.join(DTYPE_BYTES)} (default: fp16)",
-    )
-    parser.add_argument("--group-size", type=int, default=None,
-                        help="int8/int4 only: size kvcache's quantized cache (codes + fp16 scale/offset per group)")
-    parser.add_argument("--residual", type=int, default=0,
-                        help="with --group-size: most recent tokens kept in full precision (default 0)")
-    parser.add_argument("--sinks", type=int, default=0,
-                        help="with --group-size: first tokens kept in full precision (default 0)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--list", action="store_true", help="list the presets with their per-token KV bytes and exit"
-    )
-
-
-def _error(msg: str) -> int:
-    print(f"kvcache memory: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``kvcache memory``; returns a process exit code (2 on errors)."""
-    dtype = getattr(args, "dtype", "fp16") or "fp16"
-    as_json = bool(getattr(args, "json", False))
-    try:
-        if getattr(args, "list", False):
-            per = dtype_bytes(dtype)
-            if as_json:
-                data = [
-                    {
-                        **asdict(s),
-                        "dtype": _normalize_dtype(dtype),
-                        "bytes_per_token": _bytes_for(s.elements_per_token, per),
-                    }
-                    for s in PRESETS.values()
-                ]
-                print(json.dumps(data, indent=2))
-            else:
-                print(format_presets(dtype))
-                print(f"aliases: {_alias_list()}")
-            return 0
-        model = getattr(args, "model", None)
-        if not model:
-            return _error(f"no model given; pass a preset name or a config path. Presets: {', '.join(PRESETS)}")
-        report = memory_report(
-            model,
-            tokens=getattr(args, "tokens", None),
-            batch=getattr(args, "batch", 1),
-            dtype=dtype,
-            group_size=getattr(args, "group_size", None),
-            residual=getattr(args, "residual", 0),
-            sinks=getattr(args, "sinks", 0),
-        )
-    except (ValueError, TypeError, OSError) as exc:
-        return _error(str(exc))
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(format_report(report))
-    return 0
+def preset_rows(dtype: str = "fp16") -> list[dict[str, Any]]:
+    """Every preset's shape with its KV bytes per token at ``dtype`` (``kvcache memory --list --json``)."""
+    per = dtype_bytes(dtype)
+    return [{**asdict(s), "dtype": _normalize_dtype(dtype), "bytes_per_token": _bytes_for(s.elements_per_token, per)}
+            for s in PRESETS.values()]

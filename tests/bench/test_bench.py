@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvcache.bench import append, decode, hf_compare, kernels, serving
+from kvcache.bench import append, attention_kernels, decode, hf_compare, serving
 from kvcache.cli import main
 
 
@@ -34,9 +34,9 @@ def test_append_reports_a_lower_bound_when_restacking_is_stopped():
 
 
 def test_kernels_and_growth_policies_run():
-    rows = kernels.bench_decode_attention((64,), heads=4, kv_heads=2, dim=8)
+    rows = attention_kernels.bench_decode_attention((64,), heads=4, kv_heads=2, dim=8)
     assert {r["kernel"] for r in rows} >= {"grouped matmul (kvcache)", "SDPA enable_gqa"}
-    growth = kernels.bench_cache_growth((16,))
+    growth = attention_kernels.bench_cache_growth((16,))
     assert len({r["policy"] for r in growth}) == 3
 
 
@@ -68,17 +68,17 @@ def test_cli_bench_writes_json(tmp_path, capsys):
 
 
 def test_all_runs_each_scenario_in_its_own_process(capfd):
-    from kvcache.bench import runner
+    from kvcache.bench import scenarios
 
-    rows = runner._run_isolated("append", quick=True, plot=None)
+    rows = scenarios._run_isolated("append", quick=True, plot=None)
     assert rows[0]["n"] == 1000 and rows[0]["kvcache_s"] > 0
     assert "## append" in capfd.readouterr().out  # printed by the child on the inherited stdout
 
 
 def test_quantized_bench_races_every_cache_on_the_same_model():
-    from kvcache.bench import quantized
+    from kvcache.bench import kv_quant
 
-    rows = quantized.bench_quantized(lengths=(40,), steps=1, rounds=1, quick=True)
+    rows = kv_quant.bench_quantized(lengths=(40,), steps=1, rounds=1, quick=True)
     caches = [r["cache"] for r in rows]
     assert caches[:3] == ["kvcache auto", "kvcache int8", "kvcache int4"] and "hf DynamicCache" in caches
     assert all(r["tok_s"] > 0 and r["kv_mb"] > 0 for r in rows)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_window import tiny_llama
 
-from kvcache.caches.registry import make_cache, parse_spec
 from kvcache.caches.compressed import CompressedKVCache
+from kvcache.caches.registry import make_cache, parse_spec
 from kvcache.generation.generate import generate
 
 MODEL = tiny_llama()

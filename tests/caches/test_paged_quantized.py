@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kvcache.caches import kernels
-from kvcache.caches.registry import parse_spec
 from kvcache.caches.paged import BatchEntry
 from kvcache.caches.paged_quantized import PagedQuantizedKVCache, engine_spec
 from kvcache.caches.quant_ops import QuantFormat, QuantizedRows, quantize, quantized_partial, to_tiles
 from kvcache.caches.quantized import QuantizedKVCache
+from kvcache.caches.registry import parse_spec
 from kvcache.engine.block_manager import CopyOp
 from kvcache.model.attention import merge_partials
 

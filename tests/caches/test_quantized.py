@@ -181,7 +181,7 @@ def test_sizes_count_codes_scales_and_residual():
 def test_without_a_compiler_it_falls_back_with_one_notice(monkeypatch, capsys):
     monkeypatch.setattr(kernels, "_library", None)
     monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-kvcache/models"))
+    monkeypatch.setattr(kernels, "kernels_dir", lambda: __import__("pathlib").Path("/nonexistent-kvcache/kernels"))
     monkeypatch.setenv("CC", "/nonexistent/gcc")
     assert kernels.library() is None and kernels.library() is None
     assert capsys.readouterr().err.count("kernel unavailable") == 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.engine import beam as beam_mod
-from kvcache.engine.beam import paged_beam_search
+from kvcache.engine import paged_beam as beam_mod
 from kvcache.engine.block_manager import OutOfBlocks
 from kvcache.engine.llm import LLM
+from kvcache.engine.paged_beam import paged_beam_search
 from kvcache.engine.sequence import SamplingParams
 from kvcache.generation.beam import beam_search
 from kvcache.generation.generate import generate

@@ -12,8 +12,8 @@ import torch
 
 from kvcache.caches.contiguous import ContiguousKVCache
 from kvcache.caches.paged import PagedKVCache
-from kvcache.engine.beam import paged_beam_search
 from kvcache.engine.llm import LLM
+from kvcache.engine.paged_beam import paged_beam_search
 from kvcache.engine.sequence import SamplingParams
 from kvcache.generation.beam import beam_search
 from kvcache.generation.generate import generate

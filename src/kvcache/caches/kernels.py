@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..model.hub import cache_dir
+from ..paths import kernels_dir
 
 SOURCE = Path(__file__).with_name("qattn.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c99", "-fno-math-errno",
@@ -68,7 +68,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("KVCACHE_NO_KERNEL") == "1":
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
-    target = cache_dir().parent / "kernels" / f"qattn-{digest[:16]}.so"
+    target = kernels_dir() / f"qattn-{digest[:16]}.so"
     try:
         if not target.exists():
             _build(target)

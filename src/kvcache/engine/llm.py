@@ -187,8 +187,8 @@ class LLM:
 
     def beam_search(self, prompt: str | list[int], beam_width: int, max_new_tokens: int,
                     length_penalty: float = 1.0, stop_token_ids: list[int] | None = None):
-        """Beam search over forked sequences in the paged pool (see engine/beam.py); best hypothesis first."""
-        from .beam import paged_beam_search
+        """Beam search over forked sequences in the paged pool (see engine/paged_beam.py); best hypothesis first."""
+        from .paged_beam import paged_beam_search
 
         return paged_beam_search(self, self.registry.token_ids(prompt), beam_width, max_new_tokens, length_penalty,
                                  stop_token_ids)

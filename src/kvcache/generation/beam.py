@@ -8,7 +8,7 @@ beam each new beam continues (its *parent*).  Two drivers share it:
   batch rows are the beams, prefilled once with batch 1, then reordered with
   ``select(parents)`` every step.  ``select`` copies every beam's whole cache,
   O(W * T) bytes per step: simple, and exactly what paged memory avoids.
-* ``kvcache.engine.beam.paged_beam_search``: beams are sequences of the
+* ``kvcache.engine.paged_beam.paged_beam_search``: beams are sequences of the
   engine's block manager that share blocks (fork + copy-on-write).
 
 Semantics follow transformers 5.x ``GenerationMixin._beam_search`` with

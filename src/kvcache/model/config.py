@@ -6,7 +6,8 @@ Llama-family variants that are a flag away (Qwen2's QKV bias, Llama's
 ``attention_bias``/``mlp_bias``, Mistral).  DeepSeek-V2/V3 are Llama-family
 blocks with two parts swapped, described by nested configs: multi-head latent
 attention (``mla``) and mixture-of-experts MLPs (``moe``); their config.json is
-read in ``deepseek.py``.  Which projections carry a bias
+read in ``deepseek_config.py``. The attention geometry of every family is read
+by ``hf_config.py``, which the memory calculator shares.  Which projections carry a bias
 follows transformers' modelling code for each ``model_type``, not just the
 config keys: Qwen2 always has a Q/K/V bias and never an output bias, Mistral
 has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
@@ -14,62 +15,20 @@ has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from .deepseek_config import MLAConfig, MoEConfig, YarnScaling, config_from_hf
+from .hf_config import ConfigValueError, attention_geometry, config_file, read_json_object
+from .hf_config import is_int as _is_int
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "MLAConfig", "MoEConfig", "YarnScaling", "ConfigValueError",
+           "read_json_object"]
+
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "deepseek_v2", "deepseek_v3")
-
-
-@dataclass(frozen=True)
-class MLAConfig:
-    """Multi-head latent attention: what each token caches is ``kv_lora_rank + qk_rope_head_dim`` values."""
-
-    kv_lora_rank: int  # width of the compressed latent c_kv (the values, after absorption)
-    q_lora_rank: int | None  # None: one q_proj; else q_a_proj -> RMSNorm -> q_b_proj
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int  # the shared RoPE key k_pe, cached beside c_kv
-    v_head_dim: int
-    softmax_scale: float  # (nope + rope)^-0.5, times YaRN's mscale^2 when the rope scaling asks for it
-    rope_interleave: bool = True  # the checkpoint's rope rows rotate pairs (2i, 2i+1) (deepseek.py permutes them)
-
-    @property
-    def latent_dim(self) -> int:
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """DeepSeek's mixture of experts: routed experts picked per token, plus always-on shared experts."""
-
-    num_experts: int
-    experts_per_token: int
-    shared_experts: int
-    intermediate_size: int  # per expert
-    first_dense_layers: int  # layers before this one keep a dense MLP
-    scoring: str  # "sigmoid" (V3, with a correction bias) or "softmax" (V2)
-    topk_method: str  # "noaux_tc" (V3: group-limited by top-2 sums), "greedy" or "group_limited_greedy" (V2)
-    num_groups: int
-    topk_groups: int
-    norm_topk_prob: bool
-    routed_scaling_factor: float
-
-
-@dataclass(frozen=True)
-class YarnScaling:
-    """YaRN rope scaling (rope_type "yarn"), as transformers computes it."""
-
-    factor: float
-    original_max_positions: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float = 1.0  # multiplies cos/sin
-    truncate: bool = True
-    mscale: float | None = None  # DeepSeek: with mscale_all_dim, sets attention_factor and the softmax scale
-    mscale_all_dim: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,21 +145,19 @@ class ModelConfig:
             if model_type == "gpt2":
                 return cls._from_gpt2(cfg)
             if model_type.startswith("deepseek"):
-                from .deepseek import config_from_hf
-
                 return config_from_hf(cls, cfg)
             return cls._from_llama(cfg, model_type)
         except KeyError as exc:
             raise ValueError(f"config.json for {model_type} is missing the key {exc.args[0]!r}") from None
         except ConfigValueError as exc:
-            key = HF_KEYS["gpt2" if model_type == "gpt2" else "llama"].get(exc.field, exc.field)
+            key = exc.key or HF_KEYS["gpt2" if model_type == "gpt2" else "llama"].get(exc.field, exc.field)
             raise ConfigValueError(exc.field, exc.value, exc.reason, key) from None
         except TypeError as exc:  # arithmetic on a wrongly typed field while translating
             raise ValueError(f"config.json for {model_type} has a wrongly typed value: {exc}") from None
 
     @classmethod
     def _from_gpt2(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        hidden, heads = _dims(cfg, "n_embd", "n_head", cfg.get("head_dim"))
+        g = attention_geometry(cfg)
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation_function {act!r} (supported: gelu_new)")
@@ -208,13 +165,13 @@ class ModelConfig:
             arch="gpt2",
             model_type="gpt2",
             vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            num_layers=cfg["n_layer"],
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            intermediate_size=4 * hidden if cfg.get("n_inner") is None else cfg["n_inner"],
-            max_positions=cfg["n_positions"],
+            hidden_size=g.hidden_size,
+            num_layers=g.num_layers,
+            num_heads=g.num_heads,
+            num_kv_heads=g.num_heads,
+            head_dim=g.head_dim,
+            intermediate_size=4 * g.hidden_size if cfg.get("n_inner") is None else cfg["n_inner"],
+            max_positions=g.max_positions or cfg["n_positions"],
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             attention_bias=True,
@@ -226,7 +183,7 @@ class ModelConfig:
 
     @classmethod
     def _from_llama(cls, cfg: dict[str, Any], model_type: str) -> "ModelConfig":
-        hidden, heads = _dims(cfg, "hidden_size", "num_attention_heads", cfg.get("head_dim"))
+        g = attention_geometry(cfg)
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (supported: silu)")
@@ -245,13 +202,13 @@ class ModelConfig:
             arch="llama",
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
-            head_dim=hidden // heads if cfg.get("head_dim") is None else cfg["head_dim"],
+            hidden_size=g.hidden_size,
+            num_layers=g.num_layers,
+            num_heads=g.num_heads,
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
             intermediate_size=cfg["intermediate_size"],
-            max_positions=cfg.get("max_position_embeddings", 2048),
+            max_positions=g.max_positions or 2048,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -265,11 +222,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no config.json at {path}")
+        path = config_file(path)
         data = read_json_object(path)
         try:
             return cls.from_hf(data)
@@ -288,39 +241,3 @@ HF_KEYS = {
               "num_kv_heads": "num_key_value_heads", "max_positions": "max_position_embeddings",
               "norm_eps": "rms_norm_eps"},
 }
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object (config.json, tokenizer_config.json, ...); ValueError naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _dims(cfg: dict[str, Any], hidden_key: str, heads_key: str, head_dim: Any) -> tuple[int, int]:
-    """The hidden size and head count, checked before anything divides by them."""
-    hidden, heads = cfg[hidden_key], cfg[heads_key]
-    for key, value in ((hidden_key, hidden), (heads_key, heads)):
-        if not _is_int(value) or value < 1:
-            raise ConfigValueError(key, value, "must be an integer >= 1", key)
-    if head_dim is None and hidden % heads:
-        raise ConfigValueError(hidden_key, hidden, f"must be a multiple of {heads_key} = {heads} (no head_dim given)",
-                               hidden_key)
-    return hidden, heads
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-class ConfigValueError(ValueError):
-    """A config value of the wrong type or out of range, named by field (and config.json key) and value."""
-
-    def __init__(self, field: str, value: Any, reason: str, key: str | None = None):
-        self.field, self.value, self.reason = field, value, reason
-        name = f"{key!r}" if key and key == field else f"{key!r} ({field})" if key else f"{field!r}"
-        super().__init__(f"{name} = {value!r} {reason}")

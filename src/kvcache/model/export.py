@@ -33,7 +33,7 @@ def _check_biases(c) -> None:
 def hf_config(model: Transformer) -> dict[str, Any]:
     c = model.config
     if c.mla is not None:
-        from .deepseek import hf_config as deepseek_config
+        from .deepseek_config import to_hf as deepseek_config
 
         return deepseek_config(c)
     _check_biases(c)

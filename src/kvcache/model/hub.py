@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..paths import SHIPPED_MODEL_DIR, models_dir
+
 
 @dataclass(frozen=True)
 class PullableModel:
@@ -68,10 +70,7 @@ def lookup(name: str) -> PullableModel:
 
 def cache_dir() -> Path:
     """Where pulled models live (KVCACHE_HOME, else XDG_CACHE_HOME/kvcache, else ~/.cache/kvcache)."""
-    if os.environ.get("KVCACHE_HOME"):
-        return Path(os.environ["KVCACHE_HOME"]).expanduser() / "models"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "kvcache" / "models"
+    return models_dir()
 
 
 def model_dir(name: str) -> Path:
@@ -167,10 +166,8 @@ def folder_bytes(folder: Path) -> int:
 
 def listing() -> list[dict]:
     """Every model ``--model`` can name: the shipped one, the pulled ones, the pullable ones, with sizes."""
-    from .loader import DEFAULT_MODEL_DIR
-
-    rows = [{"name": "(shipped)", "status": "shipped", "bytes": folder_bytes(DEFAULT_MODEL_DIR),
-             "path": str(DEFAULT_MODEL_DIR), "description": "5 M-parameter code model trained on the Python stdlib"}]
+    rows = [{"name": "(shipped)", "status": "shipped", "bytes": folder_bytes(SHIPPED_MODEL_DIR),
+             "path": str(SHIPPED_MODEL_DIR), "description": "5 M-parameter code model trained on the Python stdlib"}]
     for model in MODELS.values():
         pulled = is_pulled(model.name)
         rows.append({"name": model.name, "status": "cached" if pulled else "pullable",

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..paths import SHIPPED_MODEL_DIR
 from .config import ModelConfig, read_json_object
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_model"
+DEFAULT_MODEL_DIR = SHIPPED_MODEL_DIR
 
 
 class CheckpointError(ValueError):

@@ -10,12 +10,12 @@ import argparse
 import socket
 import threading
 
-from ..cli import KV_HELP, MODEL_HELP, UsageError, _load
+from ..usage import KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, load_for_user
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
-    parser.add_argument("--random", choices=["gpt2-small", "llama-135m"], default=None,
+    parser.add_argument("--random", choices=RANDOM_SHAPES, default=None,
                         help="serve a random-weight model of this shape instead")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: "
                         "--model, or 'kvcache-default' for the shipped model)")
@@ -58,7 +58,7 @@ def build_llm(args: argparse.Namespace):
     from ..model.loader import load_model
     from ..model.shapes import random_model
 
-    model = random_model(args.random) if args.random else _load(load_model, args.model)
+    model = random_model(args.random) if args.random else load_for_user(load_model, args.model)
     try:
         return LLM(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                    max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import subprocess
@@ -15,6 +16,9 @@ import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
              "speculative", "serve", "mla", "stream", "compress")
+# scenario -> the bench module whose run(quick) measures and prints it
+SELF_REPORTING = {"speculative": "spec_decoding", "engine-quant": "engine_quantized", "serve": "server_load",
+                  "mla": "latent", "stream": "streaming", "compress": "compression"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_isolated(name: str, quick: bool, plot: str | None) -> object:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        code = "import sys; from kvcache.bench.runner import scenario_main; scenario_main(sys.argv[1:])"
+        code = "import sys; from kvcache.bench.scenarios import scenario_main; scenario_main(sys.argv[1:])"
         subprocess.run([sys.executable, "-c", code, name, str(out), "1" if quick else "0", plot or ""], check=True)
         return json.loads(out.read_text())
 
@@ -58,7 +62,7 @@ def scenario_main(argv: list[str]) -> None:
 def run_scenario(name: str, quick: bool, plot: str | None) -> object:
     """Run one scenario, print its markdown table(s); the raw rows."""
     from ..runtime import tune_malloc
-    from . import append, decode, hf_compare, kernels, serving
+    from . import append, attention_kernels, decode, hf_compare, serving
 
     tune_malloc()  # the same allocator settings for every contender (the engine sets them anyway)
     print(f"## {name}\n", flush=True)
@@ -80,10 +84,10 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3, shapes=shapes)
         print("\n" + hf_compare.format_hf_table(rows))
     elif name == "kernels":
-        rows = {"attention": kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),
-                "growth": kernels.bench_cache_growth((64,) if quick else (1024, 4096))}
-        print(kernels.format_attention_table(rows["attention"]) + "\n")
-        print(kernels.format_growth_table(rows["growth"]))
+        rows = {"attention": attention_kernels.bench_decode_attention((256,) if quick else (1024, 4096, 16384)),
+                "growth": attention_kernels.bench_cache_growth((64,) if quick else (1024, 4096))}
+        print(attention_kernels.format_attention_table(rows["attention"]) + "\n")
+        print(attention_kernels.format_growth_table(rows["growth"]))
     elif name == "append":
         rows = append.bench_append(sizes=(1000,) if quick else (10_000, 100_000))
         print("\n" + append.format_append_table(rows))
@@ -106,34 +110,12 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         rows = serving.bench_memory_efficiency(requests=8 if quick else 64)
         print("\n" + serving.format_memory_table(rows))
     elif name == "kv-quant":
-        from . import quantized
+        from . import kv_quant
 
-        rows = quantized.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
+        rows = kv_quant.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
                                          steps=2 if quick else 8, rounds=2 if quick else 4, quick=quick)
-        print("\n" + quantized.format_quantized_table(rows))
-    elif name == "speculative":
-        from . import speculative
-
-        rows = speculative.run(quick)
-    elif name == "engine-quant":
-        from . import engine_quantized
-
-        rows = engine_quantized.run(quick)
-    elif name == "serve":
-        from . import server_load
-
-        rows = server_load.run(quick)
-    elif name == "mla":
-        from . import mla
-
-        rows = mla.run(quick)
-    elif name == "stream":
-        from . import streaming
-
-        rows = streaming.run(quick)
-    elif name == "compress":
-        from . import compression
-
-        rows = compression.run(quick)
+        print("\n" + kv_quant.format_quantized_table(rows))
+    else:  # a module whose run(quick) prints its own tables
+        rows = importlib.import_module(f".{SELF_REPORTING[name]}", __package__).run(quick)
     print(flush=True)
     return rows

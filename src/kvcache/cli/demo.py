@@ -3,23 +3,50 @@
 Generates the same tokens with and without the cache, checks they are
 identical, and prints time per token, the speedup and the cache's memory.
 ``pick_model`` and ``plan`` do everything that can fail on user input
-(loading the model, the arguments, fitting the prompt) before ``run`` prints
-a line, so the CLI can report a bad request as one error line.
+(loading the model, the arguments, fitting the prompt) before ``show`` prints
+a line, so ``run`` can report a bad request as one error line.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import dataclass
 
-from .caches.registry import make_cache
-from .checks import check_int
-from .generation.detokenizer import Detokenizer
-from .generation.generate import stream
-from .model import hub
-from .model.loader import DEFAULT_MODEL_DIR, load_model
-from .model.shapes import random_model
+from ..caches.registry import make_cache
+from ..checks import check_int
+from ..generation.detokenizer import Detokenizer
+from ..generation.generate import stream
+from ..model import hub
+from ..model.loader import DEFAULT_MODEL_DIR, load_model
+from ..model.shapes import random_model
+from .options import KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, check_spec, load_for_user
+
+HELP = "generate with and without the cache; compare outputs, speed, memory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--random", choices=RANDOM_SHAPES, default=None,
+                        help="use a random-weight model of this shape instead")
+    parser.add_argument("--prompt", default=None,
+                        help="default: a question for a chat model, 'def fibonacci(n):' for the code model")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:  # checked before the load, named as the option
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_spec(args)
+    start = time.perf_counter()
+    model, note = load_for_user(pick_model, args.model, args.random)
+    try:
+        request = plan(model, note, time.perf_counter() - start, args.prompt, args.max_new_tokens, args.kv_cache)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    return show(request)
 
 
 def describe(model) -> str:
@@ -118,10 +145,10 @@ def main(path: str | None = None, prompt: str | None = None, max_new_tokens: int
     check_int(max_new_tokens, "max_new_tokens", minimum=1)  # before the load
     t0 = time.perf_counter()
     model, note = pick_model(path, random_shape)
-    return run(plan(model, note, time.perf_counter() - t0, prompt, max_new_tokens, kv_cache))
+    return show(plan(model, note, time.perf_counter() - t0, prompt, max_new_tokens, kv_cache))
 
 
-def run(demo: Demo) -> int:
+def show(demo: Demo) -> int:
     """Print the comparison; exit status 0 if cached and uncached outputs are identical."""
     model, prompt, ids, n = demo.model, demo.prompt, demo.ids, demo.n
     print("kvcache demo: KV caching, measured live\n")

@@ -1,0 +1,7 @@
+"""``python -m kvcache.cli``: the ``kvcache`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
