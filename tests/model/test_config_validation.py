@@ -32,7 +32,7 @@ def test_valid_configs_load():
     ("rms_norm_eps", -1e-6, "'rms_norm_eps' (norm_eps) = -1e-06 must be >= 0"),
     ("hidden_size", 60, "'hidden_size' = 60 must be a multiple of num_attention_heads = 8"),
     ("tie_word_embeddings", "no", "'tie_word_embeddings' = 'no' must be true or false"),
-    ("eos_token_id", 101, "'eos_token_id' = 101 must be null, a token id"),
+    ("eos_token_id", "</s>", "'eos_token_id' = '</s>' must be null, a token id"),
     ("num_key_value_heads", 3, "num_heads (8) must be a multiple of num_kv_heads (3)"),
 ])
 def test_each_bad_value_is_named(tmp_path, key, value, words):

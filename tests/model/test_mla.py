@@ -185,12 +185,12 @@ def test_export_round_trip(pair, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "unsupported rope scaling"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
     ({"topk_method": "random"}, "unsupported topk_method"),
     ({"qk_rope_head_dim": 7}, "must be even"),
     ({"kv_lora_rank": 0}, "kv_lora_rank"),
     ({"n_group": 3}, "n_group"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "gelu_10"}, "hidden_act"),
 ])
 def test_options_we_do_not_run_are_refused_by_name(pair, tmp_path, change, message):
     _, _, path = pair

@@ -16,17 +16,26 @@ has none, Llama's ``attention_bias`` covers q/k/v *and* o_proj.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from .deepseek_config import MLAConfig, MoEConfig, YarnScaling, config_from_hf
-from .hf_config import ConfigValueError, attention_geometry, config_file, read_json_object
+from .deepseek_config import MLAConfig, MoEConfig, config_from_hf
+from .hf_config import (
+    ACTIVATION_NAMES,
+    ConfigValueError,
+    attention_geometry,
+    config_file,
+    read_activation,
+    read_json_object,
+)
 from .hf_config import is_int as _is_int
+from .rope_config import FrequencyScaling, YarnScaling, read_rope
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "MLAConfig", "MoEConfig", "YarnScaling", "ConfigValueError",
-           "read_json_object"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "MLAConfig", "MoEConfig", "YarnScaling", "FrequencyScaling",
+           "ConfigValueError", "read_json_object"]
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "deepseek_v2", "deepseek_v3")
 
@@ -55,12 +64,16 @@ class ModelConfig:
     mla: MLAConfig | None = None  # DeepSeek: latent attention replaces Q/K/V heads
     moe: MoEConfig | None = None  # DeepSeek: experts replace the MLP of layers >= moe.first_dense_layers
     yarn: YarnScaling | None = None
+    rope_scaling: FrequencyScaling | None = None  # linear / llama3 (rope_config.py)
+    hidden_act: str | None = None  # None: GPT-2 gelu_new, Llama silu
 
     def __post_init__(self) -> None:
         # None = the architecture's own convention (GPT-2 has every bias, plain Llama none)
         for name in ("attention_out_bias", "mlp_bias"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, self.arch == "gpt2")
+        if self.hidden_act is None:
+            object.__setattr__(self, "hidden_act", "gelu_new" if self.arch == "gpt2" else "silu")
         self._validate()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -82,8 +95,10 @@ class ModelConfig:
             elif f.name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias"):
                 if not isinstance(value, bool):
                     raise ConfigValueError(f.name, value, "must be true or false")
-            elif f.name in ("mla", "moe", "yarn"):
-                continue  # checked when read (deepseek.py)
+            elif f.name in ("mla", "moe", "yarn", "rope_scaling"):
+                continue  # checked when read (deepseek_config.py, rope_config.py)
+            elif f.name == "hidden_act" and value not in ACTIVATION_NAMES:
+                raise ConfigValueError(f.name, value, f"is not supported (supported: {', '.join(ACTIVATION_NAMES)})")
             elif f.name == "sliding_window" and value is not None and (not _is_int(value) or value < 1):
                 raise ConfigValueError(f.name, value, "must be null or an integer >= 1")
             elif f.name in ("bos_token_id", "eos_token_id") and value is not None:
@@ -141,6 +156,7 @@ class ModelConfig:
                 f"unsupported architecture: model_type={model_type!r} architectures={archs}; "
                 f"kvcache runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        cfg = _without_unusable_token_ids(cfg)
         try:
             if model_type == "gpt2":
                 return cls._from_gpt2(cfg)
@@ -158,9 +174,7 @@ class ModelConfig:
     @classmethod
     def _from_gpt2(cls, cfg: dict[str, Any]) -> "ModelConfig":
         g = attention_geometry(cfg)
-        act = cfg.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported GPT-2 activation_function {act!r} (supported: gelu_new)")
+        act = read_activation(cfg, "activation_function", "gelu_new")
         return cls(
             arch="gpt2",
             model_type="gpt2",
@@ -179,19 +193,14 @@ class ModelConfig:
             mlp_bias=True,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            hidden_act=act,
         )
 
     @classmethod
     def _from_llama(cls, cfg: dict[str, Any], model_type: str) -> "ModelConfig":
         g = attention_geometry(cfg)
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r} (supported: silu)")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: default)")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        act = read_activation(cfg, "hidden_act", "silu")
+        rope = read_rope(cfg)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
         if model_type == "llama":  # LlamaAttention: attention_bias on q, k, v and o; LlamaMLP: mlp_bias
             qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
@@ -210,7 +219,10 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             max_positions=g.max_positions or 2048,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
+            rope_theta=rope.theta,
+            rope_scaling=rope.scaling,
+            yarn=rope.yarn,
+            hidden_act=act,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=qkv_bias,
             attention_out_bias=out_bias,
@@ -228,6 +240,32 @@ class ModelConfig:
             return cls.from_hf(data)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _without_unusable_token_ids(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with special token ids outside the vocabulary dropped (``usable_token_ids``)."""
+    vocab = cfg.get("vocab_size")
+    if not _is_int(vocab) or vocab < 1:
+        return cfg  # ModelConfig names it
+    return {**cfg, **{key: usable_token_ids(cfg.get(key), vocab, key) for key in SPECIAL_TOKEN_KEYS if key in cfg}}
+
+
+def usable_token_ids(value: Any, vocab: int, key: str, where: str = "config.json") -> Any:
+    """``value`` (an id, a list of ids or null) without the ids outside the vocabulary, with one warning naming
+    the field, as transformers loads them (warning they "may result in unexpected behavior"): such an id can
+    never be generated, so as a stop token it is absent.  A wrongly typed value is returned as it is."""
+    ids = value if isinstance(value, list) else [value]
+    if value is None or not all(_is_int(i) for i in ids):
+        return value
+    kept = [i for i in ids if 0 <= i < vocab]
+    if len(kept) == len(ids):
+        return value
+    warnings.warn(f"{where}: {key} = {value!r} lies outside the vocabulary (vocab_size = {vocab}); "
+                  f"treated as {kept if kept else 'absent'}", stacklevel=3)
+    return (kept if isinstance(value, list) else kept[0]) if kept else None
 
 
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

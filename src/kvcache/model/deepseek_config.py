@@ -1,4 +1,4 @@
-"""DeepSeek-V2/V3's config.json: latent attention (MLA), mixture of experts (MoE) and YaRN rope scaling.
+"""DeepSeek-V2/V3's config.json: latent attention (MLA) and mixture of experts (MoE); rope is rope_config.py's.
 
 Read into the nested configs a ``ModelConfig`` carries (``mla``, ``moe``, ``yarn``) and written back by
 ``to_hf`` for the exporter. The weights' names and layout are ``deepseek.py``'s.
@@ -6,11 +6,12 @@ Read into the nested configs a ``ModelConfig`` carries (``mla``, ``moe``, ``yarn
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from .hf_config import ConfigValueError, attention_geometry, is_int
+from .hf_config import ConfigValueError, attention_geometry, is_int, read_activation
+from .rope_config import read_rope
+from .rope_config import to_hf as rope_to_hf
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,6 @@ class MoEConfig:
     routed_scaling_factor: float
 
 
-@dataclass(frozen=True)
-class YarnScaling:
-    """YaRN rope scaling (rope_type "yarn"), as transformers computes it."""
-
-    factor: float
-    original_max_positions: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float = 1.0  # multiplies cos/sin
-    truncate: bool = True
-    mscale: float | None = None  # DeepSeek: with mscale_all_dim, sets attention_factor and the softmax scale
-    mscale_all_dim: float | None = None
-
-
 TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 
 
@@ -68,8 +55,7 @@ def config_from_hf(cls, cfg: dict[str, Any]):
     """A ``ModelConfig`` (``cls``) for a deepseek_v2 / deepseek_v3 config.json; options we do not run are refused
     by name."""
     model_type = cfg["model_type"]
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')!r} (supported: silu)")
+    act = read_activation(cfg, "hidden_act", "silu")
     for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         _positive(cfg, key)  # before the geometry, so a missing latent width is named, not skipped
     g = attention_geometry(cfg)
@@ -79,8 +65,8 @@ def config_from_hf(cls, cfg: dict[str, Any]):
     q_lora = cfg.get("q_lora_rank")
     if q_lora is not None:
         _positive(cfg, "q_lora_rank")
-    rope, theta = _rope(cfg)
-    yarn, mscale = _yarn(cfg, rope)
+    rope = read_rope(cfg)
+    mscale = rope.softmax_mscale
     mla = MLAConfig(cfg["kv_lora_rank"], q_lora, cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                     cfg["v_head_dim"], g.head_dim ** -0.5 * mscale * mscale, rope_interleaved(cfg))
     bias = cfg.get("attention_bias", False)
@@ -91,11 +77,11 @@ def config_from_hf(cls, cfg: dict[str, Any]):
         num_layers=g.num_layers, num_heads=g.num_heads, num_kv_heads=g.num_heads,
         head_dim=cfg["qk_rope_head_dim"],  # what RoPE rotates
         intermediate_size=cfg["intermediate_size"], max_positions=g.max_positions or 2048,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope.theta,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=bias, attention_out_bias=bias, mlp_bias=False,
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
-        mla=mla, moe=_moe(cfg, model_type), yarn=yarn)
+        mla=mla, moe=_moe(cfg, model_type), yarn=rope.yarn, rope_scaling=rope.scaling, hidden_act=act)
 
 
 def rope_interleaved(cfg: dict[str, Any]) -> bool:
@@ -105,39 +91,6 @@ def rope_interleaved(cfg: dict[str, Any]) -> bool:
 def _positive(cfg: dict[str, Any], key: str) -> None:
     if not is_int(cfg.get(key)) or cfg[key] < 1:
         raise ConfigValueError(key, cfg.get(key), "must be an integer >= 1", key)
-
-
-def _rope(cfg: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ConfigValueError("rope_parameters", rope, "must be an object", "rope_parameters")
-    return rope, rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-
-
-def _yarn(cfg: dict[str, Any], rope: dict[str, Any]) -> tuple[YarnScaling | None, float]:
-    """(YaRN scaling or None, the mscale that multiplies the softmax scale twice)."""
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        return None, 1.0
-    if kind != "yarn":
-        raise ValueError(f"unsupported rope scaling {kind!r} for {cfg['model_type']} (supported: default, yarn)")
-    original = rope.get("original_max_position_embeddings")
-    if not is_int(original) or original < 1:
-        raise ConfigValueError("original_max_position_embeddings", original, "must be an integer >= 1 for yarn",
-                               "rope_parameters.original_max_position_embeddings")
-    factor = rope.get("factor") or cfg.get("max_position_embeddings", 2048) / original
-
-    def get_mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-    attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
-        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all
-                            else get_mscale(factor))
-    yarn = YarnScaling(float(factor), original, float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
-                       float(attention_factor), bool(rope.get("truncate", True)), mscale, mscale_all)
-    return yarn, (get_mscale(factor, mscale_all) if mscale_all else 1.0)
 
 
 def _moe(cfg: dict[str, Any], model_type: str) -> MoEConfig | None:
@@ -171,20 +124,13 @@ def to_hf(c) -> dict[str, Any]:
     arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[c.model_type]
     cfg = {"architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size,
            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-           "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_heads, "hidden_act": "silu",
+           "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_heads, "hidden_act": c.hidden_act,
            "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps,
            "kv_lora_rank": m.kv_lora_rank, "q_lora_rank": m.q_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
            "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "attention_bias": c.attention_bias,
-           "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+           "rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling, c.yarn),
            "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
            "eos_token_id": c.eos_token_id, "torch_dtype": "float32"}
-    if c.yarn is not None:
-        y = c.yarn
-        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": c.rope_theta, "factor": y.factor,
-                                  "original_max_position_embeddings": y.original_max_positions,
-                                  "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "truncate": y.truncate,
-                                  "attention_factor": y.attention_factor, "mscale": y.mscale,
-                                  "mscale_all_dim": y.mscale_all_dim}
     if c.model_type == "deepseek_v3":
         cfg["rope_interleave"] = m.rope_interleave
     elif not m.rope_interleave:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .rope_config import to_hf as rope_to_hf
 from .transformer import Transformer
 
 
@@ -40,7 +41,7 @@ def hf_config(model: Transformer) -> dict[str, Any]:
     if c.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
                 "n_positions": c.max_positions, "n_embd": c.hidden_size, "n_layer": c.num_layers,
-                "n_head": c.num_heads, "n_inner": c.intermediate_size, "activation_function": "gelu_new",
+                "n_head": c.num_heads, "n_inner": c.intermediate_size, "activation_function": c.hidden_act,
                 "layer_norm_epsilon": c.norm_eps, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[c.model_type]
@@ -52,8 +53,9 @@ def hf_config(model: Transformer) -> dict[str, Any]:
     return {"architectures": [arch], "model_type": c.model_type, "vocab_size": c.vocab_size, **extra,
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": c.hidden_act,
+            "max_position_embeddings": c.max_positions, "rms_norm_eps": c.norm_eps,
+            "rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling, c.yarn),
             "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias, "tie_word_embeddings": c.tie_word_embeddings,
             "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32"}
 

@@ -22,6 +22,8 @@ GEOMETRY_KEYS = {
     "num_kv_heads": ("num_key_value_heads", "n_head_kv", "num_kv_heads"),  # absent: every head has its own
     "max_positions": ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"),
 }
+# the MLP activations kvcache runs, by config.json's names (transformers' ACT2FN); model/activations.py runs them
+ACTIVATION_NAMES = ("silu", "swish", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 LATENT_KEYS = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
@@ -121,3 +123,12 @@ def _positive(cfg: dict[str, Any], key: str, field: str | None = None) -> int:
     if not is_int(value) or value < 1:
         raise ConfigValueError(field or key, value, "must be an integer >= 1", key)
     return value
+
+
+def read_activation(cfg: dict[str, Any], key: str, default: str) -> str:
+    """The activation ``cfg[key]`` names (absent or null: ``default``); ConfigValueError for one we do not run."""
+    name = cfg.get(key)
+    name = default if name is None else name
+    if name not in ACTIVATION_NAMES:
+        raise ConfigValueError(key, name, f"is not supported (supported: {', '.join(ACTIVATION_NAMES)})", key)
+    return name

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..paths import SHIPPED_MODEL_DIR
-from .config import ModelConfig, read_json_object
+from .config import ModelConfig, read_json_object, usable_token_ids
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
@@ -168,7 +168,7 @@ def _eos_ids(folder: Path, config: ModelConfig) -> list[int]:
     gen = folder / "generation_config.json"
     ids = config.eos_token_ids
     if gen.exists():
-        eos = read_json_object(gen).get("eos_token_id")
+        eos = usable_token_ids(read_json_object(gen).get("eos_token_id"), config.vocab_size, "eos_token_id", str(gen))
         if eos is not None:
             ids = list(eos) if isinstance(eos, list) else [eos]
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids):
@@ -187,8 +187,9 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
     ``pack`` keeps a oneDNN-blocked copy of every linear weight (fp32 only):
     faster decode, at twice the weight memory; ``pack=False`` keeps only the plain weights.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = model_dtype(dtype)
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be True or False, got {pack!r}")
     source = resolve_source(path)
     if source.suffix == ".gguf" or source.is_file():
         from .gguf import read_gguf
@@ -212,10 +213,36 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
     return model
 
 
+# the dtypes a model computes in, by name (and short name)
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                 "fp64": "float64", "double": "float64"}
+
+
+def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype a ``dtype`` argument names; ValueError / TypeError naming the accepted values."""
+    accepted = ", ".join([*MODEL_DTYPES, *DTYPE_ALIASES])
+    if isinstance(dtype, str):
+        name = DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower().removeprefix("torch."))
+        if name not in MODEL_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one kvcache computes in (accepted: {accepted})")
+        return MODEL_DTYPES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or one of the names {accepted}; got {type(dtype).__name__}")
+    if dtype not in MODEL_DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not one kvcache computes in (accepted: "
+                         f"{', '.join(f'torch.{n}' for n in MODEL_DTYPES)})")
+    return dtype
+
+
 def resolve_source(path: str | Path | None) -> Path:
     """The folder or GGUF file ``path`` names: a path, or a model name of ``kvcache.hub`` (pulled if needed)."""
     if path is None:
         return DEFAULT_MODEL_DIR
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"a model path must be a str or a Path (a folder, a .gguf file or a model name), "
+                        f"got {type(path).__name__}")
     candidate = Path(path)
     if not candidate.exists():
         from . import hub

@@ -17,34 +17,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import activation
 from .config import ModelConfig
 from .linear import Linear
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate) * up), gate and up fused into one matmul (a dense layer, or the shared experts)."""
+    """down(act(gate) * up) (act: SiLU unless the config says otherwise), gate and up fused into one matmul (a
+    dense layer, or the shared experts)."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, act: str = "silu"):
         super().__init__()
+        self.act = activation(act)
         self.up = Linear(hidden, 2 * intermediate, bias=bias)
         self.down = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.act(gate) * up)
 
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         m, H = config.moe, config.hidden_size
-        self.moe = m
+        self.moe, self.act = m, activation(config.hidden_act)
         self.router = nn.Parameter(torch.empty(m.num_experts, H, dtype=torch.float32))
         if m.scoring == "sigmoid":
             self.router_bias = nn.Parameter(torch.zeros(m.num_experts, dtype=torch.float32))
         self.experts_up = nn.Parameter(torch.empty(m.num_experts, 2 * m.intermediate_size, H))
         self.experts_down = nn.Parameter(torch.empty(m.num_experts, H, m.intermediate_size))
-        self.shared = SwiGLU(H, m.intermediate_size * m.shared_experts) if m.shared_experts else None
+        shared = m.intermediate_size * m.shared_experts
+        self.shared = SwiGLU(H, shared, act=config.hidden_act) if m.shared_experts else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (tokens, k) in float32, expert indices (tokens, k)) for x (tokens, hidden)."""
@@ -83,7 +87,7 @@ class MoE(nn.Module):
         for expert in index.unique().tolist():  # only the experts some token chose
             rows, slot = (index == expert).nonzero(as_tuple=True)
             gate, up = F.linear(tokens[rows], self.experts_up[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.experts_down[expert])
+            y = F.linear(self.act(gate) * up, self.experts_down[expert])
             out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
         out = out.view(shape)
         return out + self.shared(x) if self.shared is not None else out

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .config import ModelConfig, YarnScaling
+from .config import FrequencyScaling, ModelConfig, YarnScaling
 
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -20,7 +20,24 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     scale = 1.0
     if config.yarn is not None:
         inv_freq, scale = yarn_inv_freq(config.yarn, dim, config.rope_theta), config.yarn.attention_factor
+    elif config.rope_scaling is not None:
+        inv_freq = scaled_inv_freq(config.rope_scaling, inv_freq)
     return inv_freq.double(), scale
+
+
+def scaled_inv_freq(scaling: FrequencyScaling, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``linear``: every frequency divided by the factor.  ``llama3`` (transformers' ``_compute_llama3_parameters``):
+    wavelengths beyond ``original / low_freq_factor`` divided, below ``original / high_freq_factor`` kept, and
+    a smooth interpolation between."""
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    original, low, high = scaling.original_max_positions, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    divided = torch.where(wavelen > original / low, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * divided / scaling.factor + smooth * divided
+    medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(medium, smoothed, divided)
 
 
 def rope_tables(config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .activations import activation
 from .attention import attention
 from .config import ModelConfig
 from .linear import Linear, watched
@@ -77,11 +77,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: fc -> GELU(tanh) -> proj.  Llama: down(silu(gate) * up) with gate/up fused."""
+    """GPT-2: fc -> act (GELU, tanh) -> proj.  Llama: down(act(gate) * up) (act: SiLU), gate/up fused."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gated = config.arch == "llama"
+        self.act = activation(config.hidden_act)
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
         self.up = Linear(config.hidden_size, width, bias=bool(config.mlp_bias))
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=bool(config.mlp_bias))
@@ -90,8 +91,8 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(h, approximate="tanh"))
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(h))
 
     __call__ = forward
 
