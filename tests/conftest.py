@@ -57,6 +57,32 @@ def save_hf_llama(path, **overrides):
     return model
 
 
+DEEPSEEK_BASE = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=256,
+            bos_token_id=0, eos_token_id=None)  # no EOS: transformers would suppress it (min_new_tokens)
+
+
+def save_hf_deepseek(path, model_type, **overrides):
+    import transformers
+
+    cls = {"deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+           "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[model_type]
+    torch.manual_seed(0)
+    hf = cls[1](cls[0](**{**DEEPSEEK_BASE, **overrides})).eval()
+    with torch.no_grad():  # random init is tiny: widen it so logits separate and the routing matters
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+        for name, b in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.1)
+    hf.save_pretrained(path)
+    return hf
+
+
 def widen_weights(model, std=0.2, seed=0):
     """The GPT-2 fixture has tiny init weights: its greedy output just repeats the last prompt
     token whatever the context, so it could not notice wrong KV. Widen its matrices (in memory)."""

@@ -79,9 +79,11 @@ def check_preemption_recomputes_the_same_stream(model, spec: str) -> None:
 
 def check_speculative_rollback(model, spec: str) -> None:
     llm = LLM(model, num_blocks=80, kv_cache=spec)
-    outs = llm.generate(GROUNDED, greedy(24, speculative="prompt-lookup:min_ngram=1,k=4"))
+    echo = PHRASE + alone(model, llm, PHRASE, 16) + PHRASE  # drafts this model's own continuation of PHRASE
+    prompts = [*GROUNDED, echo]
+    outs = llm.generate(prompts, greedy(24, speculative="prompt-lookup:min_ngram=1,k=4"))
     assert llm.stats()["spec_drafted_tokens"] > llm.stats()["spec_accepted_tokens"] > 0
-    for prompt, out in zip(GROUNDED, outs):
+    for prompt, out in zip(prompts, outs):
         assert out.token_ids == alone(model, llm, prompt, 24)
     assert_no_leak(llm)
 

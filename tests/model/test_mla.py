@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import DEEPSEEK_BASE, save_hf_deepseek
 from kvcache.caches.contiguous import ContiguousKVCache
 from kvcache.caches.paged import PagedKVCache
 from kvcache.engine.llm import LLM
@@ -23,10 +24,7 @@ from kvcache.model.mla import LatentAttention
 
 pytestmark = pytest.mark.usefixtures("flush_denormals")
 
-BASE = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4,
-            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=256,
-            bos_token_id=0, eos_token_id=None)  # no EOS: transformers would suppress it (min_new_tokens)
+BASE = DEEPSEEK_BASE
 MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
            first_k_dense_replace=1)
 VARIANTS = {
@@ -44,24 +42,7 @@ VARIANTS = {
 PROMPT = [5, 17, 3, 88, 41, 9, 23, 61, 7, 14, 99, 2, 30]
 
 
-def save_deepseek(path, model_type, **overrides):
-    import transformers
-
-    cls = {"deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
-           "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[model_type]
-    torch.manual_seed(0)
-    hf = cls[1](cls[0](**{**BASE, **overrides})).eval()
-    with torch.no_grad():  # random init is tiny: widen it so logits separate and the routing matters
-        for name, p in hf.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.15)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in hf.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.1)
-    hf.save_pretrained(path)
-    return hf
+save_deepseek = save_hf_deepseek
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

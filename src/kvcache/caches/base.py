@@ -26,6 +26,11 @@ What the model may also read (optional for a cache of your own; ``Cache`` gives 
     this layer's KV without attending and the layer holds nothing yet, so
     latent attention (MLA) runs a prompt in its expanded form.
 
+What speculative decoding reads (optional)
+    ``max_rollback``: how many of the newest positions ``crop`` can always take
+    back (None: any), and ``rollback_option``, the option that sets it; a draft
+    longer than that is refused before the first token.
+
 The engine's pool (``PagedPool``, below) serves a flattened batch of many
 sequences through block tables; the registry (caches/registry.py) names, for
 every cache type, its ``Cache`` class and its ``PagedPool`` class (or why the
@@ -85,6 +90,7 @@ class Cache(ABC):
     options: ClassVar[dict[str, Option]] = {}
     lossless: ClassVar[bool] = True
     rotates_keys: ClassVar[bool] = False  # True: keys and queries arrive unrotated; the cache applies RoPE
+    max_rollback: int | None = None  # positions crop can always take back (None: any); see the module doc
 
     @classmethod
     @abstractmethod

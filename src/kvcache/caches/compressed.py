@@ -174,6 +174,14 @@ class CompressedKVCache(ContiguousKVCache):
             self.score = F.pad(self.score, (0, grow))
 
     # --- edits -------------------------------------------------------------------
+    rollback_option = "window"
+
+    @property
+    def max_rollback(self) -> int | None:
+        """Positions ``crop`` can always take back: h2o keeps only the last ``window`` safe from eviction;
+        snapkv compresses the prompt once and then only appends."""
+        return self.window if self.policy == "h2o" else None
+
     def crop(self, length: int) -> None:
         """Roll back to ``length`` tokens: possible while every token after it is still held by every head
         (snapkv: tokens since the last prompt compression; h2o: the last ``window``).  Drops made

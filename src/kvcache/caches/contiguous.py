@@ -205,8 +205,10 @@ class ContiguousKVCache(Cache):
         return self._value_dim
 
     def stores_unattended(self, layer: int) -> bool:
-        """``update`` stores without attending: latent attention runs an empty layer's prompt expanded."""
-        return self.layer_length(layer) == 0
+        """``update`` stores without attending: latent attention runs an empty layer's prompt expanded -- in
+        float32 and float64 only: in half precision the expanded and absorbed forms round differently, and the
+        engine's pools (always absorbed) would then pick other tokens than ``generate``."""
+        return self.layer_length(layer) == 0 and self.dtype not in (torch.bfloat16, torch.float16)
 
     def layer_length(self, layer: int) -> int:
         """Positions cached in ``layer`` (during a forward pass, earlier layers are ahead of later ones)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import attention, merge_partials, softmax_partial
+from ..model.attention import ATTENTION_DTYPE, attention, merge_partials, softmax_partial
 from ..model.linear import ONEDNN_LINEAR
 from . import kernels
 from .base import PagedPool, PoolSizing
@@ -225,7 +225,8 @@ class PagedKVCache(PagedPool):
     def prepare(self, entries: Sequence[BatchEntry]) -> None:
         """Describe the next forward pass (sequences in the order their tokens are flattened)."""
         use_kernel = self.k.dtype == torch.float32 and kernels.library() is not None
-        self.plan = _StepPlan(entries, self.block_size, self.k.dtype, use_kernel)  # the mask in the pool's dtype
+        mask_dtype = ATTENTION_DTYPE.get(self.k.dtype, self.k.dtype)  # the dtype attention is computed in
+        self.plan = _StepPlan(entries, self.block_size, mask_dtype, use_kernel)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None = None) -> torch.Tensor:
@@ -238,6 +239,13 @@ class PagedKVCache(PagedPool):
         k_pool.index_copy_(1, plan.write_slots, k[0])
         if v_pool is not None:
             v_pool.index_copy_(1, plan.write_slots, v[0])
+        if q.dtype != ATTENTION_DTYPE.get(q.dtype, q.dtype):  # half precision: attention computed in float32
+            q, k, v = q.float(), k.float(), v.float()
+            return self._attend_written(q, k, v, k_pool, v_pool, plan, window).to(self.k.dtype)
+        return self._attend_written(q, k, v, k_pool, v_pool, plan, window)
+
+    def _attend_written(self, q, k, v, k_pool, v_pool, plan: _StepPlan, window: int | None) -> torch.Tensor:
+        """Attention of the planned batch, its new keys and values already in the pool."""
         if window is not None and plan.max_context > window and not plan.bounded:
             return self._attend_each(q, k_pool, v_pool, plan, window)
         out = q.new_empty(q.shape[:3] + (self.value_dim,)) if plan.prefills else None
@@ -258,8 +266,8 @@ class PagedKVCache(PagedPool):
 
     def _gather(self, k_pool: torch.Tensor, v_pool: torch.Tensor | None, slots: torch.Tensor):
         """(keys, values) of ``slots``: (kv_heads, len, d) each; a latent pool's values are a view of its keys."""
-        keys = k_pool.index_select(1, slots)
-        return keys, (keys[..., :self.value_dim] if v_pool is None else v_pool.index_select(1, slots))
+        keys = _computed(k_pool.index_select(1, slots))
+        return keys, (keys[..., :self.value_dim] if v_pool is None else _computed(v_pool.index_select(1, slots)))
 
     def _attend_each(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan,
                      window: int | None = None) -> torch.Tensor:
@@ -278,11 +286,11 @@ class PagedKVCache(PagedPool):
         """Whole blocks gathered at once: (keys, values), each (kv_heads, len(blocks) * block_size, d)."""
         kv_heads, num_slots, dim = k_pool.shape
         per_block = num_slots // self.block_size
-        keys = k_pool.view(kv_heads, per_block, -1).index_select(1, blocks).view(kv_heads, -1, dim)
+        keys = _computed(k_pool.view(kv_heads, per_block, -1).index_select(1, blocks).view(kv_heads, -1, dim))
         if v_pool is None:
             return keys, keys[..., :self.value_dim]
         values = v_pool.view(kv_heads, per_block, -1).index_select(1, blocks).view(kv_heads, -1, self.value_dim)
-        return keys, values
+        return keys, _computed(values)
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, plan: _StepPlan
                 ) -> torch.Tensor | None:
@@ -322,6 +330,11 @@ class PagedKVCache(PagedPool):
         shared = (o1.view(kv_heads, batch, group, vdim), m1, e1.sum(-1, keepdim=True))
         out = merge_partials([shared, softmax_partial(scores, values)])
         return _finite_or_none(out.transpose(1, 2).reshape(heads, batch, vdim))
+
+
+def _computed(t: torch.Tensor) -> torch.Tensor:
+    """A gathered copy in the dtype attention is computed in (float32 for a half-precision pool)."""
+    return t.to(ATTENTION_DTYPE.get(t.dtype, t.dtype))
 
 
 def own_window(config) -> int | None:

@@ -37,7 +37,7 @@ from .paged import BatchEntry, PagedKVCache
 from .prefill_view import prefill_attention, view_masks
 from .quant_ops import TILE, QuantizedRows, dequantize_rows, hadamard, quantize, quantized_partial
 from .quant_store import QuantizedStore
-from .quantized import QuantizedKVCache, check_range
+from .quantized import QuantizedKVCache, check_range, compute_dtype
 from .registry import CacheSpec
 
 
@@ -148,13 +148,14 @@ class PagedQuantizedKVCache(PagedPool):
             raise ValueError(f"a quantized pool needs blocks of a multiple of {TILE} tokens (and of the key group), "
                              f"got block_size={block_size}")
         self.spec, self.key_fmt, self.value_fmt = str(spec), probe.key_fmt, probe.value_fmt
-        self.rotation = hadamard(head_dim, dtype) if probe.rotation is not None else None
+        self.compute_dtype = probe.compute_dtype  # float32 for half-precision models, as the single-stream cache
+        self.rotation = hadamard(head_dim, self.compute_dtype) if probe.rotation is not None else None
         self.use_kernel = probe.use_kernel
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         self.store = QuantizedStore(num_layers, 1, num_kv_heads, head_dim, self.key_fmt, self.value_fmt,
                                     num_blocks * block_size)
         shape = (num_layers, num_kv_heads, max(1, staging_blocks) * block_size, head_dim)
-        self.stage_k, self.stage_v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.stage_k, self.stage_v = (torch.zeros(shape, dtype=self.compute_dtype) for _ in range(2))
         self.slots: dict[int, int] = {}  # block id -> staging slot
         self.free_slots = list(range(max(1, staging_blocks)))[::-1]
         self.in_use = in_use or (lambda block: True)
@@ -170,7 +171,7 @@ class PagedQuantizedKVCache(PagedPool):
             raise ValueError(f"kv_cache {str(spec)!r}: the engine's quantized pools do not store latent (MLA) "
                              "attention's [c_kv | k_pe] yet; use the full-precision pool ('auto')")
         single = engine_options(spec, bs)
-        fp_block = PagedKVCache.bytes_per_block(c, bs, model.dtype)
+        fp_block = PagedKVCache.bytes_per_block(c, bs, compute_dtype(model.dtype))  # a staging slot
         q_block = cls.bytes_per_block(c, bs, single)
         if sizing.num_blocks is not None:
             blocks, staging = sizing.num_blocks, min(sizing.max_num_seqs, sizing.num_blocks)
@@ -258,6 +259,12 @@ class PagedQuantizedKVCache(PagedPool):
         plan = self.plan
         if plan is None or q.shape[2] != plan.num_tokens:
             raise RuntimeError("PagedQuantizedKVCache.attend called without a matching prepare() for this batch")
+        dtype = q.dtype
+        q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))
+        return self._attend(layer, q, k, v, plan, window).to(dtype)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
+                window: int | None) -> torch.Tensor:
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
         check_range(k, v)

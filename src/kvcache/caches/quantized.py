@@ -52,6 +52,13 @@ from .quant_ops import (
 from .quant_store import QuantizedStore
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a quantized cache computes and keeps its full-precision rows in: float32 for half-precision models
+    (softmax partials and dequantized codes in bfloat16 lose digits, and both of a model's paths -- ``generate``
+    and the engine's pool -- then agree as they do in float32), the model's dtype otherwise."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class QuantizedKVCache(Cache):
     lossless = False
     options = {
@@ -106,7 +113,8 @@ class QuantizedKVCache(Cache):
                              "groups of tokens")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-        self.rotation = hadamard(head_dim, dtype) if rotate else None
+        self.compute_dtype = compute_dtype(dtype)
+        self.rotation = hadamard(head_dim, self.compute_dtype) if rotate else None
         self.key_fmt = QuantFormat(bits, key_group, bool(symmetric), per_channel=keys == "channel")
         self.value_fmt = QuantFormat(bits, value_channels, bool(symmetric))
         self.residual, self.sinks, self.dtype, self.check_finite = residual, sinks, dtype, check_finite
@@ -116,7 +124,7 @@ class QuantizedKVCache(Cache):
         per_token = 2 * num_layers * batch * num_kv_heads * head_dim * (bits / 8 + 4 / group)
         check_fits(int(per_token * capacity), f"a quantized KV cache of {capacity:,} positions x batch {batch}")
         self.fp_k = torch.zeros(num_layers, batch, num_kv_heads, min(capacity, sinks + residual + block), head_dim,
-                                dtype=dtype)
+                                dtype=self.compute_dtype)
         self.fp_v = torch.zeros_like(self.fp_k)
         self.store = QuantizedStore(num_layers, batch, num_kv_heads, head_dim, self.key_fmt, self.value_fmt, capacity)
         self.lengths = [0] * num_layers  # positions per layer
@@ -167,6 +175,7 @@ class QuantizedKVCache(Cache):
         layer = self._layer(layer)
         check_kv(self, layer, k, v)
         n, start = k.shape[2], self.lengths[layer]
+        q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))  # bf16/fp16 models: computed in float32
         original_q = q
         if self.rotation is not None:
             q, k = q @ self.rotation, k @ self.rotation
@@ -174,13 +183,12 @@ class QuantizedKVCache(Cache):
         qc, fp_end = self._store_new(layer, start, k, v)
         if window is not None and start + n > window:  # Mistral past its window: the last `window` stored forms
             self.lengths[layer] = start + n
-            keys, values = self.materialize(layer)
-            return attention(original_q, keys, values, window=window)
+            return attention(original_q, *self._stored_forms(layer), window=window).to(self.dtype)
         out = self._attend_stored(layer, q, start, n, qc, fp_end)
         if torch.isfinite(out).all():
-            return out
-        keys, values = self.materialize(layer)  # huge inputs overflowed a fast path: the stored forms, exactly
-        return finite_attention(original_q, keys, values)
+            return out.to(self.dtype)
+        keys, values = self._stored_forms(layer)  # huge inputs overflowed a fast path: the stored forms, exactly
+        return finite_attention(original_q, keys, values).to(self.dtype)
 
     def _attend_stored(self, layer: int, q: torch.Tensor, start: int, n: int, qc: int, fp_end: int) -> torch.Tensor:
         batch, heads, _, dim = q.shape
@@ -195,6 +203,7 @@ class QuantizedKVCache(Cache):
         parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc)]
         parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
         return merge_partials(parts).reshape(batch, heads, n, dim).to(q.dtype)
+
 
     def _store_new(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         """Quantize what a decode at ``start`` would have, write k/v (rotated) to the buffer: (qcount, buffer end)."""
@@ -211,24 +220,30 @@ class QuantizedKVCache(Cache):
         layer = self._layer(layer)
         check_kv(self, layer, k, v)
         start = self.lengths[layer]
+        k, v = k.to(self.compute_dtype), v.to(self.compute_dtype)
         k = k if self.rotation is None else k @ self.rotation
         check_range(k, v)
         self._store_new(layer, start, k, v)
         self.lengths[layer] = start + k.shape[2]
 
     def materialize(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every held position of ``layer`` as full tensors (quantized ones dequantized, keys un-rotated).
+        """Every held position of ``layer`` as full tensors in the cache's dtype (quantized ones dequantized,
+        keys un-rotated).
 
         This is the one place a whole layer is expanded: transformers' attention needs tensors; kvcache's
-        own attention never calls it.
+        own attention reads them only on its exact fallbacks.
         """
-        layer = self._layer(layer)
+        keys, values = self._stored_forms(self._layer(layer))
+        return keys.to(self.dtype), values.to(self.dtype)
+
+    def _stored_forms(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """materialize, in the compute dtype."""
         n, qc = self.lengths[layer], self.qcounts[layer]
         sinks = min(self.sinks, n)
         rows = self.store.rows(layer, qc)
         keys, values = [self.fp_k[layer, :, :, :sinks]], [self.fp_v[layer, :, :, :sinks]]
         if qc:
-            k_q, v_q = dequantize_rows(rows, self.key_fmt, self.value_fmt, self.dtype)
+            k_q, v_q = dequantize_rows(rows, self.key_fmt, self.value_fmt, self.compute_dtype)
             keys.append(k_q)
             values.append(v_q)
         keys.append(self.fp_k[layer, :, :, sinks:n - qc])

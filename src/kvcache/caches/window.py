@@ -217,6 +217,13 @@ class WindowKVCache(Cache):
         self.v[layer].index_copy_(2, slots, v.index_select(2, idx))
         self.lengths[layer] = n + new
 
+    rollback_option = "margin"
+
+    @property
+    def max_rollback(self) -> int:
+        """Positions ``crop`` can always take back (the ``margin`` of evicted tokens still held)."""
+        return self.ring - self.size
+
     # --- edits -------------------------------------------------------------------
     def _layer(self, layer: int) -> int:
         return check_layer(layer, self.num_layers)

@@ -54,6 +54,7 @@ class Proposer:
     def __init__(self, k: int, adaptive: bool):
         self.k = check_int(k, "k", minimum=1)
         self.adaptive = bool(adaptive)
+        self.max_k = MAX_K  # lowered to what the caches can roll back (check_rollback)
         self.stats = SpeculationStats()
 
     def start(self, model, prompt: list[int]) -> None:
@@ -69,7 +70,21 @@ class Proposer:
 
     def update(self, drafted: int, accepted: int) -> None:
         if self.adaptive and drafted:
-            self.k = min(MAX_K, self.k + 2) if accepted == drafted == self.k else max(1, self.k - 1)
+            self.k = min(self.max_k, self.k + 2) if accepted == drafted == self.k else max(1, self.k - 1)
+
+    def fit_rollback(self, cache: Cache, whose: str) -> None:
+        """Refuse a draft length ``cache`` cannot take back, before any token; cap adaptive growth at it."""
+        limit = getattr(cache, "max_rollback", None)
+        if limit is None:
+            return
+        option = getattr(cache, "rollback_option", "its rollback limit")
+        if self.k > limit:
+            raise ValueError(f"speculative k={self.k} is longer than {whose} cache can roll back: a rejected draft "
+                             f"is cropped away, and it takes back at most {option}={limit} positions; use k <= "
+                             f"{limit} or a larger {option}" if limit else
+                             f"speculative decoding crops rejected drafts, and {whose} cache has {option}=0: it "
+                             f"cannot take any position back; give it {option} >= k={self.k}")
+        self.max_k = min(self.max_k, limit)
 
 
 class PromptLookup(Proposer):
@@ -130,6 +145,7 @@ class DraftModel(Proposer):
             raise ValueError(f"the draft model's vocabulary ({self.model.config.vocab_size}) is not the target's "
                              f"({model.config.vocab_size}): they must share a tokenizer")
         self.cache = make_cache(self.cache_spec, self.model, batch=1, capacity=self.model.config.max_positions)
+        self.fit_rollback(self.cache, "the draft model's")
 
     def propose(self, context, limit, config, generator):
         limit = min(limit, self.k, self.model.config.max_positions - len(context))
@@ -231,6 +247,8 @@ def speculative_loop(model, ids: list[int], max_new_tokens: int, config: Samplin
     """Yield new tokens; each target pass verifies a draft and yields the kept tokens and one more."""
     if max_new_tokens == 0:
         return
+    proposer.max_k = MAX_K
+    proposer.fit_rollback(cache, "the target's")
     proposer.start(model, ids)
     stats = proposer.stats
     with torch.inference_mode():
@@ -244,7 +262,7 @@ def speculative_loop(model, ids: list[int], max_new_tokens: int, config: Samplin
             if token in stops or emitted == max_new_tokens:
                 return
         ids.extend(new)
-        limit = min(max_new_tokens - emitted - 1, model.config.max_positions - len(ids))
+        limit = min(max_new_tokens - emitted - 1, model.config.max_positions - len(ids), proposer.max_k)
         with torch.inference_mode():
             draft, q = proposer.propose(ids, limit, config, generator)
             logits = model(torch.tensor([[ids[-1], *draft]]), cache=cache, logits_index=slice(None))

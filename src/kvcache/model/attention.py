@@ -42,6 +42,11 @@ def causal_mask(seq_q: int, seq_k: int, device: torch.device | None = None, wind
     return mask
 
 
+# Half-precision models compute attention in float32 (scores, softmax, weighted sum; the cache stores the
+# model's dtype): rounding scores and softmax weights to bfloat16 loses digits, and two implementations of the
+# same attention (a contiguous cache's, the paged pool's) then round differently and pick different tokens.
+ATTENTION_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
 Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (exp(s - m) @ v, m, sum exp(s - m)), m/sum keepdim
 
 
@@ -127,11 +132,15 @@ def finite_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               window: int | None = None) -> torch.Tensor:
-    """Causal attention of q over k/v (see ``_attention``); finite for every finite input.
+    """Causal attention of q over k/v (see ``_attention``); finite for every finite input; float32 arithmetic
+    for half-precision inputs (``ATTENTION_DTYPE``).
 
     Large but finite inputs can overflow a fast kernel's dot products (then inf - inf gives NaN): such a
     result, checked on the small output, is recomputed by :func:`finite_attention`.
     """
+    if q.dtype in ATTENTION_DTYPE:
+        compute = ATTENTION_DTYPE[q.dtype]
+        return attention(q.to(compute), k.to(compute), v.to(compute), mask, window).to(q.dtype)
     out = _attention(q, k, v, mask, window)
     if torch.isfinite(out.sum()):  # one reduction; a sum that overflows only costs a needless exact recompute
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    Message,
     OpenAIError,
     TokenizeRequest,
     validation_message,
@@ -37,10 +39,12 @@ from .protocol import (
 
 _POLL_DISCONNECT = 0.1  # seconds between checks that a non-streaming client is still there
 
+log = logging.getLogger("kvcache.server")
+
 
 def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> FastAPI:
     metrics = ServerMetrics(llm, model_name, metrics_prefix)
-    engine = EngineThread(llm, metrics.on_step)
+    engine = EngineThread(llm, metrics.on_step, on_change=metrics.refresh)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,6 +66,12 @@ def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> Fas
     async def invalid_body(_: Request, exc: RequestValidationError):
         message, param = validation_message(exc.errors())
         return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception):  # a bug, not the client's fault: still OpenAI's body
+        log.exception("unexpected error while serving a request")
+        return JSONResponse(OpenAIError(f"internal error: {type(exc).__name__}", 500, kind="server_error").body(),
+                            status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -170,7 +180,9 @@ class _Api:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         body.check()
-        ids = self._chat_ids([m.as_dict() for m in body.messages])
+        ids = self._chat_ids(body.messages)
+        if body.max_new_tokens is None:  # the rest of the context, at least one token
+            self._check_length(ids, 1, "messages")
         room = min(self.context, self.llm.capacity_tokens) - len(ids)
         max_new = body.max_new_tokens if body.max_new_tokens is not None else room
         self._check_length(ids, max_new, "max_tokens" if body.max_new_tokens is not None else "messages")
@@ -190,7 +202,7 @@ class _Api:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            ids = self._chat_ids([m.as_dict() for m in body.messages], body.add_generation_prompt)
+            ids = self._chat_ids(body.messages, body.add_generation_prompt)
         else:
             ids = self._encode(body.prompt)
         return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
@@ -309,12 +321,14 @@ class _Api:
             raise OpenAIError("this model has no tokenizer: it cannot turn token ids into text")
         return self.tokenizer.decode(ids)
 
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def _chat_ids(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         if self.tokenizer is None or not self.tokenizer.chat_template:
             raise OpenAIError(f"the model `{self.name}` has no chat template: use /v1/completions",
                               param="messages")
+        roles = frozenset({"developer"} if "developer" in self.tokenizer.chat_template else ())
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template([m.as_dict(roles) for m in messages],
+                                                      add_generation_prompt=add_generation_prompt)
         except (TypeError, ValueError) as exc:
             raise OpenAIError(f"the chat template refused the messages: {exc}", param="messages") from None
         return self._encode(text)

@@ -36,9 +36,11 @@ class _Stream:
 
 
 class EngineThread:
-    def __init__(self, llm: LLM, on_step: Callable[[list[RequestDelta], float], None] | None = None):
+    def __init__(self, llm: LLM, on_step: Callable[[list[RequestDelta], float], None] | None = None,
+                 on_change: Callable[[], None] | None = None):
         self.llm = llm
         self.on_step = on_step  # metrics: called on the engine thread after each step
+        self.on_change = on_change  # ... and after commands that changed the engine without a step (aborts)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
@@ -111,7 +113,9 @@ class EngineThread:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
+        if self.on_change is not None:  # an abort on an idle engine: no step follows to refresh the gauges
+            self.on_change()
 
     def _run_command(self, kind: str, arg: Any) -> None:
         if kind == "abort":

@@ -61,6 +61,10 @@ class ServerMetrics:
                 self._finished(d)
         self.snapshot = llm_snapshot(self.llm)
 
+    def refresh(self) -> None:
+        """Engine thread, after commands ran without a step (requests aborted on an idle engine)."""
+        self.snapshot = llm_snapshot(self.llm)
+
     def _finished(self, d: RequestDelta) -> None:
         m, metrics = self.model_name, d.metrics
         if d.error is not None:

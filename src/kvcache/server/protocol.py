@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine.sequence import SamplingParams
 
@@ -29,6 +29,16 @@ class OpenAIError(Exception):
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit JSON ``null`` for an optional field means its default, as OpenAI's API reads it."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)}
 
 
 class StreamOptions(_Body):
@@ -115,11 +125,14 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self, roles: frozenset[str] = frozenset()) -> dict[str, str]:
+        """The message for a chat template; ``developer`` becomes ``system`` unless the template knows it
+        (``roles``), as OpenAI and vLLM map it."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {"role": self.role, "content": content or ""}
+        role = "system" if self.role == "developer" and "developer" not in roles else self.role
+        return {"role": role, "content": content or ""}
 
 
 class ChatCompletionRequest(_Sampling):
