@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcache import native
 from kvcache.caches import kernels
 from kvcache.caches.quant_ops import (
     QuantFormat,
@@ -179,9 +180,8 @@ def test_sizes_count_codes_scales_and_residual():
 
 
 def test_without_a_compiler_it_falls_back_with_one_notice(monkeypatch, capsys):
-    monkeypatch.setattr(kernels, "_library", None)
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "kernels_dir", lambda: __import__("pathlib").Path("/nonexistent-kvcache/kernels"))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "kernels_dir", lambda: __import__("pathlib").Path("/nonexistent-kvcache/kernels"))
     monkeypatch.setenv("CC", "/nonexistent/gcc")
     assert kernels.library() is None and kernels.library() is None
     assert capsys.readouterr().err.count("kernel unavailable") == 1

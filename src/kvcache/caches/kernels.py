@@ -1,89 +1,30 @@
-"""Build (once, with gcc) and call the compiled decode kernels: the quantized cache's, and the engine's
-full-precision paged pool's (keys read through the block tables, no gathered copy).
-
-The C source ships in the package (qattn.c, plain C99 + OpenMP, no PyTorch
-headers, so it compiles in about a second).  It is built for this CPU
-(``-march=native``) into ``<cache dir>/kernels/qattn-<hash>.so``, the hash
-covering the source, the flags and the CPU's feature flags, and written
-atomically.  The library links libgomp by soname, so the process reuses the
-OpenMP runtime PyTorch already loaded.  Without a compiler (or with
-``KVCACHE_NO_KERNEL=1``) one notice is printed and the PyTorch path is used.
+"""The compiled decode attention kernels: the quantized cache's, and the engine's full-precision paged pool's
+(keys read through the block tables, no gathered copy).  The C source (qattn.c) is built and loaded by
+``native.py``; without it the callers take their PyTorch paths.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..paths import kernels_dir
+from .. import native
 
 SOURCE = Path(__file__).with_name("qattn.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c99", "-fno-math-errno",
-         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffp-contract=fast"]
-if platform.machine() in ("x86_64", "AMD64"):
-    FLAGS.append("-mprefer-vector-width=512")  # full-width loops where AVX-512 exists (measured ~10% here)
-
-_library: ctypes.CDLL | None = None
-_tried = False
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise OSError("no C compiler (gcc) found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
-        os.replace(out, target)
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it the first time; None (after one notice) if it cannot be built."""
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
-    if os.environ.get("KVCACHE_NO_KERNEL") == "1":
-        return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
-    target = kernels_dir() / f"qattn-{digest[:16]}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except OSError as error:
-        print(f"kvcache: quantized-cache kernel unavailable ({error}); using the slower PyTorch path",
-              file=sys.stderr)
-        return None
-    lib.kv_quant_decode.restype = ctypes.c_int
-    ptr, num = ctypes.c_void_p, ctypes.c_int
-    lib.kv_quant_decode.argtypes = [ptr] * 7 + [num] * 9 + [ptr, num, ptr, ptr, ptr, ptr, num, ptr]
-    lib.kv_paged_decode.restype = ctypes.c_int
-    lib.kv_paged_decode.argtypes = [ptr, ctypes.c_float, ptr, ptr] + [num] * 6 + [ctypes.c_long, ptr, num, num,
-                                                                               ptr, ptr, ptr, ptr]
-    _library = lib
+    lib = native.load(SOURCE, "quantized-cache kernel")
+    if lib is not None and lib.kv_quant_decode.argtypes is None:
+        lib.kv_quant_decode.restype = ctypes.c_int
+        ptr, num = ctypes.c_void_p, ctypes.c_int
+        lib.kv_quant_decode.argtypes = [ptr] * 7 + [num] * 9 + [ptr, num, ptr, ptr, ptr, ptr, num, ptr]
+        lib.kv_paged_decode.restype = ctypes.c_int
+        lib.kv_paged_decode.argtypes = [ptr, ctypes.c_float, ptr, ptr] + [num] * 6 + [ctypes.c_long, ptr, num, num,
+                                                                                   ptr, ptr, ptr, ptr]
     return lib
 
 

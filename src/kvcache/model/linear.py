@@ -1,4 +1,5 @@
-"""The linear layer of decoding: oneDNN's kernel called directly, with an optional blocked weight copy.
+"""The linear layer of decoding: our decode matmul (matvec.py) for the few rows of a decoding step, oneDNN's
+kernel called directly for the rest, with an optional blocked weight copy.
 
 Shared by the model (every projection) and the caches (cascade attention's per-head products), so
 caches never import the model file.
@@ -6,9 +7,13 @@ caches never import the model file.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import matvec
 
 
 def _has_onednn_linear() -> bool:
@@ -20,6 +25,7 @@ def _has_onednn_linear() -> bool:
 
 
 ONEDNN_LINEAR = _has_onednn_linear()
+DECODE_KERNEL = os.environ.get("KVCACHE_DECODE_KERNEL", "1") != "0"  # 0: oneDNN for every product (A/B runs)
 _onednn_linear = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_LINEAR else None  # resolved once
 
 
@@ -103,6 +109,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        if DECODE_KERNEL and not torch.is_grad_enabled() and matvec.serves(x, weight, self.packed is not None):
+            return matvec.linear(x, weight, self.bias)  # the few rows of decoding, nearer the weights' read speed
         if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
             if self.packed is not None:
                 # replaced or changed in place, or (not stale: it is the WatchedParameter packed) handed out
