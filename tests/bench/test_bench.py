@@ -10,6 +10,18 @@ from kvcache.bench import append, attention_kernels, decode, hf_compare, serving
 from kvcache.cli import main
 
 
+def test_decode_per_weight_format_reports_bytes_and_bandwidth():
+    rows = decode.bench_formats("tiny-llama", context=16, steps=2)
+    assert [r["format"] for r in rows] == ["float32", "bfloat16"]
+    fp32, bf16 = rows
+    assert 1.9 < fp32["mb_read"] / bf16["mb_read"] < 2.1  # half the bytes per weight and per cached value
+    for r in rows:
+        assert r["tok_s"] > 0 and r["gb_s"] == pytest.approx(r["mb_read"] / 1e3 * r["tok_s"])
+        assert 0 < r["of_bandwidth"] and r["read_bandwidth_gb_s"] > 0
+    text = decode.format_formats_table(rows)
+    assert "of read bandwidth" in text and "| bfloat16 |" in text
+
+
 def test_decode_compares_cached_and_uncached_outputs():
     rows = decode.bench_decode("tiny-llama", lengths=(4, 8), prompt_len=8)
     assert [r["new_tokens"] for r in rows] == [4, 8]

@@ -188,6 +188,15 @@ def test_options_we_do_not_run_are_refused_by_name(pair, tmp_path, change, messa
         ModelConfig.from_file(tmp_path)
 
 
+def test_v3_groups_of_one_expert_are_refused_by_name(tmp_path):
+    from kvcache.model.config import ModelConfig
+
+    cfg = {**BASE, **MOE, "model_type": "deepseek_v3", "n_group": 8, "topk_group": 1}
+    with pytest.raises(ValueError, match="n_group=8: noaux_tc scores each group by its two best experts"):
+        ModelConfig.from_hf(cfg)
+    assert ModelConfig.from_hf({**cfg, "n_group": 4, "topk_group": 2}).moe.num_groups == 4
+
+
 def test_quantized_caches_refuse_latents(pair):
     model, _, _ = pair
     with pytest.raises(ValueError, match="latent"):

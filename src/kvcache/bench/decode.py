@@ -7,12 +7,16 @@ linear in length.  Without it, step t recomputes all t tokens: quadratic.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
+import torch
+
+from ..caches.registry import make_cache
 from ..generation.generate import generate
 from ..model import hub
 from ..model.shapes import random_model
-from .common import table, timed
+from .common import read_bandwidth, table, timed, weight_bytes
 
 REAL = hub.REAL_MODEL
 
@@ -37,6 +41,54 @@ def bench_decode(shape: str = "tiny-llama", lengths=(64, 128, 256, 512, 1024), p
                      "speedup": t_plain / t_cached, "identical": cached == plain})
         print(format_decode_table(rows[-1:]).splitlines()[-1], flush=True)
     return rows
+
+
+def _model(shape: str, dtype: str, seed: int = 0):
+    if shape == REAL:
+        from ..model.loader import load_model
+
+        return load_model(REAL, dtype=dtype)
+    model = random_model(shape, seed).to(getattr(torch, dtype))
+    model.pack_weights()
+    return model
+
+
+def bench_formats(shape: str = "tiny-llama", dtypes=("float32", "bfloat16"), context: int = 256, steps: int = 32,
+                  seed: int = 0) -> list[dict]:
+    """Single-stream decode per weight format: tok/s of one-token steps at ``context`` cached tokens, the bytes
+    a step reads (every weight once, plus the KV cache), and that as GB/s against the machine's read bandwidth
+    (decoding is bound by it)."""
+    bandwidth = read_bandwidth()
+    rows = []
+    for dtype in dtypes:
+        model = _model(shape, dtype, seed)
+        c = model.config
+        cache = make_cache("auto", model, capacity=context + steps + 1)
+        prompt = [random.Random(seed).randrange(c.vocab_size) for _ in range(context)]
+        with torch.inference_mode():
+            model(torch.tensor([prompt]), cache=cache, logits_index=slice(-1, None))
+            token = torch.tensor([[prompt[-1]]])
+            for _ in range(3):  # warm-up steps, cropped away again
+                model(token, cache=cache, logits_index=slice(-1, None))
+            cache.crop(context)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(token, cache=cache, logits_index=slice(-1, None))
+            step = (time.perf_counter() - start) / steps
+        kv = c.kv_values_per_token() * model.dtype.itemsize * (context + steps / 2)  # the mean context read
+        read = weight_bytes(model) + kv
+        rows.append({"shape": shape, "format": dtype, "context": context, "tok_s": 1 / step, "step_ms": 1e3 * step,
+                     "mb_read": read / 1e6, "gb_s": read / step / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
+                     "of_bandwidth": read / step / bandwidth})
+        print(format_formats_table(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
+def format_formats_table(rows: list[dict]) -> str:
+    return table(["shape", "weights", "context", "tok/s", "ms/step", "MB read/step", "GB/s", "of read bandwidth"],
+                 [[r["shape"], r["format"], r["context"], f"{r['tok_s']:.1f}", f"{r['step_ms']:.1f}",
+                   f"{r['mb_read']:.0f}", f"{r['gb_s']:.1f}",
+                   f"{100 * r['of_bandwidth']:.0f}% of {r['read_bandwidth_gb_s']:.1f} GB/s"] for r in rows])
 
 
 def format_decode_table(rows: list[dict]) -> str:

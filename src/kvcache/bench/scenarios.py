@@ -76,9 +76,14 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         if real:
             rows += decode.bench_decode(decode.REAL, lengths=(64, 128, 256, 512))
         print("\n" + decode.format_decode_table(rows))
+        formats = decode.bench_formats(steps=4 if quick else 32, context=32 if quick else 256)
+        if real:
+            formats += decode.bench_formats(decode.REAL)
+        print("\n" + decode.format_formats_table(formats))
         if plot and not quick:
             shown = decode.REAL if real else "tiny-llama"
             print(f"\nplot: {decode.plot_decode([r for r in rows if r['shape'] == shown], plot)}")
+        rows = {"decode": rows, "formats": formats}
     elif name == "hf":
         shapes = ("gpt2-small",) if quick else ("gpt2-small", "llama-135m") + ((hf_compare.REAL,) if real else ())
         rows = hf_compare.bench_hf(new_tokens=16 if quick else 256, rounds=1 if quick else 3, shapes=shapes)

@@ -111,6 +111,9 @@ def _moe(cfg: dict[str, Any], model_type: str) -> MoEConfig | None:
                          "split into n_group equal groups, and 1 <= topk_group <= n_group")
     if cfg["num_experts_per_tok"] > experts:
         raise ValueError(f"num_experts_per_tok={cfg['num_experts_per_tok']} exceeds n_routed_experts={experts}")
+    if method == "noaux_tc" and experts // groups < 2:  # a group is scored by its two best experts
+        raise ValueError(f"n_routed_experts={experts}, n_group={groups}: noaux_tc scores each group by its two best "
+                         "experts, so every group needs at least 2 (transformers cannot run it either)")
     return MoEConfig(experts, cfg["num_experts_per_tok"], cfg.get("n_shared_experts") or 0,
                      cfg["moe_intermediate_size"], first_dense,
                      "sigmoid" if model_type == "deepseek_v3" else "softmax", method, groups, topk_groups,
