@@ -56,6 +56,17 @@ def test_generate_ids_cached_equals_uncached(capsys, llama_dir):
     assert capsys.readouterr().out == cached and len(cached.split()) <= 6
 
 
+def test_dtype_auto_says_what_it_computes_in_and_a_bad_dtype_is_one_line(capsys, llama_dir):
+    assert main(["generate", "--model", str(llama_dir), "--ids", "1,2,3", "-n", "3", "--dtype", "auto"]) == 0
+    assert "computes in float32 (the file's dtype)" in capsys.readouterr().err
+    assert main(["generate", "--model", str(llama_dir), "--ids", "1,2,3", "-n", "3", "--dtype", "bf16"]) == 0
+    for command in (["generate", "--ids", "1"], ["chat"], ["eval"], ["serve"]):
+        assert main([*command, "--dtype", "flaot16"]) == 2
+        err = capsys.readouterr().err
+        assert "--dtype: dtype 'flaot16' is not one kvcache computes in (accepted: auto, float32" in err
+        assert "Traceback" not in err
+
+
 def test_generate_error_exits_2_without_output(capsys, llama_dir):
     assert main(["generate", "--model", str(llama_dir), "--ids", "1", "-n", "100000"]) == 2
     captured = capsys.readouterr()

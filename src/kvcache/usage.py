@@ -6,6 +6,8 @@ from __future__ import annotations
 KV_HELP = "the KV cache: a spec such as int8, int4, int4:group=32,residual=128,rotate=1 (kvcache caches)"
 MODEL_HELP = "a Hugging Face folder, a .gguf file or a model name (kvcache models); default: the shipped model"
 RANDOM_SHAPES = ("gpt2-small", "llama-135m")  # --random: random-weight models of these shapes
+DTYPE_HELP = ("the dtype the model computes in: auto (the file's own where this CPU runs it natively), float32, "
+              "bfloat16, float16, float64 (default: float32)")
 
 
 class UsageError(Exception):
@@ -19,6 +21,29 @@ def load_errors() -> tuple[type[BaseException], ...]:
     from .model.hub import PullError
 
     return (OSError, ValueError, SafetensorError, PullError)
+
+
+def check_dtype(dtype: str) -> None:
+    """A --dtype value, checked before the (slow) model load."""
+    from .model.loader import model_dtype
+
+    if dtype.strip().lower() != "auto":
+        try:
+            model_dtype(dtype)
+        except ValueError as exc:
+            raise UsageError(f"--dtype: {exc}") from None
+
+
+def load_user_model(model_dir: str | None, dtype: str = "float32"):
+    """The model --model and --dtype name; with --dtype auto, a line on stderr says what it computes in."""
+    import sys
+
+    from .model.loader import load_model
+
+    model = load_for_user(load_model, model_dir, dtype)
+    if dtype.strip().lower() == "auto":
+        print(f"kvcache: {model.source} computes in {model.load_note}", file=sys.stderr)
+    return model
 
 
 def load_for_user(load, model_dir: str | None, *args):

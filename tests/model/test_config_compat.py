@@ -271,7 +271,7 @@ def test_what_cannot_run_is_refused_naming_the_field(tmp_path, edit, key):
 
 
 @pytest.mark.parametrize("dtype, error, message", [
-    ("flaot32", ValueError, "accepted: float32, bfloat16"), (torch.float8_e4m3fn, ValueError, "torch.float32"),
+    ("flaot32", ValueError, "accepted: auto, float32, bfloat16"), (torch.float8_e4m3fn, ValueError, "torch.float32"),
     (torch.int8, ValueError, "not one kvcache computes in"), (32, TypeError, "a torch.dtype or one of the names"),
 ])
 def test_a_bad_dtype_is_named_with_the_accepted_values(gpt2_dir, dtype, error, message):
@@ -286,6 +286,23 @@ def test_dtype_names_and_aliases(gpt2_dir):
         load_model(gpt2_dir, pack="yes")
     with pytest.raises(TypeError, match="a model path must be a str or a Path"):
         load_model(42)
+
+
+def test_auto_keeps_the_files_dtype_where_the_cpu_runs_it(tmp_path, monkeypatch, gpt2_dir):
+    from kvcache.model import loader
+
+    assert load_model(gpt2_dir, dtype="auto").dtype == torch.float32  # the fixture says float32
+    data = json.loads((gpt2_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "torch_dtype": "bfloat16"}))
+    for name in ("model.safetensors",):
+        (tmp_path / name).symlink_to(gpt2_dir / name)
+    for native, want, words in [(True, torch.bfloat16, "native bfloat16"), (False, torch.float32, "no native")]:
+        monkeypatch.setattr(loader, "native_bf16", lambda native=native: native)
+        model = load_model(tmp_path, dtype="auto")
+        assert model.dtype == want and words in model.load_note
+    assert loader.auto_dtype("F16")[0] == torch.float32 and "widened" in loader.auto_dtype("float16")[1]
+    assert "Q8_0, dequantized" in loader.auto_dtype("Q8_0")[1]
+    assert loader.gguf_format({"a.weight": "Q8_0", "b.weight": "Q8_0", "norm.weight": "F32"}) == "Q8_0"
 
 
 def test_activations_cover_every_accepted_name():

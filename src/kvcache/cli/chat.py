@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .options import KV_HELP, MODEL_HELP, UsageError, check_spec, load_for_user
+from .options import KV_HELP, MODEL_HELP, UsageError, add_dtype, check_dtype, check_spec, load_user_model
 
 HELP = "interactive chat; the KV cache persists across turns"
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ COMMANDS = "commands: /reset (new conversation), /exit (or Ctrl-D / Ctrl-C)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP.replace("the shipped model", "smollm2-135m"))
+    add_dtype(parser)
     parser.add_argument("--system", default=None, help="a system message (default: the template's own)")
     parser.add_argument("--max-new-tokens", "-n", type=int, default=256)
     parser.add_argument("--temperature", "-t", type=float, default=0.0)
@@ -37,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.chat import ChatSession
     from ..generation.sampling import SamplingConfig
     from ..generation.validation import check_seed
-    from ..model.loader import load_model
 
     check_spec(args)
+    check_dtype(args.dtype)
     try:  # the sampling options, before the (slow) model load
         SamplingConfig(args.temperature, args.top_k, args.top_p)
         check_seed(args.seed)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
-    model = load_for_user(load_model, args.model)
+    model = load_user_model(args.model, args.dtype)
     try:
         session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

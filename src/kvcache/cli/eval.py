@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import KV_HELP, MODEL_HELP, UsageError, check_spec, load_for_user
+from .options import KV_HELP, MODEL_HELP, UsageError, add_dtype, check_dtype, check_spec, load_user_model
 
 HELP = "perplexity and bits/byte of a model on a corpus"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
+    add_dtype(parser)
     parser.add_argument("--corpus", choices=["code", "english", "mixed"], default="code",
                         help="code: held-out Python stdlib sources; english: Python's reference docs (pydoc_data); "
                              "mixed: both, alternating")
@@ -32,14 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import eval as quality
     from ..caches.registry import parse_spec
-    from ..model.loader import load_model
 
     _check_numbers(args)
+    check_dtype(args.dtype)
     try:
         text = quality.read_text_file(args.text) if args.text else None
     except OSError as exc:
         raise UsageError(str(exc)) from exc
-    model = load_for_user(load_model, args.model)
+    model = load_user_model(args.model, args.dtype)
     if any(parse_spec(spec)[0] == "window" for spec in args.kv_cache or []):
         return _run_stream(args, model, text)
     try:

@@ -6,7 +6,18 @@ import argparse
 import sys
 import time
 
-from .options import KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, check_spec, load_errors, load_for_user, parse_ids
+from .options import (
+    KV_HELP,
+    MODEL_HELP,
+    RANDOM_SHAPES,
+    UsageError,
+    add_dtype,
+    check_dtype,
+    check_spec,
+    load_errors,
+    load_user_model,
+    parse_ids,
+)
 
 HELP = "stream a completion"
 
@@ -15,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default="def fibonacci(n):")
     parser.add_argument("--ids", default=None, help="prompt as token ids, e.g. '1,2,3' (instead of text)")
     parser.add_argument("--model", default=None, help=MODEL_HELP)
+    add_dtype(parser)
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message through the chat template")
     parser.add_argument("--random", choices=RANDOM_SHAPES, default=None)
@@ -35,17 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..generation.detokenizer import Detokenizer
     from ..generation.generate import stream
-    from ..model.loader import load_model
     from ..model.shapes import random_model
 
     ids = parse_ids(args.ids) if args.ids is not None else None  # before the (slow) model load
     check_spec(args)
+    check_dtype(args.dtype)
     if args.kv_cache and args.no_cache:
         raise UsageError("--kv-cache and --no-cache contradict each other")
     if args.chat and ids is not None:
         raise UsageError("--chat takes a text message, not --ids")
     build_proposer = _proposer(args)  # a bad spec fails before the (slow) model load
-    model = random_model(args.random) if args.random else load_for_user(load_model, args.model)
+    model = random_model(args.random) if args.random else load_user_model(args.model, args.dtype)
     ids = ids if ids is not None else _encode(model, args)
     decoder = Detokenizer(model.tokenizer)
     proposer = build_proposer() if build_proposer else None

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from ..usage import KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, load_errors, load_for_user
+from ..usage import (
+    DTYPE_HELP,
+    KV_HELP,
+    MODEL_HELP,
+    RANDOM_SHAPES,
+    UsageError,
+    check_dtype,
+    load_errors,
+    load_for_user,
+    load_user_model,
+)
 
-__all__ = ["KV_HELP", "MODEL_HELP", "RANDOM_SHAPES", "UsageError", "check_spec", "load_errors", "load_for_user",
-           "parse_ids"]
+__all__ = ["KV_HELP", "MODEL_HELP", "RANDOM_SHAPES", "UsageError", "add_dtype", "check_dtype", "check_spec",
+           "load_errors", "load_for_user", "load_user_model", "parse_ids"]
+
+
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
 
 
 def parse_ids(text: str) -> list[int]:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..paths import SHIPPED_MODEL_DIR
 from .config import ModelConfig, read_json_object, usable_token_ids
+from .hf_config import config_file
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
@@ -184,10 +185,13 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
     ``path``: a Hugging Face folder (config.json + safetensors), a ``.gguf`` file
     (or a folder holding one), or a model name (``kvcache.hub``: pulled on first use).
     With no path, loads the small code model shipped inside the package.
+    ``dtype``: a torch dtype or its name, or ``"auto"``: the file's own (bfloat16 only where the CPU has native
+    bfloat16; float16 and quantized GGUF weights widened to float32); ``model.load_note`` says which and why.
     ``pack`` keeps a oneDNN-blocked copy of every linear weight (fp32 only):
     faster decode, at twice the weight memory; ``pack=False`` keeps only the plain weights.
     """
-    dtype = model_dtype(dtype)
+    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+    dtype = None if auto else model_dtype(dtype)
     if not isinstance(pack, bool):
         raise TypeError(f"pack must be True or False, got {pack!r}")
     source = resolve_source(path)
@@ -200,13 +204,16 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
         tokenizer = Tokenizer.from_backend(ckpt.tokenizer, config.eos_token_ids, ckpt.tokenizer_config)
+        dtype, note = auto_dtype(gguf_format(ckpt.tensor_types)) if auto else (dtype, "as asked")
         model = _build(config, dtype, ckpt.tensors)
     else:
         config = ModelConfig.from_file(source)
+        dtype, note = auto_dtype(stored_format(source)) if auto else (dtype, "as asked")
         model = _build(config, dtype, read_safetensors(source))
         tokenizer = Tokenizer.from_folder(source, _eos_ids(source, config))
     model.tokenizer = tokenizer
     model.source = str(source)
+    model.load_note = f"{str(dtype).removeprefix('torch.')} ({note})"
     model = model.eval().requires_grad_(False)
     if pack:
         model.pack_weights()
@@ -226,7 +233,7 @@ def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         name = DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower().removeprefix("torch."))
         if name not in MODEL_DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one kvcache computes in (accepted: {accepted})")
+            raise ValueError(f"dtype {dtype!r} is not one kvcache computes in (accepted: auto, {accepted})")
         return MODEL_DTYPES[name]
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or one of the names {accepted}; got {type(dtype).__name__}")
@@ -234,6 +241,41 @@ def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"dtype {dtype} is not one kvcache computes in (accepted: "
                          f"{', '.join(f'torch.{n}' for n in MODEL_DTYPES)})")
     return dtype
+
+
+def native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so a bf16 model is worth keeping."""
+    from ..native import cpu_flags
+
+    flags = cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def stored_format(folder: Path) -> str:
+    """The dtype a Hugging Face folder says its weights are stored in (config.json ``torch_dtype``/``dtype``)."""
+    config = read_json_object(config_file(folder))
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return str(stored).removeprefix("torch.")
+
+
+def gguf_format(tensor_types: dict[str, str]) -> str:
+    """A GGUF file's weight format: the GGML type most of its matrices are stored as (F32, BF16, Q8_0, ...)."""
+    kinds = [kind for name, kind in tensor_types.items() if "norm" not in name]
+    return max(set(kinds), key=kinds.count) if kinds else "F32"
+
+
+def auto_dtype(stored: str) -> tuple[torch.dtype, str]:
+    """What ``dtype="auto"`` computes in for weights stored as ``stored``, and why (for the load message)."""
+    name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored, stored).lower()
+    if name == "float32":
+        return torch.float32, "the file's dtype"
+    if name == "bfloat16":
+        if native_bf16():
+            return torch.bfloat16, "the file's dtype; this CPU has native bfloat16"
+        return torch.float32, "the file is bfloat16, but this CPU has no native bfloat16"
+    if name == "float16":
+        return torch.float32, "the file is float16, which CPUs compute slowly: widened to float32"
+    return torch.float32, f"the file is {stored}, dequantized to float32 (no native {stored} path yet)"
 
 
 def resolve_source(path: str | Path | None) -> Path:

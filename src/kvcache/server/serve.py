@@ -10,11 +10,12 @@ import argparse
 import socket
 import threading
 
-from ..usage import KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, load_for_user
+from ..usage import DTYPE_HELP, KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, check_dtype, load_user_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
     parser.add_argument("--random", choices=RANDOM_SHAPES, default=None,
                         help="serve a random-weight model of this shape instead")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: "
@@ -55,10 +56,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def build_llm(args: argparse.Namespace):
     from ..engine.llm import LLM
-    from ..model.loader import load_model
     from ..model.shapes import random_model
 
-    model = random_model(args.random) if args.random else load_for_user(load_model, args.model)
+    model = random_model(args.random) if args.random else load_user_model(args.model, args.dtype)
     try:
         return LLM(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                    max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.metrics_prefix.replace("_", "").isalnum():
         raise UsageError(f"--metrics-prefix must be letters, digits and underscores, got {args.metrics_prefix!r}")
+    check_dtype(args.dtype)
     sock = bind(args.host, args.port)
     try:
         llm = build_llm(args)
