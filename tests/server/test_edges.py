@@ -6,6 +6,7 @@ server; and a bf16 model with a quantized pool serves generate's tokens."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -128,18 +129,36 @@ def test_gauges_go_back_to_zero_after_client_aborts_on_an_idle_server(served):
     assert now[f"kvcache:kv_cache_bytes_in_use{label}"] == 0 and now[f"kvcache:kv_cache_usage_perc{label}"] == 0
 
 
-@pytest.mark.parametrize("spec", ["auto", "int8", "int4"])
-def test_a_bf16_model_serves_generates_tokens_through_every_pool(spec):
-    model = load_model(dtype=torch.bfloat16)
+# int4's default per-channel (KIVI) keys on the bf16 shipped model: the engine's prefill view and generate's
+# partials sum in different orders; in bf16 that is a 1-ulp difference in some hidden values, which can flip
+# an int4 code, and one prompt here then picks another token after 11 (docs/design.md, Guarantees).  Strict:
+# when the two paths are made bitwise equal this starts passing and the mark must go.
+BF16_INT4_CHANNEL = pytest.mark.xfail(strict=True, reason="int4 per-channel keys in bf16: summation order")
+
+
+@pytest.mark.parametrize("spec, dtype", [
+    ("auto", torch.bfloat16), ("int8", torch.bfloat16), pytest.param("int4", torch.bfloat16, marks=BF16_INT4_CHANNEL),
+    ("int4:keys=token", torch.bfloat16), ("auto", torch.float16), ("int8", torch.float16), ("int4", torch.float16),
+])
+def test_a_half_precision_model_serves_generates_tokens_through_every_pool(spec, dtype):
+    model = load_model(dtype=dtype)
     model.tokenizer.chat_template = CHATML
     served = Served(LLM(model, kv_memory="32MiB", kv_cache=spec))
+    shared = "import os\nimport sys\nimport json\nimport time\n\n\ndef main(argv):\n    " * 2  # blocks: hits
+    prompts = ["def fibonacci(n):", shared + "parser = ", "class Stack:\n    def", shared + "parser = "]
+
+    def ask(prompt):
+        return served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                         "ignore_eos": True}).json()
+
     try:
-        prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def"]
-        bodies = [served.http.post("/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0,
-                                                            "ignore_eos": True}).json() for p in prompts]
-        for p, body in zip(prompts, bodies):
-            ids = model.tokenizer.encode(p)
-            want = generate(model, ids, 24, cache=served.llm.kv_cache_spec, stop_token_ids=[])
-            assert body["choices"][0]["text"] == model.tokenizer.decode(want), (spec, p)
+        with ThreadPoolExecutor(len(prompts)) as pool:  # sent together: they share engine steps
+            bodies = list(pool.map(ask, prompts))
+        bodies.append(ask(shared + "parser = "))  # after the others finished: served from the prefix cache
+        assert bodies[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        for prompt, body in zip([*prompts, shared + "parser = "], bodies):
+            want = generate(model, model.tokenizer.encode(prompt), 24, cache=served.llm.kv_cache_spec,
+                            stop_token_ids=[])
+            assert body["choices"][0]["text"] == model.tokenizer.decode(want), (spec, dtype, prompt)
     finally:
         served.close()
