@@ -129,16 +129,9 @@ def test_gauges_go_back_to_zero_after_client_aborts_on_an_idle_server(served):
     assert now[f"kvcache:kv_cache_bytes_in_use{label}"] == 0 and now[f"kvcache:kv_cache_usage_perc{label}"] == 0
 
 
-# int4's default per-channel (KIVI) keys on the bf16 shipped model: the engine's prefill view and generate's
-# partials sum in different orders; in bf16 that is a 1-ulp difference in some hidden values, which can flip
-# an int4 code, and one prompt here then picks another token after 11 (docs/design.md, Guarantees).  Strict:
-# when the two paths are made bitwise equal this starts passing and the mark must go.
-BF16_INT4_CHANNEL = pytest.mark.xfail(strict=True, reason="int4 per-channel keys in bf16: summation order")
-
-
 @pytest.mark.parametrize("spec, dtype", [
-    ("auto", torch.bfloat16), ("int8", torch.bfloat16), pytest.param("int4", torch.bfloat16, marks=BF16_INT4_CHANNEL),
-    ("int4:keys=token", torch.bfloat16), ("auto", torch.float16), ("int8", torch.float16), ("int4", torch.float16),
+    ("auto", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.bfloat16), ("int4:keys=token", torch.bfloat16),
+    ("auto", torch.float16), ("int8", torch.float16), ("int4", torch.float16),
 ])
 def test_a_half_precision_model_serves_generates_tokens_through_every_pool(spec, dtype):
     model = load_model(dtype=dtype)

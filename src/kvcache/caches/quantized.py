@@ -40,6 +40,7 @@ from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
 from .contiguous import batch_index_tensor, check_kv, check_layer
+from .prefill_view import prefill_attention, view_masks
 from .quant_ops import (
     TILE,
     QuantFormat,
@@ -200,10 +201,40 @@ class QuantizedKVCache(Cache):
                                        self.key_fmt.group, self.value_fmt.group, self.key_fmt.per_channel,
                                        self.fp_k[layer], self.fp_v[layer], fp_end)
             return out.view(batch, heads, 1, dim)
+        if n > 1 and self._pool_layout():
+            return self._prefill_view(layer, q, start, n, qc, fp_end)
         parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc)]
         parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
         return merge_partials(parts).reshape(batch, heads, n, dim).to(q.dtype)
 
+
+    def _pool_layout(self) -> bool:
+        """The engine pool's layout (no residual, no sinks, one sequence): then a prefill runs the pool's own
+        prefill attention (prefill_view.py) on the same inputs, so both sum in the same order -- in half
+        precision another order can differ by an ulp, which an int4 code can turn into another token."""
+        return self.residual == 0 and self.sinks == 0 and self.batch == 1
+
+    def _prefill_view(self, layer: int, q: torch.Tensor, start: int, n: int, qc: int, fp_end: int) -> torch.Tensor:
+        """The chunk's queries over blocks before their own dequantized (stored ones, then those this pass
+        fills) and their own block in full precision: what the engine's pool computes for it."""
+        bs = self.block
+        quantized = (start + n - 1) // bs * bs
+        dq_k = dq_v = None
+        if quantized:
+            keys, values = [], []
+            if qc:
+                k_q, v_q = dequantize_rows(self.store.rows(layer, qc), self.key_fmt, self.value_fmt, q.dtype)
+                keys.append(k_q)
+                values.append(v_q)
+            if quantized > qc:
+                codes = self._quantize_range(layer, qc, quantized)
+                keys.append(dequantize(codes["kc"], codes["ks"], codes["ko"], self.key_fmt, q.dtype))
+                values.append(dequantize(codes["vc"], codes["vs"], codes["vo"], self.value_fmt, q.dtype))
+            dq_k, dq_v = torch.cat(keys, 2), torch.cat(values, 2)
+        masks = view_masks(start, n, bs, quantized, q.dtype)
+        self.lengths[layer] = start + n
+        return prefill_attention(q, dq_k, dq_v, self.fp_k[layer, :, :, :fp_end], self.fp_v[layer, :, :, :fp_end],
+                                 start, bs, masks)
 
     def _store_new(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         """Quantize what a decode at ``start`` would have, write k/v (rotated) to the buffer: (qcount, buffer end)."""
