@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int, is_int
-from ..model.attention import attention
+from ..model.attention import ATTENTION_DTYPE, attention
 from ..runtime import check_fits
 from .base import Cache, Option
 
@@ -208,7 +208,7 @@ class ContiguousKVCache(Cache):
         """``update`` stores without attending: latent attention runs an empty layer's prompt expanded -- in
         float32 and float64 only: in half precision the expanded and absorbed forms round differently, and the
         engine's pools (always absorbed) would then pick other tokens than ``generate``."""
-        return self.layer_length(layer) == 0 and self.dtype not in (torch.bfloat16, torch.float16)
+        return self.layer_length(layer) == 0 and self.dtype not in ATTENTION_DTYPE
 
     def layer_length(self, layer: int) -> int:
         """Positions cached in ``layer`` (during a forward pass, earlier layers are ahead of later ones)."""

@@ -239,8 +239,8 @@ class PagedKVCache(PagedPool):
         k_pool.index_copy_(1, plan.write_slots, k[0])
         if v_pool is not None:
             v_pool.index_copy_(1, plan.write_slots, v[0])
-        if q.dtype != ATTENTION_DTYPE.get(q.dtype, q.dtype):  # half precision: attention computed in float32
-            q, k, v = q.float(), k.float(), v.float()
+        if q.dtype in ATTENTION_DTYPE:  # half precision: attention computed in float32
+            q, k, v = (t.to(ATTENTION_DTYPE[q.dtype]) for t in (q, k, v))
             return self._attend_written(q, k, v, k_pool, v_pool, plan, window).to(self.k.dtype)
         return self._attend_written(q, k, v, k_pool, v_pool, plan, window)
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_int
-from ..model.attention import attention, finite_attention, merge_partials, softmax_partial
+from ..model.attention import ATTENTION_DTYPE, attention, finite_attention, merge_partials, softmax_partial
 from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
@@ -57,7 +57,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """What a quantized cache computes and keeps its full-precision rows in: float32 for half-precision models
     (softmax partials and dequantized codes in bfloat16 lose digits, and both of a model's paths -- ``generate``
     and the engine's pool -- then agree as they do in float32), the model's dtype otherwise."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return ATTENTION_DTYPE.get(dtype, dtype)
 
 
 class QuantizedKVCache(Cache):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .hf_config import ConfigValueError, attention_geometry, is_int, read_activation
+from .hf_config import ConfigValueError, attention_geometry, positive_int, read_activation
 from .rope_config import read_rope
 from .rope_config import to_hf as rope_to_hf
 
@@ -57,14 +57,14 @@ def config_from_hf(cls, cfg: dict[str, Any]):
     model_type = cfg["model_type"]
     act = read_activation(cfg, "hidden_act", "silu")
     for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-        _positive(cfg, key)  # before the geometry, so a missing latent width is named, not skipped
+        positive_int(cfg, key)  # before the geometry, so a missing latent width is named, not skipped
     g = attention_geometry(cfg)
     if cfg["qk_rope_head_dim"] % 2:
         raise ConfigValueError("qk_rope_head_dim", cfg["qk_rope_head_dim"], "must be even (RoPE rotates pairs)",
                                "qk_rope_head_dim")
     q_lora = cfg.get("q_lora_rank")
     if q_lora is not None:
-        _positive(cfg, "q_lora_rank")
+        positive_int(cfg, "q_lora_rank")
     rope = read_rope(cfg)
     mscale = rope.softmax_mscale
     mla = MLAConfig(cfg["kv_lora_rank"], q_lora, cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
@@ -88,18 +88,13 @@ def rope_interleaved(cfg: dict[str, Any]) -> bool:
     return cfg["model_type"] == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
 
 
-def _positive(cfg: dict[str, Any], key: str) -> None:
-    if not is_int(cfg.get(key)) or cfg[key] < 1:
-        raise ConfigValueError(key, cfg.get(key), "must be an integer >= 1", key)
-
-
 def _moe(cfg: dict[str, Any], model_type: str) -> MoEConfig | None:
     experts = cfg.get("n_routed_experts")
     first_dense = cfg.get("first_k_dense_replace", 0)
     if not experts or first_dense >= cfg["num_hidden_layers"]:
         return None
     for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
-        _positive(cfg, key)
+        positive_int(cfg, key)
     method = cfg.get("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy")
     if method not in TOPK_METHODS[model_type]:
         raise ValueError(f"unsupported topk_method {method!r} for {model_type} "

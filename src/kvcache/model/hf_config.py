@@ -80,7 +80,7 @@ def attention_geometry(cfg: dict[str, Any]) -> Geometry:
     layers, heads, hidden = (_required(cfg, field, gpt2) for field in ("num_layers", "num_heads", "hidden_size"))
     kv_heads = _optional(cfg, "num_kv_heads", gpt2) or heads
     positions = _optional(cfg, "max_positions", gpt2)
-    latent = {key: _positive(cfg, key) for key in LATENT_KEYS} if cfg.get("kv_lora_rank") is not None else {}
+    latent = {key: positive_int(cfg, key) for key in LATENT_KEYS} if cfg.get("kv_lora_rank") is not None else {}
     if latent:  # every head reads the one latent: num_key_value_heads means nothing
         return Geometry(layers, heads, heads, latent["qk_nope_head_dim"] + latent["qk_rope_head_dim"], hidden,
                         positions, latent)
@@ -108,7 +108,7 @@ def _key(cfg: dict[str, Any], field: str, gpt2: bool) -> str:
 
 def _optional(cfg: dict[str, Any], field: str, gpt2: bool) -> int | None:
     key = _key(cfg, field, gpt2)
-    return None if cfg.get(key) is None else _positive(cfg, key, field)
+    return None if cfg.get(key) is None else positive_int(cfg, key, field)
 
 
 def _required(cfg: dict[str, Any], field: str, gpt2: bool) -> int:
@@ -118,7 +118,8 @@ def _required(cfg: dict[str, Any], field: str, gpt2: bool) -> int:
     return value
 
 
-def _positive(cfg: dict[str, Any], key: str, field: str | None = None) -> int:
+def positive_int(cfg: dict[str, Any], key: str, field: str | None = None) -> int:
+    """``cfg[key]``, an integer >= 1, or ConfigValueError naming the key (and our field)."""
     value = cfg.get(key)
     if not is_int(value) or value < 1:
         raise ConfigValueError(field or key, value, "must be an integer >= 1", key)
