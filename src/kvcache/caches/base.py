@@ -225,6 +225,9 @@ class PagedPool(ABC):
                window: int | None = None) -> torch.Tensor:
         """q (1, heads, N, d), k/v (1, kv_heads, N, d) for the N flattened tokens of the prepared batch."""
 
+    # A pool a KV tier can store also defines ``block_tensors() -> {name: (tensor, token axis, entries per
+    # block)}``: every tensor holding a full block's KV (engine/tiering.py copies blocks through it).
+
     def settle(self, still_filling) -> None:
         """After a speculative step's rollback; ``still_filling``: block ids the rollback left partial."""
 

@@ -210,6 +210,13 @@ class PagedKVCache(PagedPool):
     def nbytes(self) -> int:
         return self.k.nbytes + (self.v.nbytes if self.v is not None else 0)
 
+    def block_tensors(self) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """Every stored tensor with its token axis and entries per block (what a KV tier copies)."""
+        out = {"k": (self.k, 2, self.block_size)}
+        if self.v is not None:
+            out["v"] = (self.v, 2, self.block_size)
+        return out
+
     def copy_blocks(self, ops) -> None:
         """Execute copy-on-write ops (``src``/``dst`` block ids) in every layer."""
         bs = self.block_size

@@ -229,6 +229,11 @@ class PagedQuantizedKVCache(PagedPool):
                 for t in (self.stage_k, self.stage_v):
                     t[:, :, dst:dst + bs] = t[:, :, src:src + bs]
 
+    def block_tensors(self) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """The stored codes and scales with their token axis and entries per block (a full block's are final
+        once its step settled; what a KV tier copies, as they are)."""
+        return {name: (t, 3, self._unit(name)) for name, t in self.store.tensors.items()}
+
     def _unit(self, name: str) -> int:
         """Entries of store tensor ``name`` per block along its token axis."""
         if name in ("kc",) or (name in ("ks", "ko") and not self.key_fmt.per_channel):

@@ -21,6 +21,7 @@ from ..checks import check_int, is_int
 from ..model.loader import load_model
 from ..model.transformer import Transformer
 from ..runtime import tune_malloc
+from ..tiers import KVTiers
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .outputs import request_deltas, request_output
@@ -30,6 +31,7 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestDelta, RequestOutput, SamplingParams
 from .step import Stepper
 from .stop_rules import StopRules
+from .tiering import TierLink
 
 __all__ = ["LLM", "UnknownRequestError", "parse_bytes"]
 
@@ -45,6 +47,7 @@ class LLM:
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
         kv_cache: str | None = None,
+        kv_tiers: KVTiers | None = None,
     ):
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks)):
@@ -64,7 +67,13 @@ class LLM:
         self.kv_block_bytes = self.cache.block_bytes  # one block, every layer (quantized: its codes and scales)
         self.window = self.cache.window  # bounded attention (sliding window, sinks): blocks behind it are released
         self.block_manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs, self.config.max_positions)
+        self.kv_tiers = kv_tiers  # stores behind the pool (kvcache/tiers): a pool miss may still find KV there
+        link = None
+        if kv_tiers is not None:
+            kv_tiers.bind(self.model, self.cache)
+            link = TierLink(kv_tiers, self.block_manager, self.cache)
+        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_num_seqs, self.config.max_positions,
+                                   link)
         self.tokenizer = self.model.tokenizer  # optional: token-id prompts need none
         eos_ids = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset()
         self.registry = RequestRegistry(self.model, self.scheduler, self.block_manager, self.window, self.tokenizer)
@@ -220,4 +229,11 @@ class LLM:
             "prefill_tokens_computed": s.prefill_tokens, "window_released_blocks": self.stepper.released_blocks,
             "spec_drafted_tokens": r.drafted, "spec_accepted_tokens": r.accepted,
             "spec_acceptance_rate": r.accepted / r.drafted if r.drafted else 0.0,
+            "tier_loaded_tokens": s.tiers.loaded_tokens if s.tiers is not None else 0,
+            "kv_tiers": self.kv_tiers.stats() if self.kv_tiers is not None else None,
         }
+
+    def close(self) -> None:
+        """Finish the KV tiers' queued writes and close their stores (the engine itself holds nothing else)."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()

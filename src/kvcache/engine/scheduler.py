@@ -28,8 +28,9 @@ from .sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_tokens: int = 2048, max_num_seqs: int = 256,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, tiers=None):
         self.bm = block_manager
+        self.tiers = tiers  # a TierLink (engine/tiering.py) or None: where a pool miss may still find KV
         self.max_positions = max_positions
         self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -84,18 +85,27 @@ class Scheduler:
             if budget <= 0:
                 break
             cached = self.bm.cached_prefix_len(seq.tokens, seq.request.cache_salt)
-            compute = len(seq.tokens) - cached
+            hit = self.tiers.probe(seq, cached) if self.tiers is not None else cached  # pool + tiers
+            compute = len(seq.tokens) - hit
             if batch and budget < compute <= self.max_batch_tokens:
                 break  # it fits whole in a later step: one chunk attends fastest (no masked context)
-            first = seq.tokens[:cached + min(compute, budget)]  # the first chunk
+            first = seq.tokens[:hit + min(compute, budget)]  # the first chunk
             if not self.bm.can_allocate(first, seq.request.cache_salt):
                 if not batch and not self.running:  # the whole pool is ours and still too small
                     rejected.append(self.waiting.popleft())
                     continue
                 break
+            fetched = self.tiers.fetch(seq, cached) if hit > cached else None
+            if hit > cached and (fetched is None or fetched.tokens < hit):  # a chunk did not verify: compute more
+                hit = fetched.tokens if fetched is not None else cached
+                first = seq.tokens[:hit + min(len(seq.tokens) - hit, budget)]
+                if not self.bm.can_allocate(first, seq.request.cache_salt):
+                    break
             self.waiting.popleft()
             seats += self._width(seq)
             cached = self.bm.allocate(seq.seq_id, first, seq.request.cache_salt)
+            if fetched is not None:
+                cached = self.tiers.write(seq, cached, fetched)
             if seq.num_computed:  # readmitted after preemption: count the work redone
                 self.recomputed_tokens += len(seq.tokens) - cached
             if seq.num_output == 0 and seq.index == 0:

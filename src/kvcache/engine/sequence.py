@@ -103,6 +103,8 @@ class Sequence:
         spec = request.params.speculative
         self.proposer = PromptLookup(**check_spec(spec)[2]) if spec else None
         self.draft: list[int] = []  # tokens proposed for the pass being run, not yet accepted
+        # KV tiers (engine/tiering.py): chunks handed to the tiers, the last one's key, the cached probe
+        self.tier_chunks, self.tier_key, self.tier_probe = 0, None, None
 
     @property
     def output_ids(self) -> list[int]:

@@ -87,6 +87,8 @@ class Stepper:
             row += rows
         self._blame = None
         self.pool.settle(still_filling)
+        if self.scheduler.tiers is not None:  # before the window releases blocks: their KV is still there
+            self.scheduler.tiers.save(batch, tables)
         if self.pool.window is not None:
             self._release_behind_window(batch)
         done = []
