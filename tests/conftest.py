@@ -156,3 +156,14 @@ def hf_real_model(real_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port in a temp dir (tests/redis_server.py); stopped after the test."""
+    from redis_server import RedisServer, require_redis_server
+
+    require_redis_server()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

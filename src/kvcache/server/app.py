@@ -53,6 +53,7 @@ def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> Fas
             yield
         finally:
             engine.stop()
+            llm.close()  # the KV tiers' queued writes land before the process exits
 
     app = FastAPI(title="kvcache", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.llm = engine, metrics, llm

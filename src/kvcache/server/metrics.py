@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..engine.llm import LLM
 from ..engine.sequence import RequestDelta
@@ -124,3 +124,37 @@ class _Gauges:
             family = kind(p + metric, text, labels=labels)
             family.add_metric(name, value)
             yield family
+        if s.get("kv_tiers"):
+            yield from _tier_families(p, self.metrics.model_name, s["kv_tiers"]["stores"])
+
+
+_TIER_COUNTERS = [
+    ("lookups", "Prefix lookups that reached the tier."),
+    ("hit_chunks", "Chunks loaded from the tier and verified."),
+    ("hit_tokens", "Prompt tokens the tier supplied (not recomputed)."),
+    ("bytes_read", "Bytes read from the tier."),
+    ("bytes_written", "Bytes written to the tier."),
+    ("saves", "Chunks written to the tier."),
+    ("errors", "Tier calls that failed or timed out (each served by computing)."),
+    ("verify_failures", "Chunks read that did not verify (deleted, computed instead)."),
+]
+
+
+def _tier_families(p: str, model_name: str, stores: dict):
+    """Per-tier counters and load/save latency histograms (label ``tier``: disk, redis)."""
+    for field, text in _TIER_COUNTERS:
+        family = CounterMetricFamily(p + "kv_tier_" + field, text, labels=["model_name", "tier"])
+        for tier, values in stores.items():
+            family.add_metric([model_name, tier], values[field])
+        yield family
+    for field in ("load_latency", "save_latency"):
+        family = HistogramMetricFamily(p + f"kv_tier_{field}_seconds", f"Tier {field.split('_')[0]} call latency.",
+                                       labels=["model_name", "tier"])
+        for tier, values in stores.items():
+            h, running, buckets = values[field], 0, []
+            for edge, count in h["buckets"]:
+                running += count
+                buckets.append((str(edge), running))
+            buckets.append(("+Inf", h["count"]))
+            family.add_metric([model_name, tier], buckets, h["sum"])
+        yield family

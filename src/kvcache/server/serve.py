@@ -28,6 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch (default 256)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="never reuse the KV of shared prefixes")
+    parser.add_argument("--kv-disk", default=None, metavar="DIR", help="a disk KV tier in DIR: prompts' KV survives "
+                        "restarts and is shared by processes on this machine")
+    parser.add_argument("--kv-disk-size", default="20GiB", help="the disk tier's size cap, LRU-evicted "
+                        "(default 20GiB)")
+    parser.add_argument("--kv-store", default=None, metavar="URL", help="a shared KV tier in Redis/Valkey, e.g. "
+                        "redis://127.0.0.1:6379/0 (run it with maxmemory-policy allkeys-lru)")
+    parser.add_argument("--kv-chunk", type=int, default=256, help="tokens per stored KV chunk, a multiple of "
+                        "--block-size (default 256)")
+    parser.add_argument("--kv-store-timeout", type=float, default=1.0, help="seconds any tier call may take "
+                        "before it counts as a miss (default 1)")
     parser.add_argument("--metrics-prefix", default="kvcache", help="Prometheus metric prefix; 'vllm' makes "
                         "dashboards written for vLLM read this server (default kvcache)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -58,13 +68,33 @@ def build_llm(args: argparse.Namespace):
     from ..engine.llm import LLM
     from ..model.shapes import random_model
 
+    tiers = open_user_tiers(args)
     model = random_model(args.random) if args.random else load_user_model(args.model, args.dtype)
     try:
         return LLM(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                    max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-                   kv_cache=args.kv_cache)
+                   kv_cache=args.kv_cache, kv_tiers=tiers)
     except (TypeError, ValueError, MemoryError) as exc:
+        if tiers is not None:
+            tiers.close()
         raise UsageError(str(exc)) from exc
+
+
+def open_user_tiers(args: argparse.Namespace):
+    """The KV tiers ``--kv-disk`` / ``--kv-store`` name, or a UsageError naming the bad option."""
+    from ..engine.requests import parse_bytes
+    from ..tiers import open_tiers
+
+    if args.kv_disk is None and args.kv_store is None:
+        return None
+    try:
+        size = parse_bytes(args.kv_disk_size)
+    except ValueError as exc:
+        raise UsageError(f"--kv-disk-size: {exc}") from None
+    try:
+        return open_tiers(args.kv_disk, size, args.kv_store, args.kv_chunk, args.kv_store_timeout)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--kv-disk/--kv-store: {exc}") from None
 
 
 def model_name(args: argparse.Namespace) -> str:
