@@ -93,8 +93,7 @@ def test_chunks_must_be_whole_blocks(models, tmp_path):
 
 
 def test_a_restart_reads_the_disk_tier_in_another_process(models, tmp_path):
-    script = (f"import sys; sys.path.insert(0, {str(sys.path[0])!r})\n"
-              "from kvcache.engine.llm import LLM\nfrom kvcache.engine.sequence import SamplingParams\n"
+    script = ("from kvcache.engine.llm import LLM\nfrom kvcache.engine.sequence import SamplingParams\n"
               "from kvcache.tiers import DiskStore, KVTiers\n"
               f"llm = LLM(None, kv_memory='32MiB', block_size={BLOCK}, "
               f"kv_tiers=KVTiers([DiskStore({str(tmp_path / 'kv')!r}, 1 << 30)], chunk_tokens={CHUNK}))\n"
@@ -189,3 +188,20 @@ def test_a_full_store_refuses_writes_and_requests_complete(models, tmp_path):
         llm.close()
     finally:
         server.stop()
+
+
+def test_two_processes_share_kv_through_redis(models, redis_server):
+    prompt = torch.randint(5, 4000, (450,), generator=torch.Generator().manual_seed(3)).tolist()
+    script = ("from kvcache.engine.llm import LLM\nfrom kvcache.engine.sequence import SamplingParams\n"
+              "from kvcache.tiers import KVTiers, RedisStore\n"
+              f"llm = LLM(None, kv_memory='32MiB', block_size={BLOCK}, "
+              f"kv_tiers=KVTiers([RedisStore({redis_server.url!r})], chunk_tokens={CHUNK}))\n"
+              f"llm.generate([{prompt!r}], SamplingParams(max_new_tokens=1))\nllm.close()\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)  # engine A, another process
+    suffix = prompt + [21, 22, 23, 24, 25]
+    b = engine(models["fp32"], RedisStore(redis_server.url))
+    assert tokens(b, suffix) == tokens(engine(models["fp32"]), suffix)
+    s = b.stats()
+    assert s["tier_loaded_tokens"] == 448 and s["prefill_tokens_computed"] == len(suffix) - 448
+    assert stats(b, "redis")["hit_chunks"] == 7
+    b.close()

@@ -29,7 +29,7 @@ class DiskStore(Store):
         self.size_bytes = size_bytes
         self.cache = diskcache.Cache(str(self.directory), size_limit=size_bytes, timeout=timeout,
                                      eviction_policy="least-recently-used", disk_min_file_size=1 << 16,
-                                     cull_limit=64)
+                                     cull_limit=2)  # evicts 2 LRU entries per write while over the cap
 
     def describe(self) -> str:
         return f"disk {self.directory}"
