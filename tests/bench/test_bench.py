@@ -121,3 +121,14 @@ def test_engine_window_bench_bounds_peak_memory():
     bounded, full = streaming.engine_memory(load_model(), "shipped", 200, 60, 64, 4)
     assert bounded["same_as_generate"] and full["same_as_generate"]
     assert bounded["released_blocks"] > 0 and bounded["peak_kv_bytes"] < full["peak_kv_bytes"]
+
+
+def test_tiers_bench_times_every_source_and_checks_the_tiers_supplied_the_prefix():
+    from kvcache.bench import tiers
+    from kvcache.model.loader import load_model
+
+    rows = tiers.bench_tiers(load_model(None), "tiny", (128,), chunk=64, rounds=1)
+    (row,) = rows
+    assert set(row["ttft_s"]) == {"recompute", "recompute + tier writes", "pool hit", "disk hit", "redis hit"}
+    assert row["ttft_s"]["disk hit"] > 0 and row["tier_bytes_per_token"] > 0
+    assert "| tiny | 128 |" in tiers.format_tiers_table(rows)

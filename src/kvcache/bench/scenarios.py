@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative", "serve", "mla", "stream", "compress")
+             "speculative", "serve", "mla", "stream", "compress", "tiers")
 # scenario -> the bench module whose run(quick) measures and prints it
 SELF_REPORTING = {"speculative": "spec_decoding", "engine-quant": "engine_quantized", "serve": "server_load",
-                  "mla": "latent", "stream": "streaming", "compress": "compression"}
+                  "mla": "latent", "stream": "streaming", "compress": "compression",
+                  "tiers": "tiers"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
