@@ -336,6 +336,8 @@ def format_report(report: MemoryReport) -> str:
         + ("(layers x latent x tokens x batch)" if s is not None and s.is_latent
            else "(2 x K/V x layers x kv_heads x head_dim x tokens x batch)"),
     ]
+    lines.append(f"  in a KV tier : {report.bytes_per_token:>17,} B per token, stored as the pool holds it "
+                 "(--kv-disk / --kv-store chunks add a ~2 KB header each)")
     if report.expanded_bytes_per_token is not None:
         e = report.expanded_bytes_per_token
         lines.append(f"  vs expanded  : {e:>17,} B per token if the up-projected K ({s.qk_nope_head_dim} + "

@@ -81,7 +81,8 @@ def _one_length(model, name, length, chunk, rounds, tmp, redis_url) -> dict:
         memory = f"{max(64, 3 * (length + 64) * model.config.kv_values_per_token() * 4 >> 20)}MiB"
         times["recompute"].append(ttft(LLM(model, kv_memory=memory), prefix + suffix_a))
         disk_dir = f"{tmp}/disk-{length}-{r}"
-        stores = [DiskStore(disk_dir, 64 << 30)] + ([RedisStore(redis_url, timeout=5.0)] if redis_url else [])
+        namespace = f"kvcache-bench:{length}:{r}:"  # every round starts with nothing stored
+        stores = [DiskStore(disk_dir, 64 << 30)] + ([RedisStore(redis_url, 5.0, namespace)] if redis_url else [])
         writer = LLM(model, kv_memory=memory, kv_tiers=KVTiers(stores, chunk, queue_bytes=8 << 30))
         times["recompute + tier writes"].append(ttft(writer, prefix + suffix_a))
         writer.kv_tiers.flush(300)
@@ -90,7 +91,7 @@ def _one_length(model, name, length, chunk, rounds, tmp, redis_url) -> dict:
         times["pool hit"].append(ttft(writer, prefix + suffix_b))
         writer.close()
         for tier, store in (("disk", lambda: DiskStore(disk_dir, 64 << 30)),
-                            ("redis", (lambda: RedisStore(redis_url, timeout=5.0)) if redis_url else None)):
+                            ("redis", (lambda: RedisStore(redis_url, 5.0, namespace)) if redis_url else None)):
             if store is None:
                 continue
             reader = LLM(model, kv_memory=memory, kv_tiers=KVTiers([store()], chunk))
@@ -141,7 +142,9 @@ def run(quick: bool) -> list[dict]:
     real = not quick and hub.available_offline(hub.REAL_MODEL)
     model = load_model(hub.REAL_MODEL) if real else load_model(None)
     name = hub.REAL_MODEL if real else "shipped tiny model"
+    room = model.config.max_positions - 16  # the suffix and the first token fit in the context
     lengths = (512, 1024, 2048, 4096, 8192) if real else ((128, 256) if quick else (128, 256, 448))
+    lengths = tuple(min(n, room) for n in lengths)
     rows = bench_tiers(model, name, lengths, chunk=256 if real else 64, rounds=1 if quick else 2)
     if not quick:
         print(f"\nplot: {plot(rows, 'docs/tiers_ttft.png')}")

@@ -1,6 +1,6 @@
 """The shared tier in Redis or Valkey, through the ``redis`` client.
 
-Every call has a socket timeout; reads and writes are pipelined (one round trip for a prompt's chunks).
+Every call has a socket timeout; existence checks and writes are pipelined, reads are one GET per chunk.
 The store's size is capped by the server's own eviction: run it with ``maxmemory <bytes>`` and
 ``maxmemory-policy allkeys-lru``; a full server without an eviction policy refuses writes (an OOM error),
 which is counted and leaves the engine computing.  Keys live under a prefix (``kvcache:`` by default).
@@ -36,7 +36,9 @@ class RedisStore(Store):
         return [bool(n) for n in pipe.execute()]
 
     def _get(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self.client.mget([self.prefix + key for key in keys])
+        # One GET per chunk: measured on loopback, ~1.4 GB/s against ~0.3-0.9 GB/s for one MGET or a pipeline
+        # of multi-megabyte values (the client parses one large reply at a time); a round trip is ~50 us.
+        return [self.client.get(self.prefix + key) for key in keys]
 
     def _put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         pipe = self.client.pipeline(transaction=False)
