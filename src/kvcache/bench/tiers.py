@@ -121,6 +121,7 @@ def plot(rows: list[dict], path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r["prefix"] for r in rows]
@@ -131,6 +132,7 @@ def plot(rows: list[dict], path: str) -> str:
     ax.set(xscale="log", yscale="log", xlabel="prefix tokens", ylabel="time to first token (ms)",
            title=f"KV tiers: TTFT vs prefix length ({rows[0]['model']})")
     ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
