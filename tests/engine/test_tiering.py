@@ -104,13 +104,11 @@ def test_a_restart_reads_the_disk_tier_in_another_process(models, tmp_path):
     assert reader.stats()["tier_loaded_tokens"] == 256
 
 
-def corrupt_each_way(client, key, data):
+def damaged(data: bytes) -> dict[str, bytes]:
     """Ways a stored chunk can be wrong; each must read as a miss."""
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x40
-    yield bytes(flipped)
-    yield data[: len(data) // 2]
-    yield b"garbage"
+    return {"flip": bytes(flipped), "truncate": data[: len(data) // 2], "garbage": b"garbage"}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "wrong tokens"])
@@ -128,7 +126,7 @@ def test_a_corrupt_chunk_is_a_counted_miss_and_deleted(models, redis_server, dam
     if damage == "wrong tokens":  # well formed, checksum right, but another prefix's tokens
         bad = encode(chain[1], reader.kv_tiers._meta, [1] * CHUNK, {"k": torch.zeros(1)})
     else:
-        bad = dict(zip(["flip", "truncate", "garbage"], corrupt_each_way(client, victim, data)))[damage]
+        bad = damaged(data)[damage]
     client.set(victim, bad)
     assert tokens(reader, PROMPT) == expected
     s = stats(reader, "redis")

@@ -203,7 +203,7 @@ class KVTiers:
             try:
                 if job is None:
                     return
-                key, item, stores, size = job
+                key, item, stores, _ = job
                 data = item if isinstance(item, bytes) else chunk.encode(key, self._meta, *item)
                 for store in stores:
                     if not store.available:
@@ -216,11 +216,12 @@ class KVTiers:
                         stats.saves += 1
                         stats.bytes_written += len(data)
                         stats.save_latency.observe(time.perf_counter() - start)
-                with self._lock:
-                    self._pending_bytes -= size
             except Exception:  # noqa: BLE001 -- the writer must outlive any one bad chunk
                 log.exception("KV tier writer: a chunk could not be written")
             finally:
+                if job is not None:
+                    with self._lock:
+                        self._pending_bytes -= job[3]  # even after an error, or the queue cap would shrink
                 self._queue.task_done()
 
     def _remember(self, key: bytes) -> None:
