@@ -1,4 +1,4 @@
-"""The HTTP server: OpenAI's completions and chat endpoints over one engine, plus tokenize, metrics and a page.
+"""The HTTP server over one engine in this process: OpenAI's endpoints (``api.py``), metrics, the page.
 
 FastAPI (pydantic bodies, exception handlers) on uvicorn: the stack vLLM and SGLang serve with, so clients,
 proxies and habits carry over.  Every handler runs on the event loop; the engine runs on its own thread
@@ -8,43 +8,28 @@ proxies and habits carry over.  Every handler runs on the event loop; the engine
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.llm import LLM
 from ..engine.sequence import RequestDelta, SamplingParams
-from .engine_thread import EngineThread
+from .api import OpenAIApi, add_api_routes, add_error_handlers
+from .engine_thread import EngineThread, Overloaded
 from .metrics import ServerMetrics, llm_snapshot
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    Message,
-    OpenAIError,
-    TokenizeRequest,
-    validation_message,
-)
-
-_POLL_DISCONNECT = 0.1  # seconds between checks that a non-streaming client is still there
+from .protocol import OpenAIError
 
 log = logging.getLogger("kvcache.server")
 
 
-def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> FastAPI:
+def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache", max_waiting: int | None = None) -> FastAPI:
     metrics = ServerMetrics(llm, model_name, metrics_prefix)
-    engine = EngineThread(llm, metrics.on_step, on_change=metrics.refresh)
+    engine = EngineThread(llm, metrics.on_step, on_change=metrics.refresh, max_waiting=max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,34 +42,8 @@ def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> Fas
 
     app = FastAPI(title="kvcache", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.llm = engine, metrics, llm
-    api = _Api(llm, engine, metrics, model_name)
-
-    @app.exception_handler(OpenAIError)
-    async def openai_error(_: Request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError):
-        message, param = validation_message(exc.errors())
-        return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception):  # a bug, not the client's fault: still OpenAI's body
-        log.exception("unexpected error while serving a request")
-        return JSONResponse(OpenAIError(f"internal error: {type(exc).__name__}", 500, kind="server_error").body(),
-                            status_code=500)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(OpenAIError(str(exc.detail), exc.status_code, kind=kind).body(),
-                            status_code=exc.status_code)
-
-    app.post("/v1/completions")(api.completions)
-    app.post("/v1/chat/completions")(api.chat_completions)
-    app.get("/v1/models")(api.models)
-    app.post("/tokenize")(api.tokenize)
-    app.post("/detokenize")(api.detokenize)
+    add_error_handlers(app, log)
+    add_api_routes(app, OpenAIApi(LocalBackend(llm, engine, metrics), model_name))
 
     @app.get("/health")
     async def health():
@@ -98,23 +57,46 @@ def build_app(llm: LLM, model_name: str, metrics_prefix: str = "kvcache") -> Fas
 
     @app.get("/engine/state")
     async def engine_state():
-        """What the page draws: the pool block by block ('u' in use, 'c' cached, 'f' free) and the counters."""
-        state = await engine.call(lambda llm: {**llm_snapshot(llm), "blocks": llm.block_manager.block_states()})
-        return {**state, "generation_tokens": metrics.total_generated, "model": model_name,
-                "chat": bool(llm.tokenizer is not None and llm.tokenizer.chat_template)}
+        return await engine.call(lambda llm: engine_state_of(llm, metrics, model_name))
 
+    add_page(app)
+    return app
+
+
+def engine_state_of(llm: LLM, metrics: ServerMetrics, model_name: str) -> dict:
+    """What the page draws: the pool block by block ('u' in use, 'c' cached, 'f' free) and the counters.
+    Runs on the engine thread."""
+    return {**llm_snapshot(llm), "blocks": llm.block_manager.block_states(),
+            "generation_tokens": metrics.total_generated, "model": model_name,
+            "chat": bool(llm.tokenizer is not None and llm.tokenizer.chat_template)}
+
+
+def add_page(app: FastAPI) -> None:
     page = resources.files("kvcache.server").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
         return page
 
-    return app
+
+class LocalBackend:
+    """The engine thread of this process."""
+
+    def __init__(self, llm: LLM, engine: EngineThread, metrics: ServerMetrics):
+        self.engine, self.metrics = engine, metrics
+        self.tokenizer, self.context, self.vocab_size = llm.tokenizer, llm.config.max_positions, llm.config.vocab_size
+        self.capacity_tokens = llm.capacity_tokens
+
+    def run(self) -> LocalRun:
+        return LocalRun(self.engine)
+
+    def failed(self) -> None:
+        self.metrics.failed()
 
 
-class _Run:
-    """The engine requests of one HTTP request (several prompts, each with n completions), their deltas in
-    arrival order; unfinished ones are aborted when the run is closed (the client left or an error)."""
+class LocalRun:
+    """The engine requests of one HTTP request, their deltas in arrival order; unfinished ones are aborted
+    when the run is closed (the client left or an error)."""
 
     def __init__(self, engine: EngineThread):
         self.engine, self.out, self.ids, self.open = engine, asyncio.Queue(), [], set()
@@ -125,6 +107,9 @@ class _Run:
                 rid = await self.engine.add(ids, params, salt, self.out, tag)
                 self.ids.append(rid)
                 self.open.add(rid)
+        except Overloaded as exc:
+            self.close()
+            raise overloaded_error(exc) from None
         except (TypeError, ValueError) as exc:
             self.close()
             raise OpenAIError(str(exc)) from None
@@ -133,7 +118,6 @@ class _Run:
             raise
 
     async def deltas(self, timeout: float | None = None) -> AsyncIterator[tuple[int, RequestDelta] | None]:
-        """(prompt index, delta) until every request finished; ``None`` after ``timeout`` s without one."""
         while self.open:
             try:
                 tag, delta = await asyncio.wait_for(self.out.get(), timeout)
@@ -150,229 +134,7 @@ class _Run:
         self.open = set()
 
 
-class _Api:
-    def __init__(self, llm: LLM, engine: EngineThread, metrics: ServerMetrics, model_name: str):
-        self.llm, self.engine, self.metrics, self.name = llm, engine, metrics, model_name
-        self.tokenizer, self.context = llm.tokenizer, llm.config.max_positions
-
-    # --- endpoints -------------------------------------------------------------
-    async def models(self):
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "kvcache", "max_model_len": self.context}]}
-
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._check_model(body.model)
-        body.check()
-        prompts = [self._encode(p) for p in body.prompts()]
-        for ids in prompts:
-            self._check_length(ids, body.max_tokens, "max_tokens")
-        params = body.sampling_params(body.max_tokens)
-        echo = [self._decode(ids) if body.echo else "" for ids in prompts]
-        run = _Run(self.engine)
-        await run.add(prompts, params, body.cache_salt)
-        head = _head("cmpl", "text_completion", self.name)
-        if body.stream:
-            return _sse(self._stream_completion(run, head, body, prompts, echo), run)
-        choices, usage = await self._collect(run, request, prompts, body.n)
-        return {**head, "choices": [{"index": i, "text": echo[i // body.n] + text, "logprobs": None,
-                                     "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
-                "usage": usage}
-
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._check_model(body.model)
-        body.check()
-        ids = self._chat_ids(body.messages)
-        if body.max_new_tokens is None:  # the rest of the context, at least one token
-            self._check_length(ids, 1, "messages")
-        room = min(self.context, self.llm.capacity_tokens) - len(ids)
-        max_new = body.max_new_tokens if body.max_new_tokens is not None else room
-        self._check_length(ids, max_new, "max_tokens" if body.max_new_tokens is not None else "messages")
-        params = body.sampling_params(max_new)
-        run = _Run(self.engine)
-        await run.add([ids], params, body.cache_salt)
-        head = _head("chatcmpl", "chat.completion", self.name)
-        if body.stream:
-            return _sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"}, body, [ids]), run)
-        choices, usage = await self._collect(run, request, [ids], body.n)
-        return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                     "logprobs": None, "finish_reason": reason}
-                                    for i, (text, reason) in enumerate(choices)], "usage": usage}
-
-    async def tokenize(self, body: TokenizeRequest):
-        self._check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise OpenAIError("give exactly one of prompt and messages", param="prompt")
-        if body.messages is not None:
-            ids = self._chat_ids(body.messages, body.add_generation_prompt)
-        else:
-            ids = self._encode(body.prompt)
-        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
-
-    async def detokenize(self, body: DetokenizeRequest):
-        self._check_model(body.model)
-        self._check_vocab(body.tokens, "tokens")
-        return {"prompt": self._decode(body.tokens)}
-
-    # --- streaming -------------------------------------------------------------
-    async def _stream_completion(self, run: _Run, head: dict, body: CompletionRequest, prompts, echo):
-        n = body.n
-        if body.echo:
-            for i in range(len(prompts) * n):
-                yield {**head, "choices": [_text_choice(i, echo[i // n], None)]}
-
-        def choices(tag, c):
-            if c.text or c.finish_reason:
-                yield _text_choice(tag * n + c.index, c.text or "", c.finish_reason)
-
-        async for chunk in self._stream(run, head, body, prompts, choices):
-            yield chunk
-
-    async def _stream_chat(self, run: _Run, head: dict, body: ChatCompletionRequest, prompts):
-        for i in range(body.n):
-            yield {**head, "choices": [_chat_choice(i, {"role": "assistant", "content": ""}, None)]}
-
-        def choices(_, c):
-            if c.text:
-                yield _chat_choice(c.index, {"content": c.text}, None)
-            if c.finish_reason:
-                yield _chat_choice(c.index, {}, c.finish_reason)
-
-        async for chunk in self._stream(run, head, body, prompts, choices):
-            yield chunk
-
-    async def _stream(self, run: _Run, head: dict, body, prompts, choices):
-        """The chunks of every delta (``choices(prompt index, completion delta)`` makes them), an error event
-        if the request failed, and the usage chunk if asked for."""
-        usage = _Usage(prompts)
-        async for tag, delta in run.deltas():
-            if delta.error is not None:
-                yield self._failed(delta)
-                return
-            usage.add(delta)
-            for c in delta.outputs:
-                for choice in choices(tag, c):
-                    yield {**head, "choices": [choice]}
-        if body.include_usage:
-            yield {**head, "choices": [], "usage": usage.body()}
-
-    def _failed(self, delta: RequestDelta) -> dict:
-        self.metrics.failed()
-        return OpenAIError(delta.error or "the request failed", 500, kind="internal_server_error").body()
-
-    async def _collect(self, run: _Run, request: Request, prompts, n: int):
-        """Wait for every completion; abort if the client disconnects meanwhile."""
-        texts = {i: [] for i in range(len(prompts) * n)}
-        reasons: dict[int, str | None] = {}
-        usage = _Usage(prompts)
-        checked = time.monotonic()
-        try:
-            async for item in run.deltas(timeout=_POLL_DISCONNECT):
-                if time.monotonic() - checked >= _POLL_DISCONNECT:  # busy or idle, look every so often
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return [], {}
-                if item is None:
-                    continue
-                tag, delta = item
-                if delta.error is not None:
-                    self.metrics.failed()
-                    raise OpenAIError(delta.error, 500, kind="internal_server_error")
-                usage.add(delta)
-                for c in delta.outputs:
-                    texts[tag * n + c.index].append(c.text or "")
-                    reasons[tag * n + c.index] = c.finish_reason or reasons.get(tag * n + c.index)
-        finally:
-            run.close()
-        return [("".join(texts[i]), reasons.get(i)) for i in sorted(texts)], usage.body()
-
-    # --- checks ------------------------------------------------------------------
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise OpenAIError(f"The model `{model}` does not exist (this server serves `{self.name}`)", 404,
-                              param="model", code="model_not_found", kind="not_found_error")
-
-    def _check_length(self, ids: list[int], max_new: int, param: str) -> None:
-        if len(ids) + max_new > self.context:
-            raise OpenAIError(f"This model's maximum context length is {self.context} tokens. However, you "
-                              f"requested {len(ids) + max_new} tokens ({len(ids)} in the prompt, {max_new} in "
-                              "the completion). Please reduce the prompt or the completion length.",
-                              param=param, code="context_length_exceeded")
-        if len(ids) + max_new > self.llm.capacity_tokens:
-            raise OpenAIError(f"the request needs {len(ids) + max_new} tokens of KV but the server's whole pool "
-                              f"holds {self.llm.capacity_tokens}", param=param, code="kv_capacity_exceeded")
-
-    def _check_vocab(self, ids: list[int], param: str) -> None:
-        vocab = self.llm.config.vocab_size
-        if any(t >= vocab for t in ids):
-            raise OpenAIError(f"token ids must be below the vocabulary size {vocab}", param=param)
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            self._check_vocab(prompt, "prompt")
-            return prompt
-        if self.tokenizer is None:
-            raise OpenAIError("this model has no tokenizer: send the prompt as token ids", param="prompt")
-        try:
-            return self.tokenizer.encode(prompt)
-        except (TypeError, ValueError) as exc:
-            raise OpenAIError(f"the prompt: {exc}", param="prompt") from None
-
-    def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            raise OpenAIError("this model has no tokenizer: it cannot turn token ids into text")
-        return self.tokenizer.decode(ids)
-
-    def _chat_ids(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        if self.tokenizer is None or not self.tokenizer.chat_template:
-            raise OpenAIError(f"the model `{self.name}` has no chat template: use /v1/completions",
-                              param="messages")
-        roles = frozenset({"developer"} if "developer" in self.tokenizer.chat_template else ())
-        try:
-            text = self.tokenizer.apply_chat_template([m.as_dict(roles) for m in messages],
-                                                      add_generation_prompt=add_generation_prompt)
-        except (TypeError, ValueError) as exc:
-            raise OpenAIError(f"the chat template refused the messages: {exc}", param="messages") from None
-        return self._encode(text)
-
-
-class _Usage:
-    def __init__(self, prompts: list[list[int]]):
-        self.prompt, self.completion, self.cached = sum(map(len, prompts)), 0, 0
-
-    def add(self, delta: RequestDelta) -> None:
-        self.completion += sum(len(c.token_ids) for c in delta.outputs)
-        if delta.finished:
-            self.cached += delta.metrics.cached_prompt_tokens
-
-    def body(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion,
-                "prompt_tokens_details": {"cached_tokens": self.cached}}
-
-
-def _head(prefix: str, kind: str, model: str) -> dict[str, Any]:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
-
-
-def _text_choice(index: int, text: str, reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-
-
-def _chat_choice(index: int, delta: dict, reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-
-
-def _sse(chunks: AsyncIterator[dict], run: _Run) -> StreamingResponse:
-    """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``.  If the client disconnects,
-    Starlette cancels this generator: ``finally`` aborts what is still running."""
-
-    async def events():
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            run.close()
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def overloaded_error(exc: Overloaded) -> OpenAIError:
+    """429 with Retry-After: the engine's queue is full; the client should come back, not wait here."""
+    return OpenAIError(str(exc), 429, code="overloaded", kind="rate_limit_error",
+                       headers={"Retry-After": str(exc.retry_after)})

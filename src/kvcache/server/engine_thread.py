@@ -28,6 +28,14 @@ _FAILED_STEPS_BEFORE_GIVING_UP = 3  # a forward pass failing with no request to 
 _FLUSH_WAIT = 0.05
 
 
+class Overloaded(Exception):
+    """The engine's queue is full: the request is refused now (429) instead of queueing without bound."""
+
+    def __init__(self, waiting: int, retry_after: int = 1):
+        super().__init__(f"the server is overloaded: {waiting} requests are already waiting; retry later")
+        self.waiting, self.retry_after = waiting, retry_after
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -37,8 +45,9 @@ class _Stream:
 
 class EngineThread:
     def __init__(self, llm: LLM, on_step: Callable[[list[RequestDelta], float], None] | None = None,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, max_waiting: int | None = None):
         self.llm = llm
+        self.max_waiting = max_waiting  # requests waiting for a batch slot beyond which new ones are refused
         self.on_step = on_step  # metrics: called on the engine thread after each step
         self.on_change = on_change  # ... and after commands that changed the engine without a step (aborts)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -86,7 +95,17 @@ class EngineThread:
         return future.result()
 
     # --- the engine thread ---------------------------------------------------
+    def waiting(self) -> int:
+        """Requests not yet in the running batch (engine thread only)."""
+        scheduler = self.llm.scheduler
+        running = {s.request.request_id for s in scheduler.running}
+        return len({s.request.request_id for s in scheduler.waiting} - running)
+
     def _add(self, llm: LLM, prompt, params, cache_salt, stream: _Stream) -> int:
+        if self.max_waiting is not None:
+            waiting = self.waiting()
+            if waiting >= self.max_waiting:
+                raise Overloaded(waiting)
         request_id = llm.add_request(prompt, params, cache_salt)
         error = llm.requests[request_id].error
         if error is not None:  # too big for the whole pool: refuse now rather than stream an error

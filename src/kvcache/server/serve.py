@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", default=None, metavar="SPEC", help=KV_HELP + "; the engine's paged pool")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch (default 256)")
+    parser.add_argument("--max-waiting", type=int, default=512, help="requests that may wait for a batch slot; "
+                        "beyond it new ones get 429 with Retry-After (default 512)")
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="never reuse the KV of shared prefixes")
     parser.add_argument("--kv-disk", default=None, metavar="DIR", help="a disk KV tier in DIR: prompts' KV survives "
@@ -111,11 +113,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.metrics_prefix.replace("_", "").isalnum():
         raise UsageError(f"--metrics-prefix must be letters, digits and underscores, got {args.metrics_prefix!r}")
     check_dtype(args.dtype)
+    if args.max_waiting < 1:
+        raise UsageError(f"--max-waiting must be at least 1, got {args.max_waiting}")
     sock = bind(args.host, args.port)
     try:
         llm = build_llm(args)
         name = model_name(args)
-        app = build_app(llm, name, args.metrics_prefix)
+        app = build_app(llm, name, args.metrics_prefix, max_waiting=args.max_waiting)
         host, port = sock.getsockname()[:2]
         print(f"kvcache serve: {name} on http://{host}:{port} (the page at /, OpenAI API at /v1)", flush=True)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
