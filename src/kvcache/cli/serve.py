@@ -15,5 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..server import serve
+    from ..usage import UsageError
 
-    return serve.run(args)
+    if args.replicas is None:
+        return serve.run(args)
+    serve.check_args(args)
+    try:
+        from ..distributed.deploy import run
+    except ImportError as exc:
+        raise UsageError(f"--replicas needs Ray Serve: pip install -e \".[distributed]\" ({exc})") from None
+    return run(args, serve.model_name(args))

@@ -43,6 +43,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-prefix", default="kvcache", help="Prometheus metric prefix; 'vllm' makes "
                         "dashboards written for vLLM read this server (default kvcache)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = parser.add_argument_group("replicas on Ray Serve (pip install -e \".[distributed]\")")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N", help="run N engine replicas on Ray Serve "
+                     "behind one endpoint (a local Ray cluster unless --ray-address)")
+    ray.add_argument("--router", default="prefix", choices=["prefix", "pow2", "round-robin"], help="how requests "
+                     "pick a replica: longest cached prefix when load is balanced (default), Ray Serve's power of "
+                     "two choices, or round-robin")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto, or host:6379)")
+    ray.add_argument("--replica-cpus", type=float, default=None, help="CPUs (and threads) per replica (default: "
+                     "this machine's cores / --replicas)")
+    ray.add_argument("--router-match", type=float, default=0.1, help="fraction of a prompt's blocks a past prefix "
+                     "must cover to route by it (default 0.1)")
+    ray.add_argument("--router-balance-abs", type=int, default=4, help="load is out of balance (route to the least "
+                     "loaded) when the busiest replica has more than this many requests above the least busy ... "
+                     "(default 4)")
+    ray.add_argument("--router-balance-rel", type=float, default=1.5, help="... and more than this times as many "
+                     "(default 1.5)")
+
+
+def serve_options(**options) -> argparse.Namespace:
+    """``kvcache serve``'s options with their defaults, overridden by ``options`` (names with underscores)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in options.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown option {key!r} (kvcache serve has no --{key.replace('_', '-')})")
+        setattr(args, key, value)
+    return args
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -105,16 +133,20 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model or (f"random-{args.random}" if args.random else "kvcache-default")
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import build_app
-
+def check_args(args: argparse.Namespace) -> None:
     if not args.metrics_prefix.replace("_", "").isalnum():
         raise UsageError(f"--metrics-prefix must be letters, digits and underscores, got {args.metrics_prefix!r}")
     check_dtype(args.dtype)
     if args.max_waiting < 1:
         raise UsageError(f"--max-waiting must be at least 1, got {args.max_waiting}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    check_args(args)
     sock = bind(args.host, args.port)
     try:
         llm = build_llm(args)
@@ -142,4 +174,5 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
             raise RuntimeError("the server thread stopped before it started")
         threading.Event().wait(0.02)
     return server, thread, f"http://{host}:{sock.getsockname()[1]}"
+
 
