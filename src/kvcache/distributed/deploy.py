@@ -82,8 +82,8 @@ def start(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -
     port = sock.getsockname()[1]
     sock.close()
     if not ray.is_initialized():
-        ray.init(address=args.ray_address, namespace="serve", log_to_driver=True,
-                 configure_logging=True, logging_level=args.log_level.upper())
+        ray.init(address=args.ray_address or "local", namespace="serve",
+                 logging_level=args.log_level.upper())
     serve.start(http_options={"host": args.host, "port": port})
     try:
         serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/")

@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 
+import ray
 import torch
 from ray import serve
 
@@ -36,6 +38,7 @@ class EngineReplica:
                                    max_waiting=args.max_waiting)
         self.engine.start()
         self.id = serve.get_replica_context().replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()
         self._board = None
         self._publisher = asyncio.get_running_loop().create_task(self._publish())
         log.info("kvcache replica %s: %s, %d KV blocks of %d tokens, %d threads", self.id, model_name,
@@ -78,6 +81,7 @@ class EngineReplica:
             await asyncio.sleep(PUBLISH_S)
             try:
                 state = await self.engine.call(lambda llm: engine_state_of(llm, self.metrics, self.name))
+                state.update(pid=os.getpid(), node=self.node)
                 if self._board is None:
                     self._board = find_board(self.app_name)
                 if self._board is not None:
