@@ -19,9 +19,9 @@ NAME = "code-model"
 
 
 class Served:
-    def __init__(self, llm: LLM, name: str = NAME):
+    def __init__(self, llm: LLM, name: str = NAME, **app_options):
         self.llm = llm
-        self.app = build_app(llm, name)
+        self.app = build_app(llm, name, **app_options)
         self.server, self.thread, self.url = start_in_thread(self.app)
         self.http = httpx.Client(base_url=self.url, timeout=60)
 

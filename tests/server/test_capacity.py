@@ -41,6 +41,30 @@ def test_requests_beyond_capacity_queue_and_finish(small):
     assert state["kv_blocks_in_use"] == 0 and state["requests_held"] == 0
 
 
+def test_a_full_queue_refuses_with_429_and_retry_after():
+    """With one batch slot and one waiting place, a flood gets 429s at once; the two it took finish exactly."""
+    llm = LLM(chat_model(), kv_memory="16MiB", max_num_seqs=1)
+    step = llm.step
+    llm.step = lambda: (time.sleep(0.005), step())[1]  # slow enough that the flood arrives during the first
+    s = Served(llm, max_waiting=1)
+    try:
+        body = {"model": NAME, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: s.http.post("/v1/completions", json={**body, "prompt": p}), PROMPTS))
+        refused = [r for r in answers if r.status_code == 429]
+        assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+        assert all(r.json()["error"]["code"] == "overloaded" and "waiting" in r.json()["error"]["message"]
+                   for r in refused)
+        want = LLM(chat_model(), kv_memory="16MiB").generate(PROMPTS, SamplingParams(max_new_tokens=40,
+                                                                                    ignore_eos=True))
+        taken = [(r, w) for r, w in zip(answers, want) if r.status_code == 200]
+        assert len(taken) >= 2 and all(r.json()["choices"][0]["text"] == w.outputs[0].text for r, w in taken)
+        assert len(taken) + len(refused) == len(PROMPTS)
+        assert s.wait_idle()["requests_held"] == 0
+    finally:
+        s.close()
+
+
 def test_a_request_bigger_than_the_pool_is_refused(small):
     r = small.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 300})
     assert r.status_code == 400 and r.json()["error"]["code"] == "kv_capacity_exceeded"

@@ -59,14 +59,16 @@ def build_application(args: argparse.Namespace, model_name: str, app_name: str =
         EngineReplica, name="KVEngine", num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.replica_cpus},
         max_ongoing_requests=args.max_num_seqs + args.max_waiting,  # beyond the batch, the engine's own queue
-        max_queued_requests=args.max_waiting,  # waiting in the ingress for a replica: then 503
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
         request_router_config=RequestRouterConfig(request_router_class=ROUTERS[args.router],
                                                   request_router_kwargs=kwargs, request_routing_stats_period_s=1,
                                                   request_routing_stats_timeout_s=5))
     ingress = serve.deployment(Ingress, name="KVIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)
-    return ingress.bind(engine.bind(args, model_name, app_name), model_name, app_name, args.metrics_prefix)
+    # The ingress bounds the prompts waiting for a replica itself (503 + Retry-After beyond --max-waiting), so the
+    # refusal has OpenAI's body; Serve's max_queued_requests would answer in its own words.
+    return ingress.bind(engine.bind(args, model_name, app_name), model_name, app_name, args.metrics_prefix,
+                        args.max_waiting)
 
 
 def start(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -> str:
@@ -110,10 +112,8 @@ def run(args: argparse.Namespace, model_name: str) -> int:
     print(f"kvcache serve: {model_name} on {url} ({args.replicas} replicas on Ray Serve, {args.router} routing; "
           "the page at /, OpenAI API at /v1; `serve status` shows them)", flush=True)
     try:
-        while True:
+        while True:  # Ctrl-C ends it: the command line says "interrupted" and exits with 130
             time.sleep(1)
-    except KeyboardInterrupt:
-        return 130
     finally:
         stop(local=args.ray_address is None)
 

@@ -44,9 +44,8 @@ class ReplicaFailed(Exception):
 
 def refusal(exc: BaseException) -> OpenAIError | None:
     """The HTTP answer for a request the replicas refused, or None if the replica failed (worth a retry)."""
-    if isinstance(exc, BackPressureError):
-        return OpenAIError("every replica's queue is full; retry later", 503, code="overloaded", kind="server_error",
-                           headers={"Retry-After": "1"})
+    if isinstance(exc, BackPressureError):  # only with a max_queued_requests set on the engine deployment
+        return OpenAIError(str(exc), 503, code="overloaded", kind="server_error", headers={"Retry-After": "1"})
     if isinstance(exc, RayTaskError):
         cause = exc.cause
         if isinstance(cause, Overloaded):
@@ -62,8 +61,9 @@ def refusal(exc: BaseException) -> OpenAIError | None:
 class ReplicaBackend:
     """The engine replicas behind the handle, for ``OpenAIApi``."""
 
-    def __init__(self, handle, info: dict):
+    def __init__(self, handle, info: dict, max_queued: int):
         self.handle = handle.options(stream=True)
+        self.max_queued, self.queued = max_queued, 0  # prompts sent but not yet accepted by a replica
         self.tokenizer, self.context = info["tokenizer"], info["context"]
         self.vocab_size, self.capacity_tokens = info["vocab_size"], info["capacity_tokens"]
         self.counts: Counter = Counter()  # retries, replica_failures, failed, refused_429, refused_503
@@ -76,20 +76,34 @@ class ReplicaBackend:
 
     async def start(self, job: Job):
         """A stream the replica accepted; resent to another replica if the first one failed."""
+        if self.queued >= self.max_queued:  # every replica is full and this many already wait for one
+            self.counts["refused_503"] += 1
+            raise OpenAIError(f"the server is overloaded: {self.queued} requests are waiting for a replica; retry "
+                              "later", 503, code="overloaded", kind="server_error", headers={"Retry-After": "1"})
+        self.queued += 1
+        try:
+            return await self._start(job)
+        finally:
+            self.queued -= 1
+
+    async def _start(self, job: Job):
         last: BaseException | None = None
         for attempt in range(RETRIES + 1):
             if attempt:
                 self.counts["retries"] += 1
                 await asyncio.sleep(RETRY_PAUSE_S)
-            stream = self.handle.generate.remote(job)
+            stream = None
             try:
+                stream = self.handle.generate.remote(job)  # a full handle queue raises here, not on the first item
                 await stream.__anext__()  # the replica's id: accepted
                 return stream
             except (asyncio.CancelledError, GeneratorExit):
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
                 raise
             except Exception as exc:
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
                 error = refusal(exc)
                 if error is not None:
                     self.counts[f"refused_{error.status}"] += 1
@@ -171,12 +185,13 @@ class ReplicaRun:
 
 @serve.ingress()
 class Ingress:
-    async def __init__(self, engine, model_name: str, app_name: str, metrics_prefix: str = "kvcache"):
+    async def __init__(self, engine, model_name: str, app_name: str, metrics_prefix: str = "kvcache",
+                       max_queued: int = 512):
         self.name, self.prefix = model_name, metrics_prefix
         self.board = open_board(app_name)
         info = await engine.info.remote()
         self.chat = bool(info["tokenizer"] is not None and info["tokenizer"].chat_template)
-        self.backend = ReplicaBackend(engine, info)
+        self.backend = ReplicaBackend(engine, info, max_queued)
         self.merged = MergedMetrics()
         self.registry = CollectorRegistry()
         self.registry.register(self.merged)

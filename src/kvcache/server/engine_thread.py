@@ -32,8 +32,11 @@ class Overloaded(Exception):
     """The engine's queue is full: the request is refused now (429) instead of queueing without bound."""
 
     def __init__(self, waiting: int, retry_after: int = 1):
-        super().__init__(f"the server is overloaded: {waiting} requests are already waiting; retry later")
+        super().__init__(waiting, retry_after)  # the args rebuild it when pickled (a Ray replica raises it)
         self.waiting, self.retry_after = waiting, retry_after
+
+    def __str__(self) -> str:
+        return f"the server is overloaded: {self.waiting} requests are already waiting; retry later"
 
 
 @dataclass
