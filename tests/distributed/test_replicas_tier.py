@@ -23,9 +23,8 @@ PREFIX = "".join(f"# shared rule {i}: functions do one thing, and names say what
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from redis_server import RedisServer, require_redis_server
-
     from kvcache.distributed import shutdown
+    from redis_server import RedisServer, require_redis_server
 
     require_redis_server()
     redis = RedisServer(tmp_path_factory.mktemp("redis")).start()

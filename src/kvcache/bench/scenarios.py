@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 SCENARIOS = ("decode", "hf", "kernels", "append", "throughput", "prefix", "memory", "kv-quant", "engine-quant",
-             "speculative", "serve", "mla", "stream", "compress", "tiers")
+             "speculative", "serve", "mla", "stream", "compress", "tiers", "replicas")
 # scenario -> the bench module whose run(quick) measures and prints it
 SELF_REPORTING = {"speculative": "spec_decoding", "engine-quant": "engine_quantized", "serve": "server_load",
                   "mla": "latent", "stream": "streaming", "compress": "compression",
-                  "tiers": "tiers"}
+                  "tiers": "tiers", "replicas": "replicas"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -95,6 +95,16 @@ def start(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -
     return f"http://{args.host}:{port}"
 
 
+def replace(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -> None:
+    """Deploy the application again with other options (router, replicas) behind the running proxy: fresh
+    replicas, fresh pools, a fresh router."""
+    from ray import serve
+
+    check_args(args)
+    serve.delete(app_name)
+    serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/")
+
+
 def stop(app_name: str = APP_NAME, local: bool = True) -> None:
     """Delete the application; with ``local`` (the cluster was started here) shut Serve and Ray down too."""
     import ray
