@@ -115,3 +115,14 @@ def test_the_table_never_exceeds_its_bound_and_sizes_add_up(records, bound):
             for r in holders:
                 held[r] = held.get(r, 0) + 1
         assert held == table.sizes
+
+
+def test_a_prefix_keeps_its_home_after_a_detour():
+    """Sent elsewhere once while load was out of balance, a prefix still goes home when load is balanced again:
+    its traffic is not split between the two replicas from then on."""
+    table = PrefixTable()
+    for _ in range(5):
+        table.record(keys("sys", "a"), "home")
+    table.record(keys("sys", "a"), "detour")
+    choice = choose(keys("sys", "a"), [Load("home", 3), Load("detour", 1)], table, RouterOptions())
+    assert choice.ranked == ["home", "detour"] and choice.reason == "prefix"

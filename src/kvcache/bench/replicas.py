@@ -107,7 +107,7 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -> dict:
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -140,7 +140,7 @@ def run(quick: bool) -> dict:
                    served_model_name=name)
     rows, url = [], None
     try:
-        for router in ROUTERS:
+        for router in routers:
             args = serve_options(**options, replicas=2, router=router)
             if url is None:
                 url = start(args, name)
@@ -151,7 +151,7 @@ def run(quick: bool) -> dict:
             print(f"  {router}: mean TTFT {r['ttft_mean']:.3f} s, {r['tok_s']:.1f} tok/s, hit rate "
                   f"{r['hit_rate']:.1%}, largest share {r['max_share']:.1%}", flush=True)
         scale_jobs = jobs if quick else workload(systems, 16, 32, seed=1)
-        for replicas in (1, 2):
+        for replicas in (1, 2) if scaling else ():
             replace(serve_options(**options, replicas=replicas, router="prefix"), name)
             r = measure(url, scale_jobs, name, clients)
             rows.append({"part": "scaling", "router": "prefix", "replicas": replicas, **r})
@@ -169,7 +169,7 @@ def run(quick: bool) -> dict:
 
 def format_tables(rows: list[dict]) -> str:
     routing = [r for r in rows if r["part"] == "routing"]
-    base = next(r for r in routing if r["router"] == "prefix")
+    base = next((r for r in routing if r["router"] == "prefix"), routing[0])
     lines = [table(["router", "mean TTFT (s)", "TTFT p50 / p99 (s)", "vs prefix-aware", "output tok/s",
                     "pool hit rate", "largest replica share", "same text"],
                    [[r["router"], f"{r['ttft_mean']:.3f}", f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f}",

@@ -86,9 +86,10 @@ def start(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -
     if not ray.is_initialized():
         ray.init(address=args.ray_address or "local", namespace="serve",
                  logging_level=args.log_level.upper())
-    serve.start(http_options={"host": args.host, "port": port})
+    serve.start(http_options={"host": args.host, "port": port}, logging_config=_logging(args))
     try:
-        serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/")
+        serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/",
+                  logging_config=_logging(args))
     except RuntimeError as exc:  # a replica failed to start (bad model, bad spec): its error, not Ray's trace
         serve.delete(app_name)
         raise UsageError(f"the replicas did not start: {_last_line(exc)}") from None
@@ -102,7 +103,8 @@ def replace(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME)
 
     check_args(args)
     serve.delete(app_name)
-    serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/")
+    serve.run(build_application(args, model_name, app_name), name=app_name, route_prefix="/",
+              logging_config=_logging(args))
 
 
 def stop(app_name: str = APP_NAME, local: bool = True) -> None:
@@ -126,6 +128,11 @@ def run(args: argparse.Namespace, model_name: str) -> int:
             time.sleep(1)
     finally:
         stop(local=args.ray_address is None)
+
+
+def _logging(args: argparse.Namespace) -> dict:
+    """Serve's logs (one line per request at info) at ``--log-level``; they land where Ray puts every log."""
+    return {"log_level": args.log_level.upper()}
 
 
 def _last_line(exc: BaseException) -> str:

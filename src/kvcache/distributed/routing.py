@@ -19,8 +19,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RouterOptions:
     match_threshold: float = 0.1  # matched fraction of the prompt's blocks that makes a prefix match count
-    balance_abs: int = 4  # load is out of balance when the busiest has more than this many requests above ...
-    balance_rel: float = 1.5  # ... and more than this times the least busy's
+    balance_abs: int = 8  # load is out of balance when the busiest has more than this many requests above ...
+    balance_rel: float = 2.0  # ... and more than this times the least busy's
     kv_usage_limit: float = 0.95  # a replica whose pool is this full is not sent prefix matches
     max_keys: int = 1 << 18  # prefix keys remembered (oldest forgotten first): ~60 MB at most
     ttl_s: float = 600.0  # a replica's claim on a prefix expires this long after it last served it
@@ -50,7 +50,9 @@ class Choice:
 
 
 class PrefixTable:
-    """key -> {replica: last time it served a prompt with this prefix}; LRU-bounded, entries age out."""
+    """key -> {replica: [last time it served a prompt with this prefix, how many it served]}; LRU-bounded,
+    entries age out.  The count makes the replica that serves a prefix most its home: a request sent elsewhere
+    while load was out of balance does not split that prefix's traffic from then on."""
 
     def __init__(self, max_keys: int = RouterOptions.max_keys, ttl_s: float = RouterOptions.ttl_s,
                  clock=time.monotonic):
@@ -66,9 +68,12 @@ class PrefixTable:
                 holders = self.keys[key] = {}
             else:
                 self.keys.move_to_end(key)
-            if replica not in holders:
+            claim = holders.get(replica)
+            if claim is None:
                 self.sizes[replica] = self.sizes.get(replica, 0) + 1
-            holders[replica] = now
+                holders[replica] = [now, 1]
+            else:
+                claim[0], claim[1] = now, claim[1] + 1
         while len(self.keys) > self.max_keys:
             _, holders = self.keys.popitem(last=False)
             for r in holders:
@@ -77,17 +82,21 @@ class PrefixTable:
     def match(self, keys: Sequence[bytes], replicas: Sequence[Hashable]) -> dict:
         """Leading blocks of ``keys`` each replica served (within the TTL).  Keys are chained, so holding key i
         means having served blocks 0..i: walk from the longest down until every replica is placed."""
+        return {r: blocks for r, (blocks, _) in self.match_counts(keys, replicas).items()}
+
+    def match_counts(self, keys: Sequence[bytes], replicas: Sequence[Hashable]) -> dict:
+        """replica -> (leading blocks served, prompts it served with that whole prefix)."""
         now, wanted, found = self.clock(), set(replicas), {}
         for i in range(len(keys) - 1, -1, -1):
             holders = self.keys.get(keys[i])
             if not holders:
                 continue
-            for r, seen in list(holders.items()):
+            for r, (seen, count) in list(holders.items()):
                 if now - seen > self.ttl_s:
                     del holders[r]
                     self._shrink(r)
                 elif r in wanted and r not in found:
-                    found[r] = i + 1
+                    found[r] = (i + 1, count)
             if len(found) == len(wanted):
                 break
         return found
@@ -114,10 +123,13 @@ def choose(keys: Sequence[bytes], loads: Sequence[Load], table: PrefixTable, opt
     low, high = by_load[0].requests, by_load[-1].requests
     if high - low > options.balance_abs and high > options.balance_rel * low:
         return Choice([x.replica for x in by_load], "imbalanced", 0)
-    matched = table.match(keys, [x.replica for x in loads if x.kv_usage < options.kv_usage_limit]) if keys else {}
-    best = max(matched.values(), default=0)
+    eligible = [x.replica for x in loads if x.kv_usage < options.kv_usage_limit]
+    matched = table.match_counts(keys, eligible) if keys else {}
+    best = max((blocks for blocks, _ in matched.values()), default=0)
     if best and best >= options.match_threshold * len(keys):
-        winners = [x for x in by_load if matched.get(x.replica) == best]
+        # The longest match; among equal ones the prefix's home (served it most), then the less loaded.
+        winners = sorted((x for x in by_load if matched.get(x.replica, (0, 0))[0] == best),
+                         key=lambda x: -matched[x.replica][1])
         rest = [x for x in by_load if x not in winners]
         return Choice([x.replica for x in winners + rest], "prefix", best)
     return Choice([x.replica for x in by_load], "least_loaded", best)
