@@ -7,7 +7,8 @@ real deployment's pools hold a fraction of its traffic's prefixes: only a router
 replica gets the pools' sum.  Prints mean/p50/p99 TTFT, throughput, the pools' hit rate and the largest
 replica's share of requests; the texts must be equal across routers (greedy).
 
-Scaling: the same kind of load on 1 replica (all cores) and on 2 (half the cores each), prefix routing.
+Scaling: the same kind of load on 1 replica (all cores, both pools' memory) and on 2 (half the cores and half the
+memory each), prefix routing.
 """
 
 from __future__ import annotations
@@ -151,15 +152,20 @@ def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -
             print(f"  {router}: mean TTFT {r['ttft_mean']:.3f} s, {r['tok_s']:.1f} tok/s, hit rate "
                   f"{r['hit_rate']:.1%}, largest share {r['max_share']:.1%}", flush=True)
         scale_jobs = jobs if quick else workload(systems, 16, 32, seed=1)
-        for replicas in (1, 2) if scaling else ():
-            replace(serve_options(**options, replicas=replicas, router="prefix"), name)
+        for replicas in (1, 2) if scaling else ():  # the same KV memory in all: one pool or two halves
+            total = {**options, "kv_memory": str(2 * kv_memory // replicas)}
+            args = serve_options(**total, replicas=replicas, router="prefix")
+            if url is None:
+                url = start(args, name)
+            else:
+                replace(args, name)
             r = measure(url, scale_jobs, name, clients)
             rows.append({"part": "scaling", "router": "prefix", "replicas": replicas, **r})
             print(f"  {replicas} replica(s): {r['tok_s']:.1f} tok/s", flush=True)
     finally:
         if url is not None:
             stop()
-    reference = rows[0]["texts"]
+    reference = rows[0]["texts"] if rows else []
     for r in rows:
         texts = r.pop("texts")
         r["same_text"] = texts == reference if r["part"] == "routing" else None
@@ -169,9 +175,10 @@ def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -
 
 def format_tables(rows: list[dict]) -> str:
     routing = [r for r in rows if r["part"] == "routing"]
-    base = next((r for r in routing if r["router"] == "prefix"), routing[0])
-    lines = [table(["router", "mean TTFT (s)", "TTFT p50 / p99 (s)", "vs prefix-aware", "output tok/s",
-                    "pool hit rate", "largest replica share", "same text"],
+    base = next((r for r in routing if r["router"] == "prefix"), routing[0] if routing else None)
+    heads = ["router", "mean TTFT (s)", "TTFT p50 / p99 (s)", "vs prefix-aware", "output tok/s", "pool hit rate",
+             "largest replica share", "same text"]
+    lines = [] if not routing else [table(heads,
                    [[r["router"], f"{r['ttft_mean']:.3f}", f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f}",
                      f"{r['ttft_mean'] / base['ttft_mean']:.2f}x", f"{r['tok_s']:.1f}", f"{r['hit_rate']:.1%}",
                      f"{r['max_share']:.1%}", str(r["same_text"])] for r in routing])]
