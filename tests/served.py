@@ -3,6 +3,8 @@ the chat endpoint has something to render), and the official ``openai`` client p
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import httpx
@@ -62,3 +64,42 @@ def served():
     s = Served(LLM(chat_model(), kv_memory="64MiB", max_num_seqs=64))
     yield s
     s.close()
+
+
+def check_serve_process(proc, first_line: str) -> str:
+    """A ``kvcache serve`` process: its first line starts with ``first_line`` and names its address, where it
+    answers a completion and serves the page.  The line."""
+    line = proc.stdout.readline()
+    assert line.startswith(first_line), line + proc.stderr.read()
+    url = line.split(" on ")[1].split(" ")[0]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "def f():", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    assert "<title>kvcache</title>" in httpx.get(url + "/", timeout=30).text
+    return line
+
+
+def require_browser() -> None:
+    """Skip the module without Debian's chromium and chromium-driver (under CI, fail: .ci/run installs them)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (.ci/run does)", pytrace=False)
+        pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium driven by Selenium; a test using it skips (fails under CI) without Chromium."""
+    require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,800",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()

@@ -116,6 +116,23 @@ def test_the_state_page_and_metrics_show_every_replica(url):
     assert set(metric(url, "kvcache:kv_cache_usage_perc")) == {p["replica"] for p in pools}
 
 
+def test_the_page_draws_every_replicas_pool(url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#replicas .replica")) == 2)
+    pools = {p["replica"]: p for p in replicas(url)}
+    drawn = browser.find_elements(By.CSS_SELECTOR, "#replicas .replica")
+    assert {d.get_attribute("data-replica") for d in drawn} == set(pools)
+    for d in drawn:
+        canvas, pool = d.find_element(By.TAG_NAME, "canvas"), pools[d.get_attribute("data-replica")]
+        counts = [int(canvas.get_attribute(f"data-{k}")) for k in ("in-use", "cached", "free")]
+        assert sum(counts) == len(pool["blocks"]) and counts[1] > 0  # each pool kept the prompts it served
+        assert d.find_element(By.TAG_NAME, "p").text.startswith(f"replica {d.get_attribute('data-replica')}:")
+    assert not browser.find_element(By.ID, "blocks").is_displayed()  # one grid per replica, not one for all
+
+
 def test_serve_status_shows_the_deployments(url):
     out = subprocess.run(["serve", "status"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "RAY_ADDRESS": ""})

@@ -80,7 +80,7 @@ def test_a_flood_is_refused_with_retry_after_and_what_is_taken_completes(setup):
         t.join(timeout=200)
     assert len(answers) == len(prompts)
     refused = [r for r in answers.values() if r.status_code != 200]
-    assert refused, "2 replicas x (2 running + 2 waiting) + 2 waiting in the ingress took all 24 requests"
+    assert refused, "2 replicas x (2 running + 2 waiting) + 2 queued in the ingress took all 24 requests"
     for r in refused:
         assert r.status_code in (429, 503) and int(r.headers["retry-after"]) >= 1, (r.status_code, r.text)
         assert r.json()["error"]["code"] == "overloaded", r.text

@@ -5,7 +5,6 @@ screenshot is kept in test-artifacts/server-page.png."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -13,14 +12,10 @@ import pytest
 
 from kvcache.engine.llm import LLM
 from kvcache.engine.sequence import SamplingParams
-from served import NAME, Served, chat_model
+from served import NAME, Served, chat_model, require_browser
 
 ARTIFACTS = Path(os.environ.get("KVCACHE_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-if not (CHROMIUM and DRIVER):
-    if os.environ.get("CI"):
-        pytest.fail("CI must install Debian's chromium and chromium-driver (.ci/run does)", pytrace=False)
-    pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+require_browser()
 
 MESSAGE = "def add(a, b):"
 
@@ -39,23 +34,6 @@ def slow_served():
     s = Served(llm)
     yield s
     s.close()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,800",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_the_page_streams_an_answer_and_shows_the_blocks(slow_served, browser):

@@ -113,7 +113,7 @@ def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -
         import ray  # noqa: F401
     except ImportError:
         raise SystemExit('bench replicas needs Ray Serve: pip install -e ".[distributed]"') from None
-    from ..distributed.deploy import replace, start, stop
+    from ..distributed.launch import replace, start, stop
     from ..model import hub
     from ..model.loader import load_model
     from ..server.serve import serve_options

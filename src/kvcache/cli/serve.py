@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         return serve.run(args)
     serve.check_args(args)
     try:
-        from ..distributed.deploy import run
+        from ..distributed.launch import run
     except ImportError as exc:
         raise UsageError(f"--replicas needs Ray Serve: pip install -e \".[distributed]\" ({exc})") from None
     return run(args, serve.model_name(args))

@@ -15,7 +15,7 @@ def deploy(model: str | None = None, replicas: int = 2, router: str = "prefix", 
     """Deploy ``replicas`` engines of ``model`` and return the base URL.  ``options`` are ``kvcache serve``'s,
     with dashes as underscores (``kv_memory="1GiB"``, ``kv_store="redis://..."``, ``random=...``, ``ray_address``)."""
     from ..server.serve import model_name, serve_options
-    from .deploy import start
+    from .launch import start
 
     args = serve_options(model=model, replicas=replicas, router=router, port=port, **options)
     return start(args, model_name(args), app_name)
@@ -23,6 +23,6 @@ def deploy(model: str | None = None, replicas: int = 2, router: str = "prefix", 
 
 def shutdown(app_name: str = "kvcache", local: bool = True) -> None:
     """Delete the application (and, with ``local``, stop Serve and the Ray cluster this process started)."""
-    from .deploy import stop
+    from .launch import stop
 
     stop(app_name, local)

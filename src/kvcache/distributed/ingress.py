@@ -3,8 +3,8 @@ the engine replicas, reached through a Serve handle whose router picks the repli
 
 A prompt that has not streamed anything yet when its replica fails (killed, unreachable) is sent again, to
 another replica; one that has streamed gets an error (500 body, or an error event in the stream).  A replica that
-refuses a request because its queue is full makes a 429, a full handle queue (``max_queued_requests``) a 503,
-both with Retry-After.
+refuses a request because its queue is full makes a 429; more prompts waiting for a replica than the bound make a
+503; both with Retry-After.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -24,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError, Work
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from ..engine.sequence import RequestDelta, RequestMetrics, SamplingParams
-from ..server.api import OpenAIApi, add_api_routes, add_error_handlers
+from ..server.api import OpenAIApi, QueuedRun, add_api_routes, add_error_handlers
 from ..server.app import add_page, overloaded_error
 from ..server.engine_thread import Overloaded
 from ..server.protocol import OpenAIError
@@ -76,7 +75,7 @@ class ReplicaBackend:
 
     async def start(self, job: Job):
         """A stream the replica accepted; resent to another replica if the first one failed."""
-        if self.queued >= self.max_queued:  # every replica is full and this many already wait for one
+        if self.queued >= self.max_queued:  # more than every replica can take, plus the ingress's queue
             self.counts["refused_503"] += 1
             raise OpenAIError(f"the server is overloaded: {self.queued} requests are waiting for a replica; retry "
                               "later", 503, code="overloaded", kind="server_error", headers={"Retry-After": "1"})
@@ -116,13 +115,12 @@ class ReplicaBackend:
                           code="replica_unavailable", kind="server_error", headers={"Retry-After": "1"})
 
 
-class ReplicaRun:
+class ReplicaRun(QueuedRun):
     """The prompts of one HTTP request, each streamed from the replica the router chose."""
 
     def __init__(self, backend: ReplicaBackend):
-        self.backend, self.out = backend, asyncio.Queue()
-        self.tasks: list[asyncio.Task] = []
-        self.open: set[int] = set()
+        super().__init__()
+        self.backend, self.tasks = backend, []
 
     async def add(self, prompts: list[list[int]], params: SamplingParams, salt: str | None) -> None:
         try:
@@ -136,16 +134,19 @@ class ReplicaRun:
             raise
 
     async def _pump(self, tag: int, job: Job, stream) -> None:
-        delivered = False
+        delivered = finished = False
         try:
             while True:
                 try:
+                    # Read the stream to its end, past the finished delta: only a completed stream makes the
+                    # handle count the request as done (its queue-length cache, which the router reads).
                     async for batch in stream:
                         for delta in batch:
                             delivered = True
+                            finished = finished or delta.finished
                             self.out.put_nowait((tag, delta))
-                            if delta.finished:
-                                return
+                    if finished:
+                        return
                     raise ReplicaFailed("the replica's stream ended before the request finished")
                 except (asyncio.CancelledError, TaskCancelledError):
                     raise
@@ -165,17 +166,6 @@ class ReplicaRun:
             else:
                 message = str(exc) if isinstance(exc, OpenAIError) else f"the request failed: {exc!r}"
             self.out.put_nowait((tag, RequestDelta(-1, [], True, RequestMetrics(time.perf_counter()), message)))
-
-    async def deltas(self, timeout: float | None = None) -> AsyncIterator[tuple[int, RequestDelta] | None]:
-        while self.open:
-            try:
-                tag, delta = await asyncio.wait_for(self.out.get(), timeout)
-            except asyncio.TimeoutError:
-                yield None
-                continue
-            if delta.finished:
-                self.open.discard(tag)
-            yield tag, delta
 
     def close(self) -> None:
         for task in self.tasks:

@@ -69,8 +69,14 @@ class PrefixAwareRouter(RequestRouter):
         if stale:
             for r, n in await self._probe_queue_lens(stale, 0):
                 lens[r.replica_id] = n
-        return [Load(r.replica_id, lens[r.replica_id] if lens[r.replica_id] is not None else r.max_ongoing_requests,
-                     float((r.routing_stats or {}).get("kv_usage", 0.0))) for r in replicas]
+        loads = []
+        for r in replicas:
+            stats = r.routing_stats or {}
+            n = lens[r.replica_id]
+            if n is None:  # the probe timed out (a busy replica answers late): its last reported requests
+                n = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+            loads.append(Load(r.replica_id, n, float(stats.get("kv_usage", 0.0))))
+        return loads
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         job = _job(pending_request)

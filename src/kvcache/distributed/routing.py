@@ -119,7 +119,8 @@ def choose(keys: Sequence[bytes], loads: Sequence[Load], table: PrefixTable, opt
     """The replicas to try for one request, best first, and why."""
     if not loads:
         return Choice([], "no_replica", 0)
-    by_load = sorted(loads, key=lambda x: (x.requests, x.kv_usage, table.sizes.get(x.replica, 0)))
+    # Ties on requests go to the replica holding fewest prefixes (new prefixes spread out), then the emptier pool.
+    by_load = sorted(loads, key=lambda x: (x.requests, table.sizes.get(x.replica, 0), x.kv_usage))
     low, high = by_load[0].requests, by_load[-1].requests
     if high - low > options.balance_abs and high > options.balance_rel * low:
         return Choice([x.replica for x in by_load], "imbalanced", 0)

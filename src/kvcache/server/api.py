@@ -6,6 +6,7 @@ The same code serves one engine in this process (``app.py``) and engine replicas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -42,6 +43,25 @@ class Run(Protocol):
 
     def close(self) -> None:
         """Abort what has not finished (the client left, or an error)."""
+
+
+class QueuedRun:
+    """The deltas of a run's prompts on one queue, as (prompt index, delta) in arrival order: a base for runs."""
+
+    def __init__(self):
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.open: set[int] = set()  # prompt indices not finished yet
+
+    async def deltas(self, timeout: float | None = None) -> AsyncIterator[tuple[int, RequestDelta] | None]:
+        while self.open:
+            try:
+                tag, delta = await asyncio.wait_for(self.out.get(), timeout)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if delta.finished:
+                self.open.discard(tag)
+            yield tag, delta
 
 
 class Backend(Protocol):

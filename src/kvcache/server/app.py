@@ -7,9 +7,7 @@ proxies and habits carry over.  Every handler runs on the event loop; the engine
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -18,8 +16,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..engine.llm import LLM
-from ..engine.sequence import RequestDelta, SamplingParams
-from .api import OpenAIApi, add_api_routes, add_error_handlers
+from ..engine.sequence import SamplingParams
+from .api import OpenAIApi, QueuedRun, add_api_routes, add_error_handlers
 from .engine_thread import EngineThread, Overloaded
 from .metrics import ServerMetrics, llm_snapshot
 from .protocol import OpenAIError
@@ -94,19 +92,19 @@ class LocalBackend:
         self.metrics.failed()
 
 
-class LocalRun:
-    """The engine requests of one HTTP request, their deltas in arrival order; unfinished ones are aborted
-    when the run is closed (the client left or an error)."""
+class LocalRun(QueuedRun):
+    """The engine requests of one HTTP request; unfinished ones are aborted when the run is closed (the client
+    left or an error)."""
 
     def __init__(self, engine: EngineThread):
-        self.engine, self.out, self.ids, self.open = engine, asyncio.Queue(), [], set()
+        super().__init__()
+        self.engine, self.ids = engine, {}  # prompt index -> engine request id
 
     async def add(self, prompts: list[list[int]], params: SamplingParams, salt: str | None) -> None:
         try:
             for tag, ids in enumerate(prompts):
-                rid = await self.engine.add(ids, params, salt, self.out, tag)
-                self.ids.append(rid)
-                self.open.add(rid)
+                self.ids[tag] = await self.engine.add(ids, params, salt, self.out, tag)
+                self.open.add(tag)
         except Overloaded as exc:
             self.close()
             raise overloaded_error(exc) from None
@@ -117,20 +115,9 @@ class LocalRun:
             self.close()
             raise
 
-    async def deltas(self, timeout: float | None = None) -> AsyncIterator[tuple[int, RequestDelta] | None]:
-        while self.open:
-            try:
-                tag, delta = await asyncio.wait_for(self.out.get(), timeout)
-            except asyncio.TimeoutError:
-                yield None
-                continue
-            if delta.finished:
-                self.open.discard(delta.request_id)
-            yield tag, delta
-
     def close(self) -> None:
-        for rid in self.open:
-            self.engine.abort(rid)
+        for tag in self.open:
+            self.engine.abort(self.ids[tag])
         self.open = set()
 
 

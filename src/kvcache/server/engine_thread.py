@@ -170,6 +170,8 @@ class EngineThread:
                 self.llm.output(delta.request_id)  # collected: the engine forgets it
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, delta))
+        if self.on_change is not None and any(d.finished for d in deltas):
+            self.on_change()  # the finished requests' blocks are free now: the gauges (and a router) should say so
         flushed = []
         for loop, items in by_loop.items():  # one wake-up of the event loop per step, not one per request
             done = threading.Event()

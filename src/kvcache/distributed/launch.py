@@ -1,4 +1,4 @@
-"""Deploy engine replicas on Ray Serve: ``kvcache serve --replicas N`` and ``kvcache.distributed.deploy``.
+"""Launch engine replicas on Ray Serve: ``kvcache serve --replicas N`` and ``kvcache.distributed.deploy``.
 
 The application is two deployments: ``KVIngress`` (one replica, no CPU reserved: HTTP, tokenizing, routing) and
 ``KVEngine`` (N replicas, each an engine with ``--replica-cpus`` threads, its own KV pool, and the shared KV
@@ -65,10 +65,11 @@ def build_application(args: argparse.Namespace, model_name: str, app_name: str =
                                                   request_routing_stats_timeout_s=5))
     ingress = serve.deployment(Ingress, name="KVIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)
-    # The ingress bounds the prompts waiting for a replica itself (503 + Retry-After beyond --max-waiting), so the
-    # refusal has OpenAI's body; Serve's max_queued_requests would answer in its own words.
-    return ingress.bind(engine.bind(args, model_name, app_name), model_name, app_name, args.metrics_prefix,
-                        args.max_waiting)
+    # The ingress bounds the prompts not yet accepted by a replica itself (503 + Retry-After), so the refusal has
+    # OpenAI's body; Serve's max_queued_requests would answer in its own words.  The bound is what every replica
+    # can take (a burst is in flight to them) plus --max-waiting prompts queued in the ingress.
+    pending = args.replicas * (args.max_num_seqs + args.max_waiting) + args.max_waiting
+    return ingress.bind(engine.bind(args, model_name, app_name), model_name, app_name, args.metrics_prefix, pending)
 
 
 def start(args: argparse.Namespace, model_name: str, app_name: str = APP_NAME) -> str:
