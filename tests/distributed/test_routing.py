@@ -74,7 +74,7 @@ def test_no_useful_match_goes_to_the_least_loaded_then_the_smallest_holder():
 def test_imbalance_overrides_the_prefix():
     table = PrefixTable()
     table.record(keys("sys"), "r1")
-    o = RouterOptions(balance_abs=4, balance_rel=1.5)
+    o = RouterOptions(balance_abs=4, balance_rel=1.5, batch_slots=0)
     assert choose(keys("sys"), [Load("r1", 10), Load("r2", 2)], table, o).reason == "imbalanced"
     assert choose(keys("sys"), [Load("r1", 10), Load("r2", 2)], table, o).ranked[0] == "r2"
     assert choose(keys("sys"), [Load("r1", 6), Load("r2", 2)], table, o).ranked[0] == "r1"  # 4 apart: balanced
@@ -96,7 +96,7 @@ def test_ties_between_matching_replicas_go_to_the_less_loaded():
 
 
 @pytest.mark.parametrize("bad", [dict(match_threshold=1.5), dict(balance_abs=-1), dict(balance_rel=0.5),
-                                 dict(max_keys=0), dict(ttl_s=0)])
+                                 dict(max_keys=0), dict(ttl_s=0), dict(batch_slots=-1)])
 def test_bad_options_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         RouterOptions(**bad)
@@ -126,3 +126,12 @@ def test_a_prefix_keeps_its_home_after_a_detour():
     table.record(keys("sys", "a"), "detour")
     choice = choose(keys("sys", "a"), [Load("home", 3), Load("detour", 1)], table, RouterOptions())
     assert choice.ranked == ["home", "detour"] and choice.reason == "prefix"
+
+
+def test_requests_within_the_batch_are_not_an_imbalance():
+    """Continuous batching takes a request at little cost while the batch has room; a detour costs a prefix."""
+    table = PrefixTable()
+    table.record(keys("sys"), "r1")
+    o = RouterOptions(balance_abs=4, balance_rel=1.5, batch_slots=16)
+    assert choose(keys("sys"), [Load("r1", 14), Load("r2", 2)], table, o).reason == "prefix"
+    assert choose(keys("sys"), [Load("r1", 30), Load("r2", 2)], table, o).reason == "imbalanced"  # 14 waiting

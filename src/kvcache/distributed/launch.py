@@ -54,7 +54,7 @@ def build_application(args: argparse.Namespace, model_name: str, app_name: str =
     if args.router == "prefix":
         o = router_options(args)
         kwargs = {"block_size": args.block_size, "match_threshold": o.match_threshold, "balance_abs": o.balance_abs,
-                  "balance_rel": o.balance_rel}
+                  "balance_rel": o.balance_rel, "batch_slots": args.max_num_seqs}
     engine = serve.deployment(
         EngineReplica, name="KVEngine", num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.replica_cpus},

@@ -1,8 +1,9 @@
 """The prefix-aware routing decision, with no Ray in it: a bounded, aging table of which replica served which
 prefix keys, and the choice of a replica for one request given every candidate's load.
 
-The policy is the one SGLang's gateway and the vLLM router call ``cache_aware``: when load is balanced, send the
-request where the longest part of its prefix was served before (if that covers at least ``match_threshold`` of
+The policy is the one SGLang's gateway and the vLLM router call ``cache_aware``: when load is balanced (no replica
+has many more requests waiting beyond its batch than another), send the request where the longest part of its
+prefix was served before (if that covers at least ``match_threshold`` of
 its blocks); otherwise, or when load is out of balance, send it to the least-loaded replica (ties: the one
 holding fewest prefixes, so new prefixes spread out).  Load is the replica's ongoing requests; a replica whose
 KV pool is nearly full is passed over for prefix matches.
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RouterOptions:
     match_threshold: float = 0.1  # matched fraction of the prompt's blocks that makes a prefix match count
-    balance_abs: int = 8  # load is out of balance when the busiest has more than this many requests above ...
-    balance_rel: float = 2.0  # ... and more than this times the least busy's
+    # Load is out of balance when the busiest replica has more than balance_abs requests waiting beyond its batch
+    # (batch_slots running) above the least busy, and more than balance_rel times as many.  Within the batch,
+    # continuous batching absorbs a request at little cost; a miss recomputes a whole prefix.
+    balance_abs: int = 8
+    balance_rel: float = 2.0
+    batch_slots: int = 256  # the engine's --max-num-seqs
     kv_usage_limit: float = 0.95  # a replica whose pool is this full is not sent prefix matches
     max_keys: int = 1 << 18  # prefix keys remembered (oldest forgotten first): ~60 MB at most
     ttl_s: float = 600.0  # a replica's claim on a prefix expires this long after it last served it
@@ -31,6 +36,8 @@ class RouterOptions:
         if self.balance_abs < 0 or self.balance_rel < 1.0:
             raise ValueError(f"balance_abs must be >= 0 and balance_rel >= 1, got {self.balance_abs}, "
                              f"{self.balance_rel}")
+        if self.batch_slots < 0:
+            raise ValueError(f"batch_slots must be >= 0, got {self.batch_slots}")
         if self.max_keys < 1 or self.ttl_s <= 0:
             raise ValueError(f"max_keys must be >= 1 and ttl_s > 0, got {self.max_keys}, {self.ttl_s}")
 
@@ -121,7 +128,8 @@ def choose(keys: Sequence[bytes], loads: Sequence[Load], table: PrefixTable, opt
         return Choice([], "no_replica", 0)
     # Ties on requests go to the replica holding fewest prefixes (new prefixes spread out), then the emptier pool.
     by_load = sorted(loads, key=lambda x: (x.requests, table.sizes.get(x.replica, 0), x.kv_usage))
-    low, high = by_load[0].requests, by_load[-1].requests
+    waiting = [max(0, x.requests - options.batch_slots) for x in loads]
+    low, high = min(waiting), max(waiting)
     if high - low > options.balance_abs and high > options.balance_rel * low:
         return Choice([x.replica for x in by_load], "imbalanced", 0)
     eligible = [x.replica for x in loads if x.kv_usage < options.kv_usage_limit]

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--router-match", type=float, default=0.1, help="fraction of a prompt's blocks a past prefix "
                      "must cover to route by it (default 0.1)")
     ray.add_argument("--router-balance-abs", type=int, default=8, help="load is out of balance (route to the least "
-                     "loaded) when the busiest replica has more than this many requests above the least busy ... "
-                     "(default 8)")
+                     "loaded) when the busiest replica has more than this many requests waiting beyond its batch "
+                     "(--max-num-seqs) above the least busy ... (default 8)")
     ray.add_argument("--router-balance-rel", type=float, default=2.0, help="... and more than this times as many "
                      "(default 2)")
 
