@@ -132,3 +132,22 @@ def test_tiers_bench_times_every_source_and_checks_the_tiers_supplied_the_prefix
     assert set(row["ttft_s"]) == {"recompute", "recompute + tier writes", "pool hit", "disk hit", "redis hit"}
     assert row["ttft_s"]["disk hit"] > 0 and row["tier_bytes_per_token"] > 0
     assert "| tiny | 128 |" in tiers.format_tiers_table(rows)
+
+
+def test_replicas_bench_builds_its_workload_and_tables():
+    from kvcache.bench import replicas
+    from kvcache.model.loader import load_model
+
+    tok = load_model(None).tokenizer
+    systems = replicas.system_prompts(tok, 3, 100, 200)
+    lengths = [len(tok.encode(s)) for s in systems]
+    assert len(set(systems)) == 3 and all(100 <= n <= 260 for n in lengths) and lengths == sorted(lengths)
+    jobs = replicas.workload(systems, 4, 8)
+    assert len(jobs) == 12 and jobs == replicas.workload(systems, 4, 8)  # shuffled, the same every run
+    assert {j.messages[0]["content"] for j in jobs} == set(systems)
+    row = {"ttft_mean": 1.0, "ttft_p50": 0.5, "ttft_p99": 2.0, "tok_s": 10.0, "hit_rate": 0.9, "max_share": 0.5,
+           "e2e_p50": 1.0, "e2e_p99": 3.0, "same_text": True}
+    text = replicas.format_tables([{"part": "routing", "router": "prefix", **row},
+                                   {"part": "routing", "router": "round-robin", **row, "ttft_mean": 3.0},
+                                   {"part": "scaling", "replicas": 1, **row}])
+    assert "| round-robin | 3.000 |" in text and "3.00x" in text and "| 1 | 10.0 |" in text
