@@ -71,14 +71,19 @@ def test_no_useful_match_goes_to_the_least_loaded_then_the_smallest_holder():
     assert choice.ranked == ["r2", "r1"] and choice.reason == "least_loaded"
 
 
-def test_imbalance_overrides_the_prefix():
+@pytest.mark.parametrize("batch,busy,idle,reason,first", [
+    (0, 10, 2, "imbalanced", "r2"),  # 8 apart and 5x: out of balance, the prefix's home is passed over
+    (0, 6, 2, "prefix", "r1"),  # 4 apart: balanced
+    (0, 30, 25, "prefix", "r1"),  # within 1.5x
+    (16, 14, 2, "prefix", "r1"),  # within the batch: continuous batching absorbs it, a detour costs a prefix
+    (16, 30, 2, "imbalanced", "r2"),  # 14 waiting beyond the batch
+])
+def test_imbalance_counts_requests_waiting_beyond_the_batch(batch, busy, idle, reason, first):
     table = PrefixTable()
     table.record(keys("sys"), "r1")
-    o = RouterOptions(balance_abs=4, balance_rel=1.5, batch_slots=0)
-    assert choose(keys("sys"), [Load("r1", 10), Load("r2", 2)], table, o).reason == "imbalanced"
-    assert choose(keys("sys"), [Load("r1", 10), Load("r2", 2)], table, o).ranked[0] == "r2"
-    assert choose(keys("sys"), [Load("r1", 6), Load("r2", 2)], table, o).ranked[0] == "r1"  # 4 apart: balanced
-    assert choose(keys("sys"), [Load("r1", 30), Load("r2", 25)], table, o).ranked[0] == "r1"  # within 1.5x
+    o = RouterOptions(balance_abs=4, balance_rel=1.5, batch_slots=batch)
+    choice = choose(keys("sys"), [Load("r1", busy), Load("r2", idle)], table, o)
+    assert (choice.reason, choice.ranked[0]) == (reason, first)
 
 
 def test_a_full_pool_gets_no_prefix_matches():
@@ -127,11 +132,3 @@ def test_a_prefix_keeps_its_home_after_a_detour():
     choice = choose(keys("sys", "a"), [Load("home", 3), Load("detour", 1)], table, RouterOptions())
     assert choice.ranked == ["home", "detour"] and choice.reason == "prefix"
 
-
-def test_requests_within_the_batch_are_not_an_imbalance():
-    """Continuous batching takes a request at little cost while the batch has room; a detour costs a prefix."""
-    table = PrefixTable()
-    table.record(keys("sys"), "r1")
-    o = RouterOptions(balance_abs=4, balance_rel=1.5, batch_slots=16)
-    assert choose(keys("sys"), [Load("r1", 14), Load("r2", 2)], table, o).reason == "prefix"
-    assert choose(keys("sys"), [Load("r1", 30), Load("r2", 2)], table, o).reason == "imbalanced"  # 14 waiting
