@@ -33,7 +33,9 @@ def test_bad_replica_options_are_one_line(capsys, argv, message):
     assert not ray.is_initialized()  # refused before any Ray process started
 
 
-def test_a_replicated_server_process():
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_replicated_server_process(stop):
+    """Ctrl-C, or a service manager's SIGTERM, deletes the application and stops the cluster it started."""
     proc = subprocess.Popen([sys.executable, "-m", "kvcache.cli", "serve", "--replicas", "2", "--port", "0",
                              "--kv-memory", "16MiB", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -41,7 +43,7 @@ def test_a_replicated_server_process():
         line = check_serve_process(proc, "kvcache serve: kvcache-default on http://127.0.0.1:")
         assert "2 replicas on Ray Serve" in line
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.rstrip().endswith("kvcache serve: interrupted"), err[-2000:]

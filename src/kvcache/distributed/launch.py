@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 
 from ..usage import UsageError
@@ -124,11 +125,16 @@ def run(args: argparse.Namespace, model_name: str) -> int:
     url = start(args, model_name)
     print(f"kvcache serve: {model_name} on {url} ({args.replicas} replicas on Ray Serve, {args.router} routing; "
           "the page at /, OpenAI API at /v1; `serve status` shows them)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop cleans up as Ctrl-C does
     try:
         while True:  # Ctrl-C ends it: the command line says "interrupted" and exits with 130
             time.sleep(1)
     finally:
         stop(local=args.ray_address is None)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _logging(args: argparse.Namespace) -> dict:
