@@ -28,11 +28,14 @@ def setup(tmp_path_factory):
 
     require_redis_server()
     redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    model_dir = chat_model_dir(tmp_path_factory.mktemp("model"))
-    url = deploy(model_dir, router="round-robin", kv_store=redis.url, kv_chunk=32, max_num_seqs=2, max_waiting=2)
-    yield url, redis, model_dir
-    shutdown()
-    redis.stop()
+    try:  # the redis-server stops even if the replicas never came up
+        model_dir = chat_model_dir(tmp_path_factory.mktemp("model"))
+        url = deploy(model_dir, router="round-robin", kv_store=redis.url, kv_chunk=32, max_num_seqs=2,
+                     max_waiting=2)
+        yield url, redis, model_dir
+        shutdown()
+    finally:
+        redis.stop()
 
 
 def test_the_second_replica_reads_the_first_ones_prefix_from_redis(setup):
