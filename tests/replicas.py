@@ -3,17 +3,12 @@ through ``kvcache.distributed.deploy`` (the public entry point), and helpers to 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-from importlib import resources
 from pathlib import Path
 
 import httpx
 import pytest
-
-from served import CHATML
 
 NAME = "code-model"
 
@@ -29,11 +24,9 @@ def require_ray() -> None:
 
 def chat_model_dir(directory: Path) -> Path:
     """A copy of the shipped model folder whose tokenizer config carries a chat template."""
-    source = Path(str(resources.files("kvcache").joinpath("data/default_model")))
-    target = directory / "code-model"
-    shutil.copytree(source, target)
-    (target / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
-    return target
+    from kvcache.bench.replicas import shipped_model_with_chat_template
+
+    return shipped_model_with_chat_template(directory)
 
 
 def deploy(model_dir: Path, **options) -> str:

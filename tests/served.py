@@ -10,13 +10,12 @@ import time
 import httpx
 import pytest
 
+from kvcache.bench.replicas import CHATML
 from kvcache.engine.llm import LLM
 from kvcache.model.loader import load_model
 from kvcache.server.app import build_app
 from kvcache.server.serve import start_in_thread
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 NAME = "code-model"
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from kvcache.distributed.job import Job, routing_keys
-from kvcache.engine.sequence import SamplingParams
+from kvcache.distributed.job import routing_keys
 from kvcache.tiers.keys import next_key
 
 
@@ -23,7 +22,3 @@ def test_a_shared_prefix_shares_keys_and_a_salt_separates_them():
     assert not set(routing_keys(a, "alice", 16)) & set(routing_keys(a, None, 16))
     assert routing_keys(a, None, 16, limit=2) == routing_keys(a, None, 16)[:2]
 
-
-def test_a_job_hashes_once():
-    job = Job(list(range(32)), SamplingParams(max_new_tokens=1), None)
-    assert job.prefix_keys(16) is job.prefix_keys(16)

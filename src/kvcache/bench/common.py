@@ -40,6 +40,11 @@ def weight_bytes(model) -> int:
                if name != "pos_embed.weight" and (tied or name != "embed.weight"))
 
 
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of an already sorted list."""
+    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -20,10 +20,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
-from .common import table
+from .common import percentile, table
 from .server_load import TOPICS, Job, body, stream_chat
 
 ROUTERS = ("prefix", "pow2", "round-robin")
@@ -97,15 +96,11 @@ def measure(url: str, jobs: list[Job], model: str, clients: int) -> dict:
     e2e = sorted(r["end"] - r["start"] for r in results)
     per_replica = {k: v - before["requests"].get(k, 0) for k, v in after["requests"].items()}
     return {"requests": len(results), "seconds": span, "tok_s": sum(r["tokens"] for r in results) / span,
-            "ttft_mean": statistics.fmean(ttft), "ttft_p50": _pct(ttft, 0.5), "ttft_p99": _pct(ttft, 0.99),
-            "e2e_p50": _pct(e2e, 0.5), "e2e_p99": _pct(e2e, 0.99),
+            "ttft_mean": statistics.fmean(ttft), "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+            "e2e_p50": percentile(e2e, 0.5), "e2e_p99": percentile(e2e, 0.99),
             "hit_rate": (after["hits"] - before["hits"]) / max(1.0, after["queries"] - before["queries"]),
             "max_share": max(per_replica.values()) / max(1.0, sum(per_replica.values())),
             "texts": [r["text"] for r in results]}
-
-
-def _pct(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -> dict:
@@ -122,7 +117,7 @@ def run(quick: bool, routers: tuple[str, ...] = ROUTERS, scaling: bool = True) -
     if model_name is not None and not hub.available_offline(model_name):
         raise SystemExit("bench replicas needs the real model: kvcache pull smollm2-135m")
     if model_name is None:  # the shipped model, given a chat template in a copy of its folder
-        model_name = _with_chat_template(tempfile.mkdtemp(prefix="kvcache-bench-"))
+        model_name = str(shipped_model_with_chat_template(tempfile.mkdtemp(prefix="kvcache-bench-")))
     model = load_model(model_name)
     tok, cfg = model.tokenizer, model.config
     prompts, turns, clients, max_tokens = (2, 4, 4, 8) if quick else (8, 64, 16, 16)
@@ -194,8 +189,12 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def _with_chat_template(directory: str) -> str:
+def shipped_model_with_chat_template(directory: str | Path) -> Path:
+    """A copy of the shipped model's folder whose tokenizer config carries a ChatML template (the shipped model
+    has none), for chat through replicas that load the model from a folder."""
+    from ..model.loader import DEFAULT_MODEL_DIR
+
     target = Path(directory) / "code-model"
-    shutil.copytree(Path(str(resources.files("kvcache").joinpath("data/default_model"))), target)
+    shutil.copytree(DEFAULT_MODEL_DIR, target)
     (target / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
-    return str(target)
+    return target

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..engine.llm import LLM
 from ..engine.sequence import SamplingParams
-from .common import table
+from .common import percentile, table
 
 SYSTEM = ("You are a careful assistant for a team of Python developers. Answer in plain English, keep answers "
           "short, prefer the standard library, and show code only when it helps. ") * 3
@@ -102,7 +102,7 @@ def serve_once(url: str, jobs: list[Job], model: str) -> dict:
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
     return {"tokens": sum(r["tokens"] for r in results), "seconds": span, "ttft_p50": statistics.median(ttft),
-            "ttft_p99": ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))], "texts": [r["text"] for r in results],
+            "ttft_p99": percentile(ttft, 0.99), "texts": [r["text"] for r in results],
             "cached": sum(r["cached"] for r in results)}
 
 

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError, WorkerCrashedError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from ..engine.sequence import RequestDelta, RequestMetrics, SamplingParams
 from ..server.api import OpenAIApi, QueuedRun, add_api_routes, add_error_handlers
@@ -43,8 +43,6 @@ class ReplicaFailed(Exception):
 
 def refusal(exc: BaseException) -> OpenAIError | None:
     """The HTTP answer for a request the replicas refused, or None if the replica failed (worth a retry)."""
-    if isinstance(exc, BackPressureError):  # only with a max_queued_requests set on the engine deployment
-        return OpenAIError(str(exc), 503, code="overloaded", kind="server_error", headers={"Retry-After": "1"})
     if isinstance(exc, RayTaskError):
         cause = exc.cause
         if isinstance(cause, Overloaded):
@@ -177,7 +175,7 @@ class ReplicaRun(QueuedRun):
 class Ingress:
     async def __init__(self, engine, model_name: str, app_name: str, metrics_prefix: str = "kvcache",
                        max_queued: int = 512):
-        self.name, self.prefix = model_name, metrics_prefix
+        self.name = model_name
         self.board = open_board(app_name)
         info = await engine.info.remote()
         self.chat = bool(info["tokenizer"] is not None and info["tokenizer"].chat_template)
@@ -234,7 +232,8 @@ class _IngressCounters:
         for (router, reason, replica), n in sorted(decisions().items()):
             routed.add_metric([self.model, router, reason, replica], n)
         yield routed
-        for name, text in [("retries", "Prompts resent to another replica after theirs failed."),
+        for name, text in [("failed", "Requests that failed after they started (a 500 body or an error event)."),
+                           ("retries", "Prompts resent to another replica after theirs failed."),
                            ("replica_failures", "Replica calls that failed (died, unreachable)."),
                            ("refused_429", "Requests refused because a replica's queue was full."),
                            ("refused_503", "Requests refused because every queue was full or no replica was up.")]:

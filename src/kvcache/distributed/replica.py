@@ -48,7 +48,7 @@ class EngineReplica:
         """What the ingress needs to check and tokenize requests the way this engine will run them."""
         llm = self.llm
         return {"tokenizer": llm.tokenizer, "context": llm.config.max_positions, "vocab_size": llm.config.vocab_size,
-                "capacity_tokens": llm.capacity_tokens, "block_size": llm.block_size, "replica": self.id}
+                "capacity_tokens": llm.capacity_tokens}
 
     async def generate(self, job: Job):
         out: asyncio.Queue = asyncio.Queue()

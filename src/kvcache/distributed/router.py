@@ -14,7 +14,7 @@ from collections import Counter
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from .job import Job
+from .job import Job, routing_keys
 from .routing import Load, PrefixTable, RouterOptions, choose
 
 log = logging.getLogger("ray.serve")
@@ -45,7 +45,8 @@ class PrefixAwareRouter(RequestRouter):
         self.block_size = block_size
         self.options = RouterOptions(**options)
         self.table = PrefixTable(self.options.max_keys, self.options.ttl_s)
-        self.reasons: dict[str, str] = {}  # internal request id -> why it went where it went
+        # internal request id -> (its routing keys, why it went where it went), until it is routed
+        self.pending: dict[str, tuple[list[bytes], str]] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -53,13 +54,15 @@ class PrefixAwareRouter(RequestRouter):
         if not candidate_replicas:
             return []
         loads = await self._loads(candidate_replicas)
-        keys = job.prefix_keys(self.block_size) if job is not None else []
+        rid = pending_request.metadata.internal_request_id if pending_request is not None else None
+        keys = self.pending[rid][0] if rid in self.pending else \
+            routing_keys(job.prompt_ids, job.salt, self.block_size) if job is not None else []
         choice = choose(keys, loads, self.table, self.options)
         by_id = {r.replica_id: r for r in candidate_replicas}
-        if pending_request is not None:
-            if len(self.reasons) > 10_000:  # requests cancelled before they were routed leave theirs behind
-                self.reasons.clear()
-            self.reasons[pending_request.metadata.internal_request_id] = choice.reason
+        if rid is not None:
+            if len(self.pending) > 10_000:  # requests cancelled before they were routed leave theirs behind
+                self.pending.clear()
+            self.pending[rid] = (keys, choice.reason)
         # First rank: the choice; then the rest in the order given, so a full first choice falls through to them.
         return [[by_id[choice.ranked[0]]], [by_id[r] for r in choice.ranked[1:]]]
 
@@ -79,11 +82,10 @@ class PrefixAwareRouter(RequestRouter):
         return loads
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        job = _job(pending_request)
-        reason = self.reasons.pop(pending_request.metadata.internal_request_id, "least_loaded")
-        if job is not None:  # not the ingress's own calls (info)
+        keys, reason = self.pending.pop(pending_request.metadata.internal_request_id, (None, "least_loaded"))
+        if _job(pending_request) is not None and keys is not None:  # not the ingress's own calls (info)
             count_decision("prefix", reason, replica_id.unique_id)
-            self.table.record(job.prefix_keys(self.block_size), replica_id)
+            self.table.record(keys, replica_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

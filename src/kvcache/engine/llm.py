@@ -107,6 +107,11 @@ class LLM:
         """Drop a request wherever it is (queued, running or finished) and free its blocks."""
         self.registry.abort(request_id)
 
+    def request_counts(self) -> tuple[int, int]:
+        """Requests (not sequences) in the running batch, and those waiting with no sequence running."""
+        running = {s.request.request_id for s in self.scheduler.running}
+        return len(running), len({s.request.request_id for s in self.scheduler.waiting} - running)
+
     def has_unfinished(self) -> bool:
         """Work left, or finished requests that ``step`` has not reported yet."""
         return self.scheduler.has_work() or bool(self.registry.unreported)

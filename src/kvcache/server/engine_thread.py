@@ -51,8 +51,9 @@ class EngineThread:
                  on_change: Callable[[], None] | None = None, max_waiting: int | None = None):
         self.llm = llm
         self.max_waiting = max_waiting  # requests waiting for a batch slot beyond which new ones are refused
-        self.on_step = on_step  # metrics: called on the engine thread after each step
-        self.on_change = on_change  # ... and after commands that changed the engine without a step (aborts)
+        self.on_step = on_step  # metrics: called on the engine thread after each step, with its deltas
+        self.on_change = on_change  # ... then once the step's finished requests are collected, and after commands
+        # that changed the engine without a step (aborts)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
@@ -98,15 +99,9 @@ class EngineThread:
         return future.result()
 
     # --- the engine thread ---------------------------------------------------
-    def waiting(self) -> int:
-        """Requests not yet in the running batch (engine thread only)."""
-        scheduler = self.llm.scheduler
-        running = {s.request.request_id for s in scheduler.running}
-        return len({s.request.request_id for s in scheduler.waiting} - running)
-
     def _add(self, llm: LLM, prompt, params, cache_salt, stream: _Stream) -> int:
         if self.max_waiting is not None:
-            waiting = self.waiting()
+            _, waiting = llm.request_counts()
             if waiting >= self.max_waiting:
                 raise Overloaded(waiting)
         request_id = llm.add_request(prompt, params, cache_salt)
@@ -170,8 +165,8 @@ class EngineThread:
                 self.llm.output(delta.request_id)  # collected: the engine forgets it
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, delta))
-        if self.on_change is not None and any(d.finished for d in deltas):
-            self.on_change()  # the finished requests' blocks are free now: the gauges (and a router) should say so
+        if self.on_change is not None:  # after the finished requests are collected: their blocks are free
+            self.on_change()
         flushed = []
         for loop, items in by_loop.items():  # one wake-up of the event loop per step, not one per request
             done = threading.Event()

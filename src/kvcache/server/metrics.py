@@ -45,7 +45,7 @@ class ServerMetrics:
         r.register(_Gauges(self, prefix))
 
     def on_step(self, deltas: list[RequestDelta], seconds: float) -> None:
-        """Engine thread, after a step: count tokens, observe latencies, publish a snapshot for the gauges."""
+        """Engine thread, after a step: count tokens, observe latencies (``refresh`` publishes the gauges)."""
         now, m = time.perf_counter(), self.model_name
         for d in deltas:
             new = sum(len(c.token_ids) for c in d.outputs)
@@ -59,10 +59,10 @@ class ServerMetrics:
             if d.finished:
                 self._last_token.pop(d.request_id, None)
                 self._finished(d)
-        self.snapshot = llm_snapshot(self.llm)
 
     def refresh(self) -> None:
-        """Engine thread, after commands ran without a step (requests aborted on an idle engine)."""
+        """Engine thread: publish a snapshot for the gauges, after a step's finished requests are collected and
+        after commands that ran without a step (requests aborted on an idle engine)."""
         self.snapshot = llm_snapshot(self.llm)
 
     def _finished(self, d: RequestDelta) -> None:
@@ -90,9 +90,8 @@ class ServerMetrics:
 def llm_snapshot(llm: LLM) -> dict:
     """The engine's state for the gauges and the page; read on the engine thread only."""
     stats = llm.stats()
-    running = {s.request.request_id for s in llm.scheduler.running}
-    waiting = {s.request.request_id for s in llm.scheduler.waiting} - running
-    stats.update(requests_running=len(running), requests_waiting=len(waiting), requests_held=len(llm.requests),
+    running, waiting = llm.request_counts()
+    stats.update(requests_running=running, requests_waiting=waiting, requests_held=len(llm.requests),
                  kv_bytes_in_use=stats["kv_blocks_in_use"] * llm.kv_block_bytes, time=time.time())
     return stats
 

@@ -43,9 +43,13 @@ def pool_identity(pool) -> str:
 
 
 def root_key(model_id: str, pool_id: str, chunk_tokens: int, salt: str | None) -> bytes:
-    salt_part = b"\x00" if salt is None else b"\x01" + salt.encode("utf-8")
     text = f"kvcache-tier-v{FORMAT_VERSION}|{model_id}|{pool_id}|{chunk_tokens}|".encode()
-    return hashlib.sha256(text + salt_part).digest()
+    return hashlib.sha256(text + salt_bytes(salt)).digest()
+
+
+def salt_bytes(salt: str | None) -> bytes:
+    """A cache salt as root-key bytes; no salt and the empty salt differ."""
+    return b"\x00" if salt is None else b"\x01" + salt.encode("utf-8")
 
 
 def chunk_keys(root: bytes, tokens: Sequence[int], chunk_tokens: int, limit: int | None = None) -> list[bytes]:
