@@ -34,6 +34,31 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "ffn_down": "mlp.down_proj"}
 
 
+@dataclass(eq=False)
+class GGMLTensor:
+    """A tensor kept in its GGUF encoding: ``raw`` holds one row of blocks per row of the (rows, cols) matrix."""
+
+    raw: np.ndarray
+    kind: str  # the GGML type name: Q8_0, Q4_1, F16, ...
+    shape: tuple[int, int]
+
+    def dequantize(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        values = dequantize(self.raw, GGMLQuantizationType[self.kind]).reshape(self.shape)
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+def cat_rows(parts: list) -> Any:
+    """Concatenate matrices along their rows: tensors, or GGML tensors of one type (blocks are per row);
+    GGML tensors of different types are widened to float32 first."""
+    if all(isinstance(p, GGMLTensor) for p in parts) and len({p.kind for p in parts}) == 1:
+        rows = sum(p.shape[0] for p in parts)
+        return GGMLTensor(np.concatenate([p.raw for p in parts]), parts[0].kind, (rows, parts[0].shape[1]))
+    return torch.cat([p.dequantize() if isinstance(p, GGMLTensor) else p for p in parts])
+
+
 class GGUFError(ValueError):
     """A file that is not a GGUF, is truncated, or describes something we do not run (named in the message)."""
 
@@ -172,6 +197,19 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     return values.reshape(shape)
 
 
+def _raw_rows(tensor, path: Path) -> np.ndarray:
+    """A matrix's encoded bytes, one row of blocks per row (rows, bytes per row), checked against its shape."""
+    from gguf import GGML_QUANT_SIZES
+
+    cols, rows = (int(n) for n in tensor.shape)
+    block, size = GGML_QUANT_SIZES[tensor.tensor_type]
+    data = np.asarray(tensor.data).view(np.uint8)
+    if cols % block or data.size != rows * cols // block * size:
+        raise GGUFError(f"GGUF tensor {tensor.name!r} of {path} holds {data.size} bytes, not the "
+                        f"{rows * cols // block * size} of a ({rows}, {cols}) {tensor.tensor_type.name} matrix")
+    return data.reshape(rows, cols // block * size)
+
+
 def _tokenizer(meta: _Metadata):
     """A byte-level BPE ``tokenizers.Tokenizer`` from the vocabulary, merges and token types in the metadata."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -236,8 +274,12 @@ def _header(path: Path) -> tuple[Any, _Metadata, dict[str, Any]]:
     return reader, meta, _config(meta, arch, has_output, len(meta.need("tokenizer.ggml.tokens")))
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
-    """Every tensor dequantized to ``dtype`` under its HF name, plus config, tokenizer and chat template."""
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+              keep: frozenset[str] = frozenset()) -> GGUFCheckpoint:
+    """Every tensor dequantized to ``dtype`` under its HF name, plus config, tokenizer and chat template.
+
+    Matrices stored in one of the GGML types in ``keep`` (e.g. ``{"Q8_0", "Q4_1"}``) stay encoded, as
+    :class:`GGMLTensor` (Q/K rows still un-permuted), for a model that runs them as they are."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -248,12 +290,16 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight":
             raise GGUFError("GGUF tensor 'rope_freqs.weight' (Llama-3 rope scaling) is not supported")
-        name = _hf_name(t.name)
-        values = _dequantize(t, path)
+        name, kind = _hf_name(t.name), t.tensor_type.name
+        raw = kind in keep and len(t.shape) == 2
+        values = _raw_rows(t, path) if raw else _dequantize(t, path)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            values = _unpermute(values, heads if "q_proj" in name else kv_heads)
-        tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
-        types[name] = t.tensor_type.name
+            values = _unpermute(values, heads if "q_proj" in name else kv_heads)  # whole rows: raw ones too
+        if raw:
+            tensors[name] = GGMLTensor(np.ascontiguousarray(values), kind, tuple(int(n) for n in reversed(t.shape)))
+        else:
+            tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
+        types[name] = kind
     eos = config["eos_token_id"]
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos} if eos is not None else {}
     return GGUFCheckpoint(config, tensors, _tokenizer(meta), _tokenizer_config(meta, tokens), generation, types)

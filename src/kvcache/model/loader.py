@@ -20,9 +20,12 @@ from safetensors import safe_open
 
 from ..paths import SHIPPED_MODEL_DIR
 from .config import ModelConfig, read_json_object, usable_token_ids
+from .gguf import GGMLTensor, cat_rows
 from .hf_config import config_file
 from .tokenizer import Tokenizer
+from .qweight import FORMATS
 from .transformer import Transformer
+from .weight_formats import KEEP, WeightPlan, describe, plan_for, quantized_weights
 
 DEFAULT_MODEL_DIR = SHIPPED_MODEL_DIR
 
@@ -102,7 +105,7 @@ def _llama_state(c: ModelConfig, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
         p, o = f"layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
         s[o + "attn_norm.weight"] = ckpt.take(p + "input_layernorm.weight", (H,))
-        s[o + "attn.qkv.weight"] = torch.cat([ckpt.take(a + "q_proj.weight", (q, H)),
+        s[o + "attn.qkv.weight"] = cat_rows([ckpt.take(a + "q_proj.weight", (q, H)),
                                               ckpt.take(a + "k_proj.weight", (kv, H)),
                                               ckpt.take(a + "v_proj.weight", (kv, H))])
         if c.attention_bias:
@@ -113,7 +116,7 @@ def _llama_state(c: ModelConfig, ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
         if c.attention_out_bias:
             s[o + "attn.out.bias"] = ckpt.take(a + "o_proj.bias", (H,))
         s[o + "mlp_norm.weight"] = ckpt.take(p + "post_attention_layernorm.weight", (H,))
-        s[o + "mlp.up.weight"] = torch.cat([ckpt.take(p + "mlp.gate_proj.weight", (I, H)),
+        s[o + "mlp.up.weight"] = cat_rows([ckpt.take(p + "mlp.gate_proj.weight", (I, H)),
                                             ckpt.take(p + "mlp.up_proj.weight", (I, H))])
         s[o + "mlp.down.weight"] = ckpt.take(p + "mlp.down_proj.weight", (H, I))
         if c.mlp_bias:
@@ -136,9 +139,8 @@ def _check_all_used(c: ModelConfig, tensors: dict[str, torch.Tensor], used: set[
     raise CheckpointError(f"checkpoint has {len(leftover)} tensor(s) the model does not use: {shown}{hint}")
 
 
-def load_state(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
-    """Map checkpoint tensors onto ``model`` (strict: every weight found, every tensor used)."""
-    c = model.config
+def checkpoint_state(c: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's names (strict: every weight found, every tensor used)."""
     head = _Checkpoint(tensors, "")
     if c.arch == "gpt2":
         prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
@@ -152,13 +154,25 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
     if not c.tie_word_embeddings:
         state["lm_head.weight"] = head.take("lm_head.weight", (c.vocab_size, c.hidden_size))
     elif head.has("lm_head.weight"):  # a tied head saved anyway: harmless only if it is the embedding
-        if not torch.equal(head.take("lm_head.weight", (c.vocab_size, c.hidden_size)), state["embed.weight"]):
+        if not torch.equal(_float(head.take("lm_head.weight", (c.vocab_size, c.hidden_size))),
+                           _float(state["embed.weight"])):
             raise CheckpointError("config.json ties the LM head to the embeddings (tie_word_embeddings) but "
                                   "the checkpoint's 'lm_head.weight' differs from the embedding matrix")
     _check_all_used(c, tensors, head.used)
+    return state
+
+
+def _float(t: torch.Tensor | GGMLTensor) -> torch.Tensor:
+    return t.dequantize() if isinstance(t, GGMLTensor) else t
+
+
+def load_state(model: Transformer, tensors: dict[str, torch.Tensor], state: dict | None = None) -> None:
+    """Map checkpoint tensors (or the ``state`` already mapped) onto ``model``'s float weights."""
+    c = model.config
+    state = checkpoint_state(c, tensors) if state is None else state
     dtype = model.dtype
     fp32 = {k for k in state if k.endswith(("mlp.router", "mlp.router_bias"))}  # the MoE router stays float32
-    state = {k: v.to(torch.float32 if k in fp32 else dtype) for k, v in state.items()}
+    state = {k: _float(v).to(torch.float32 if k in fp32 else dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and c.tie_word_embeddings)]
     if missing or unexpected:
@@ -179,41 +193,61 @@ def _eos_ids(folder: Path, config: ModelConfig) -> list[int]:
 
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
-               pack: bool = True) -> Transformer:
+               pack: bool = True, float_activations: bool = False) -> Transformer:
     """A ready-to-run model (eval mode, tokenizer attached) from a local HF folder or a GGUF file.
 
     ``path``: a Hugging Face folder (config.json + safetensors), a ``.gguf`` file
     (or a folder holding one), or a model name (``kvcache.hub``: pulled on first use).
     With no path, loads the small code model shipped inside the package.
-    ``dtype``: a torch dtype or its name, or ``"auto"``: the file's own (bfloat16 only where the CPU has native
-    bfloat16; float16 and quantized GGUF weights widened to float32); ``model.load_note`` says which and why.
-    ``pack`` keeps a oneDNN-blocked copy of every linear weight (fp32 only):
+    ``dtype``: a torch dtype or its name to compute in; a weight format (``"Q8_0"``, ``"Q4_0"``, ``"Q4_1"``,
+    ``"F16"``: every matrix held in it, float32 activations; weight_formats.py); or ``"auto"``: the file's own
+    (a GGUF's quantized and F16 matrices as stored, a float16 folder as F16, bfloat16 only where the CPU has
+    native bfloat16); ``model.load_note`` says which and why.
+    ``float_activations``: quantized matrices multiply float32 activations (equal to the dequantized model to
+    rounding) instead of the integer kernel's 8-bit ones.
+    ``pack`` keeps a oneDNN-blocked copy of every float32 linear weight:
     faster decode, at twice the weight memory; ``pack=False`` keeps only the plain weights.
     """
     auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
-    dtype = None if auto else model_dtype(dtype)
+    plan = WeightPlan(KEEP) if auto else plan_for(dtype)
+    compute = torch.float32 if plan is not None else model_dtype(dtype)
     if not isinstance(pack, bool):
         raise TypeError(f"pack must be True or False, got {pack!r}")
     source = resolve_source(path)
+    if plan is not None and source.is_dir():
+        from .hub import gguf_of
+
+        source = gguf_of(source) or source  # a pulled model: its GGUF holds the formats to keep
     if source.suffix == ".gguf" or source.is_file():
         from .gguf import read_gguf
 
-        ckpt = read_gguf(source)
+        ckpt = read_gguf(source, keep=plan.gguf_keep() if plan else frozenset())
         try:
             config = ModelConfig.from_hf(ckpt.config)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
         tokenizer = Tokenizer.from_backend(ckpt.tokenizer, config.eos_token_ids, ckpt.tokenizer_config)
-        dtype, note = auto_dtype(gguf_format(ckpt.tensor_types)) if auto else (dtype, "as asked")
-        model = _build(config, dtype, ckpt.tensors)
+        compute, note = auto_dtype(gguf_format(ckpt.tensor_types)) if auto else (compute, "as asked")
+        tensors = ckpt.tensors
     else:
         config = ModelConfig.from_file(source)
-        dtype, note = auto_dtype(stored_format(source)) if auto else (dtype, "as asked")
-        model = _build(config, dtype, read_safetensors(source))
+        if auto:
+            compute, note = auto_dtype(stored_format(source))
+            plan = WeightPlan("F16") if stored_format(source) == "float16" else None
+        else:
+            note = "as asked"
+        tensors = read_safetensors(source)
         tokenizer = Tokenizer.from_folder(source, _eos_ids(source, config))
+    if plan is not None:
+        plan.float_activations = float_activations
+    model, kept_float = _build(config, compute, tensors, plan)
     model.tokenizer = tokenizer
     model.source = str(source)
-    model.load_note = f"{str(dtype).removeprefix('torch.')} ({note})"
+    quantized = any(fmt in FORMATS for fmt in model.weight_formats())
+    activations = " (float32 activations)" if float_activations or not quantized else (
+        ", float32 activations, 8-bit in the quantized matmuls")
+    model.load_note = (f"{str(compute).removeprefix('torch.')} ({note})" if not quantized else
+                       f"weights {describe(model, kept_float)} ({note}){activations}")
     model = model.eval().requires_grad_(False)
     if pack:
         model.pack_weights()
@@ -266,7 +300,9 @@ def gguf_format(tensor_types: dict[str, str]) -> str:
 
 def auto_dtype(stored: str) -> tuple[torch.dtype, str]:
     """What ``dtype="auto"`` computes in for weights stored as ``stored``, and why (for the load message)."""
-    name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored, stored).lower()
+    if stored in FORMATS:
+        return torch.float32, "the file's formats, run natively"
+    name = {"F32": "float32", "BF16": "bfloat16"}.get(stored, stored).lower()
     if name == "float32":
         return torch.float32, "the file's dtype"
     if name == "bfloat16":
@@ -274,8 +310,8 @@ def auto_dtype(stored: str) -> tuple[torch.dtype, str]:
             return torch.bfloat16, "the file's dtype; this CPU has native bfloat16"
         return torch.float32, "the file is bfloat16, but this CPU has no native bfloat16"
     if name == "float16":
-        return torch.float32, "the file is float16, which CPUs compute slowly: widened to float32"
-    return torch.float32, f"the file is {stored}, dequantized to float32 (no native {stored} path yet)"
+        return torch.float32, "the file's float16 kept as F16 weights"
+    return torch.float32, f"the file is {stored}, dequantized to float32 (no native {stored} path)"
 
 
 def resolve_source(path: str | Path | None) -> Path:
@@ -302,14 +338,19 @@ def resolve_source(path: str | Path | None) -> Path:
     return candidate
 
 
-def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> Transformer:
+def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Tensor],
+           plan: WeightPlan | None = None) -> tuple[Transformer, int]:
+    """The model with the checkpoint's weights, matrices held as ``plan`` says; and how many it kept float."""
     with torch.device("meta"):
         model = Transformer(config)
+    state = checkpoint_state(config, tensors)
+    held, kept_float = quantized_weights(model, state, plan or WeightPlan())
+    model.hold_quantized(held, plan.float_activations if plan else False)
     model = model.to_empty(device="cpu").to(dtype)
     if config.arch == "llama":  # buffers are not in the checkpoint: recompute after to_empty
         from .rope import rope_tables
 
         model.rope_cos, model.rope_sin = rope_tables(config)
     model.watch_weights()  # to_empty/to made plain Parameters: watch them (and re-tie the head)
-    load_state(model, tensors)
-    return model
+    load_state(model, tensors, state)
+    return model, kept_float

@@ -6,12 +6,12 @@
  * vector loaded is used for all M rows while it sits in a register, and the rows of x (a few KiB) stay in
  * L1.  Outputs are split over the OpenMP threads in static chunks.
  *
- * The hot loop is the k loop of dot_rows: per 16 weights one load (a widening for bf16) and one fused
+ * The hot loop is the k loop of dot_rows: per 16 weights one load (a widening for bf16 and fp16) and one fused
  * multiply-add per row of x, 8 outputs at a time for one row (independent FMA chains, more loads in flight)
  * and 4 x 4 otherwise.  It is bound by memory for one row; with more rows oneDNN's blocked matmul overtakes
- * it, so matvec.py only sends it the rows below the measured crossover.  Weights are float32 or bfloat16
- * (widened exactly to float32: products and sums are float32 in both); x and y are float32, the caller
- * rounds y to the model's dtype.  Plain C99 with GCC vector extensions (one AVX-512 intrinsic for the
+ * it, so matvec.py only sends it the rows below the measured crossover.  Weights are float32, bfloat16 or
+ * float16 (widened exactly to float32: products and sums are float32 in all three); x and y are float32, the
+ * caller rounds y to the model's dtype.  Plain C99 with GCC vector extensions (one AVX-512 intrinsic for the
  * widening where the CPU has it): AVX-512 under -march=native, AVX2 or SSE otherwise.
  */
 #include <stdint.h>
@@ -30,8 +30,25 @@ static inline vf load_f32(const float *p) {
     return v;
 }
 
+static inline float half_to_float(uint16_t h) {  /* IEEE binary16 -> float32, exact */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        float v = (float)man * 0x1p-24f; /* zero or subnormal */
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else {
+        bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
+static inline vf load_f16(const uint16_t *p) {
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
 static inline vf load_bf16(const uint16_t *p) {  /* one 32-byte load, widen, shift: bfloat16 is a float's top half */
     __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
     return (vf)_mm512_castsi512_ps(u);
@@ -45,6 +62,11 @@ static inline vf load_bf16(const uint16_t *p) {
     memcpy(&v, &u, sizeof v);
     return v;
 }
+static inline vf load_f16(const uint16_t *p) {
+    vf v;
+    for (int i = 0; i < W; i++) v[i] = half_to_float(p[i]);
+    return v;
+}
 #endif
 
 static inline float hsum(vf v) {
@@ -53,8 +75,16 @@ static inline float hsum(vf v) {
     return s;
 }
 
-static inline float widen1(const void *w, int bf16, long i) {
-    if (!bf16) return ((const float *)w)[i];
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline vf load_w(const void *w, int wt, long at) {
+    return wt == BF16 ? load_bf16((const uint16_t *)w + at) : wt == F16 ? load_f16((const uint16_t *)w + at)
+                                                                         : load_f32((const float *)w + at);
+}
+
+static inline float widen1(const void *w, int wt, long i) {
+    if (wt == F32) return ((const float *)w)[i];
+    if (wt == F16) return half_to_float(((const uint16_t *)w)[i]);
     uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
     float f;
     memcpy(&f, &u, sizeof f);
@@ -63,7 +93,7 @@ static inline float widen1(const void *w, int bf16, long i) {
 
 /* outputs n0 .. n0 + R - 1 (all < N) for every row of x; M and R are constants in each instantiation below, so
  * the R * M accumulators live in registers and the m loop unrolls */
-static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *w, int bf16, float *y,
+static inline __attribute__((always_inline)) void dot_rows(const float *x, const void *w, int wt, float *y,
                                                           int M, int R, int N, int K, int n0) {
     vf acc[8][MAX_M];
     for (int r = 0; r < R; r++)
@@ -72,14 +102,14 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
     for (int k = 0; k < kv; k += W) {
         for (int r = 0; r < R; r++) {
             long at = (long)(n0 + r) * K + k;
-            vf wv = bf16 ? load_bf16((const uint16_t *)w + at) : load_f32((const float *)w + at);
+            vf wv = load_w(w, wt, at);
             for (int m = 0; m < M; m++) acc[r][m] += wv * load_f32(x + (long)m * K + k);
         }
     }
     for (int r = 0; r < R; r++) {
         for (int m = 0; m < M; m++) {
             float s = hsum(acc[r][m]);
-            for (int k = kv; k < K; k++) s += widen1(w, bf16, (long)(n0 + r) * K + k) * x[(long)m * K + k];
+            for (int k = kv; k < K; k++) s += widen1(w, wt, (long)(n0 + r) * K + k) * x[(long)m * K + k];
             y[(long)m * N + n0 + r] = s;
         }
     }
@@ -89,9 +119,10 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
  * time, for more loads in flight; otherwise 4).  More than 4 rows of x go 4 at a time over the same block of
  * weights, which is then read from L1, not memory, after the first group. */
 #define INSTANCE(MT, R)                                                                                   \
-    static void rows_##MT(const float *x, const void *w, int bf16, float *y, int N, int K, int n0) {      \
-        if (bf16) dot_rows(x, w, 1, y, MT, R, N, K, n0);                                                    \
-        else dot_rows(x, w, 0, y, MT, R, N, K, n0);                                                         \
+    static void rows_##MT(const float *x, const void *w, int wt, float *y, int N, int K, int n0) {      \
+        if (wt == BF16) dot_rows(x, w, BF16, y, MT, R, N, K, n0);                                           \
+        else if (wt == F16) dot_rows(x, w, F16, y, MT, R, N, K, n0);                                        \
+        else dot_rows(x, w, F32, y, MT, R, N, K, n0);                                                       \
     }
 INSTANCE(1, 8) INSTANCE(2, 4) INSTANCE(3, 4) INSTANCE(4, 4)
 #define BLOCK 8  /* outputs per task: rows_1 does 8; the others do two blocks of 4 */
@@ -100,32 +131,32 @@ typedef void (*rows_fn)(const float *, const void *, int, float *, int, int, int
 static const rows_fn ROWS_FN[5] = {0, rows_1, rows_2, rows_3, rows_4};
 
 /* outputs n0 .. n0 + BLOCK - 1 for every row of x */
-static void block(const float *x, const void *w, int bf16, float *y, int M, int N, int K, int n0) {
+static void block(const float *x, const void *w, int wt, float *y, int M, int N, int K, int n0) {
     for (int m0 = 0; m0 < M; m0 += 4) {
         int mt = M - m0 < 4 ? M - m0 : 4;
         const float *xm = x + (long)m0 * K;
         float *ym = y + (long)m0 * N;
-        if (mt == 1) ROWS_FN[1](xm, w, bf16, ym, N, K, n0);
-        else for (int n = n0; n < n0 + BLOCK; n += 4) ROWS_FN[mt](xm, w, bf16, ym, N, K, n);
+        if (mt == 1) ROWS_FN[1](xm, w, wt, ym, N, K, n0);
+        else for (int n = n0; n < n0 + BLOCK; n += 4) ROWS_FN[mt](xm, w, wt, ym, N, K, n);
     }
 }
 
-static void dot_one(const float *x, const void *w, int bf16, float *y, int M, int N, int K, int n) {
+static void dot_one(const float *x, const void *w, int wt, float *y, int M, int N, int K, int n) {
     for (int m = 0; m < M; m++) {
         float s = 0.0f;
-        for (int k = 0; k < K; k++) s += widen1(w, bf16, (long)n * K + k) * x[(long)m * K + k];
+        for (int k = 0; k < K; k++) s += widen1(w, wt, (long)n * K + k) * x[(long)m * K + k];
         y[(long)m * N + n] = s;
     }
 }
 
-/* y (M, N) float32 = x (M, K) float32 @ w (N, K)^T (float32, or bfloat16 when bf16) + bias (N) float32 or NULL.
+/* y (M, N) float32 = x (M, K) float32 @ w (N, K)^T (wt: 0 float32, 1 bfloat16, 2 float16) + bias (N) float32 or NULL.
  * Returns 0, or 2 for arguments out of range. */
-int kv_linear(const float *x, const void *w, int bf16, const float *bias, float *y, int M, int N, int K) {
+int kv_linear(const float *x, const void *w, int wt, const float *bias, float *y, int M, int N, int K) {
     if (M < 1 || M > MAX_M || N < 1 || K < 1) return 2;
     int blocks = N / BLOCK;
     #pragma omp parallel for schedule(static, 8)
-    for (int b = 0; b < blocks; b++) block(x, w, bf16, y, M, N, K, b * BLOCK);
-    for (int n = blocks * BLOCK; n < N; n++) dot_one(x, w, bf16, y, M, N, K, n);
+    for (int b = 0; b < blocks; b++) block(x, w, wt, y, M, N, K, b * BLOCK);
+    for (int n = blocks * BLOCK; n < N; n++) dot_one(x, w, wt, y, M, N, K, n);
     if (bias)
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++) y[(long)m * N + n] += bias[n];

@@ -2,7 +2,7 @@
 
 Decoding streams every weight once per token; oneDNN's small-M path streams them well below the machine's
 read bandwidth (docs/benchmarks.md), so ``Linear`` sends those products here.  Weights stay as they are
-(float32 or bfloat16, PyTorch's row-major layout, no copy); a bfloat16 weight is widened exactly and every
+(float32, bfloat16 or float16, PyTorch's row-major layout, no copy); a half weight is widened exactly and every
 product and sum is float32, the result rounded once to the model's dtype.  Past the measured crossover
 (``CROSSOVER``) larger batches and prefill keep oneDNN.  Without a compiler the callers keep oneDNN for everything.
 """
@@ -18,7 +18,7 @@ from .. import native
 
 SOURCE = Path(__file__).with_name("matvec.c")
 MAX_ROWS = 16  # the kernel's own limit
-WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Rows up to which the kernel is the faster one, measured on this project's machine (docs/benchmarks.md,
 # "The decode matmul"): one row for float32 weights that oneDNN has a blocked copy of, up to four otherwise
 # and for bfloat16.  Past that oneDNN's blocked matmul wins.

@@ -28,6 +28,8 @@ from .config import ModelConfig
 from .linear import Linear, watched
 from .mla import LatentAttention
 from .moe import MoE
+from .qlinear import QuantEmbedding, QuantLinear
+from .qweight import QuantWeight
 from .rope import Rope, rope_tables
 
 
@@ -157,10 +159,14 @@ class Transformer(nn.Module):
     def watch_weights(self) -> None:
         """Re-wrap every linear weight as a fresh WatchedParameter (after ``to_empty``/``to``, which make plain
         Parameters or mark them aliased).  Only for a model nobody else holds weight references to yet."""
+        if isinstance(self.embed, QuantEmbedding):  # its blocks are no Parameter: nothing to watch or tie
+            table = None
+        else:
+            table = self.embed.weight
         for module in self.modules():
-            if isinstance(module, Linear) and module.weight is not self.embed.weight:
+            if isinstance(module, Linear) and module.weight is not table:
                 module.weight = watched(module.weight, fresh=True)
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and table is not None:
             self.embed.weight = watched(self.embed.weight, fresh=True)
             self.lm_head.weight = self.embed.weight
 
@@ -170,9 +176,46 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
 
+    def hold_quantized(self, weights: dict[str, QuantWeight], float_activations: bool = False) -> None:
+        """Swap the modules named in ``weights`` ("embed", "lm_head", "layers.0.attn.qkv", ...) for ones that
+        keep their weight in its GGUF format (qlinear.py); a tied head shares the embedding's blocks."""
+        for name, weight in weights.items():
+            if name == "embed":
+                self.embed = QuantEmbedding(weight)
+                continue
+            parent, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(parent) if parent else self
+            old = getattr(owner, leaf)
+            setattr(owner, leaf, QuantLinear(weight, bias=old.bias is not None, float_activations=float_activations))
+        if self.config.tie_word_embeddings and isinstance(self.embed, QuantEmbedding):
+            self.lm_head = QuantLinear(self.embed.qweight, float_activations=float_activations)
+
+    def set_float_activations(self, on: bool) -> None:
+        """Quantized weights: multiply float32 activations (exact against the dequantized model) instead of the
+        8-bit activations of the integer kernel."""
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.float_activations = bool(on)
+
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of matrix weights per format ("float32", "bfloat16", "Q8_0", ...), a tied matrix counted once."""
+        seen, sizes = set(), {}
+        for module in self.modules():
+            if isinstance(module, (QuantLinear, QuantEmbedding)):
+                key, fmt, size = id(module.qweight), module.qweight.fmt, module.qweight.nbytes
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                key, fmt, size = id(module.weight), str(module.weight.dtype).removeprefix("torch."), module.weight.nbytes
+            else:
+                continue
+            if key not in seen:
+                seen.add(key)
+                sizes[fmt] = sizes.get(fmt, 0) + size
+        return sizes
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The dtype activations are computed in (float32 for weights held in a GGUF format)."""
+        return self.norm.weight.dtype
 
     def forward(
         self,

@@ -1,0 +1,99 @@
+"""Linear layers and embeddings whose weights stay in a GGUF format (qweight.py): decode multiplies the blocks as
+they are, prefill widens them a slice at a time.
+
+Decoding (up to 16 rows) runs qmatvec.c's integer kernel on activations quantized to 8 bits per block, as
+llama.cpp does; ``float_activations`` keeps them in float32 instead (the weights widened, then a float matmul),
+which equals the dequantized-weight model to float rounding.  F16 weights take the float decode matmul
+(matvec.c widens them in registers).  Larger batches and prefill widen ``SLICE_FLOATS`` of weights at a time
+into float32 and multiply with PyTorch, so no float copy of the whole matrix is ever held.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import matvec, qweight
+from .linear import DECODE_KERNEL
+from .qweight import QuantWeight
+
+SLICE_FLOATS = 1 << 20  # weights widened per slice of a prefill matmul: 4 MB of float32, about an L2's worth
+F16_CROSSOVER = 4  # rows up to which the fp16 decode matmul beats widening then oneDNN (as for bf16; matvec.py)
+
+
+class QuantLinear(nn.Module):
+    """``x @ w.T + b`` with ``w`` held as a :class:`QuantWeight` (float32 activations in and out)."""
+
+    def __init__(self, weight: QuantWeight, bias: bool = False, float_activations: bool = False):
+        super().__init__()
+        self.qweight = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0]), requires_grad=False) if bias else None
+        self.float_activations = float_activations
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight's float32 values (computed on each access: for export and inspection, not the hot path)."""
+        return self.qweight.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.qweight.fmt}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.qweight
+        rows = x.numel() // self.in_features if self.in_features else 0
+        x = x.to(torch.float32)
+        if DECODE_KERNEL and 0 < rows <= matvec.MAX_ROWS and not torch.is_grad_enabled():
+            if q.fmt == "F16" and rows <= F16_CROSSOVER and matvec.library() is not None:
+                return matvec.linear(x, q.codes, self.bias)
+            if q.fmt != "F16" and not self.float_activations and qweight.library() is not None:
+                return self._integer_product(x, rows)
+        return self._sliced_product(x, rows)
+
+    __call__ = forward  # no module hooks on the decode path (see linear.Linear)
+
+    def _integer_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        q, n, k = self.qweight, self.out_features, self.in_features
+        flat = x.reshape(rows, k).contiguous()
+        out = torch.empty(rows, n)
+        scales, mins = q.scales.data_ptr(), None if q.mins is None else q.mins.data_ptr()
+        status = qweight.library().kv_qlinear(flat.data_ptr(), q.codes.data_ptr(), scales, mins,
+                                              qweight.FORMAT_CODES[q.fmt],
+                                              None if self.bias is None else self.bias.data_ptr(),
+                                              out.data_ptr(), rows, n, k)
+        if status != 0:
+            raise ValueError(f"kv_qlinear refused {rows} rows x a {q.fmt} matrix of shape {q.shape}")
+        return out.view(*x.shape[:-1], n)
+
+    def _sliced_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Widen a slice of output rows at a time and multiply it with PyTorch: prefill, large batches, autograd
+        (gradients reach ``x``; the weights have none), and the float-activation mode."""
+        n, k = self.out_features, self.in_features
+        flat = x.reshape(rows, k)
+        step = max(16, SLICE_FLOATS // max(1, k))
+        if step >= n:
+            out = F.linear(flat, self.qweight.dequantize(), self.bias)
+        else:
+            out = torch.cat([F.linear(flat, self.qweight.dequantize(slice(n0, n0 + step)),
+                                      None if self.bias is None else self.bias[n0:n0 + step])
+                             for n0 in range(0, n, step)], dim=-1)
+        return out.view(*x.shape[:-1], n)
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding held as a :class:`QuantWeight`: the rows looked up are widened to float32."""
+
+    def __init__(self, weight: QuantWeight):
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.dequantize(ids)
+
+    __call__ = forward

@@ -1,0 +1,273 @@
+/* GGUF's quantized weights executed as they are: y (M, N) = x (M, K) @ dequant(w)^T + bias, for Q8_0, Q4_0, Q4_1.
+ *
+ * Weights come in blocks of 32 along K, each with an fp16 scale d (and for Q4_1 an fp16 minimum m):
+ *   Q8_0  w = d * q,        q in -128..127, stored as u = q + 128 (one byte)
+ *   Q4_0  w = d * (u - 8),  u in 0..15 (a nibble)
+ *   Q4_1  w = d * u + m,    u in 0..15
+ * so in every format w = d * u + c with an unsigned code u and c = -128 d, -8 d or m.  Codes are repacked at load
+ * (qweight.py) so that 64 consecutive elements of a row fill one 512-bit register of bytes: Q8_0 stores a row's
+ * codes in order; Q4 stores each group of 128 elements as 64 bytes, element j in the low nibble of byte j and
+ * element 64 + j in the high nibble (a last group of 64 elements: 32 bytes, j and 32 + j).  K must be a multiple
+ * of 64.
+ *
+ * Decoding (M <= 16 rows) quantizes the activations as llama.cpp does, per block of 32: x = dx * xq with xq in
+ * -127..127.  Then one block's dot product is
+ *     sum_i w_i x_i = d dx sum_i u_i xq_i + c (dx sum_i xq_i)
+ * -- an unsigned-by-signed byte dot product, one VNNI instruction (vpdpbusd) per 64 elements and row of x, plus a
+ * per-block correction from the sums of xq computed once per call.  The hot loop is the chunk loop of dot_chunks:
+ * per 64 codes one 64-byte load (two nibble masks for Q4), two fp16 scales widened, and per row of x a vpdpbusd, a
+ * conversion and two fused multiply-adds.  It is bound by the weights' read bandwidth.  Outputs are split over the
+ * OpenMP threads in static chunks; 4 outputs x up to 4 rows of x share each chunk while it is in registers, and
+ * rows beyond 4 re-read the block from L1.
+ *
+ * Without AVX512-VNNI the same arithmetic runs as plain C the compiler vectorises (AVX2 or SSE); both give the
+ * same integer dot products, so they agree to float rounding.  kv_qdequant widens rows to float32 (the
+ * embedding lookup, prefill's blocked matmul, and the float-activation mode that matches the dequantized model).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { Q8_0 = 1, Q4_0 = 2, Q4_1 = 3 };
+#define QK 32    /* elements per block */
+#define CHUNK 64 /* elements per 512-bit register of codes: two blocks */
+#define MAX_M 16
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        float v = ldexpf((float)man, -24); /* zero or subnormal */
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline long row_bytes(int fmt, int K) { return fmt == Q8_0 ? K : K / 2; }
+
+/* the code of element k of a row */
+static inline int code_at(int fmt, const uint8_t *row, int K, int k) {
+    if (fmt == Q8_0) return row[k];
+    int g = k / 128, group = K - g * 128 < 128 ? K - g * 128 : 128, j = k - g * 128, half = group / 2;
+    uint8_t byte = row[g * 64 + (j < half ? j : j - half)];
+    return j < half ? byte & 15 : byte >> 4;
+}
+
+static inline float offset_of(int fmt, float d, float m) {
+    return fmt == Q8_0 ? -128.0f * d : fmt == Q4_0 ? -8.0f * d : m;
+}
+
+/* The activations of M rows, quantized per block: xq (M, K), and per block dx and dx * sum(xq). */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *dx, float *xs) {
+    int nb = K / QK;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            const float *v = x + (long)m * K + b * QK;
+            float amax = 0.0f;
+            for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(v[i]));
+            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            for (int i = 0; i < QK; i++) {
+                int q = (int)roundf(v[i] * inv);
+                xq[(long)m * K + b * QK + i] = (int8_t)q;
+                sum += q;
+            }
+            dx[m * nb + b] = d;
+            xs[m * nb + b] = d * (float)sum;
+        }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+/* the 64 codes of chunk c of a row, as bytes */
+static inline __m512i chunk_codes(int fmt, const uint8_t *row, int K, int c) {
+    if (fmt == Q8_0) return _mm512_loadu_si512(row + (long)c * CHUNK);
+    const __m512i low = _mm512_set1_epi8(15);
+    int g = c / 2;
+    if (K - g * 128 >= 128) {
+        __m512i v = _mm512_loadu_si512(row + (long)g * 64);
+        return c % 2 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), low) : _mm512_and_si512(v, low);
+    }
+    __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(row + (long)g * 64)));
+    __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+}
+
+/* two fp16 values (blocks 2c and 2c + 1) spread over lanes 0-7 and 8-15 */
+static inline __m512 pair_of(const uint16_t *h) {
+    uint32_t two;
+    memcpy(&two, h, 4);
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
+}
+
+static inline __m512 two_floats(const float *p) {
+    int64_t bits;
+    memcpy(&bits, p, 8);
+    return _mm512_castps128_ps512(_mm_castsi128_ps(_mm_cvtsi64_si128(bits)));
+}
+
+/* outputs n0 .. n0 + R - 1 for MT rows of x.  dxv[m][c]: the two blocks' dx over the lanes; xsv[m][c]: their
+ * dx * sum(xq) divided by 8 (eight lanes add up to the block's), so that per lane
+ *   acc += d * (dot * dx) + c * xs / 8  with c = off * d (Q8_0, Q4_0) or m (Q4_1). */
+static inline __attribute__((always_inline)) void dot_chunks(int fmt, const uint8_t *codes, const uint16_t *scales,
+                                                             const uint16_t *mins, const int8_t *xq, const __m512 *dxv,
+                                                             const __m512 *xsv, float *y, int MT, int R, int N, int K,
+                                                             int n0, int m0) {
+    int C = K / CHUNK, nb = K / QK;
+    long rb = row_bytes(fmt, K);
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();
+    const __m512 off = _mm512_set1_ps(fmt == Q8_0 ? -128.0f : -8.0f);
+    for (int c = 0; c < C; c++) {
+        for (int r = 0; r < R; r++) {
+            long n = n0 + r;
+            __m512i u = chunk_codes(fmt, codes + n * rb, K, c);
+            __m512 d = pair_of(scales + n * nb + 2 * c);
+            if (fmt == Q4_1) {
+                __m512 mn = pair_of(mins + n * nb + 2 * c);
+                for (int m = 0; m < MT; m++) {
+                    __m512i xv = _mm512_loadu_si512(xq + (long)(m0 + m) * K + (long)c * CHUNK);
+                    __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
+                    long at = (long)(m0 + m) * C + c;
+                    acc[r][m] = _mm512_fmadd_ps(mn, xsv[at], _mm512_fmadd_ps(d, _mm512_mul_ps(dot, dxv[at]), acc[r][m]));
+                }
+            } else {
+                for (int m = 0; m < MT; m++) {
+                    __m512i xv = _mm512_loadu_si512(xq + (long)(m0 + m) * K + (long)c * CHUNK);
+                    __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
+                    long at = (long)(m0 + m) * C + c;
+                    acc[r][m] = _mm512_fmadd_ps(d, _mm512_fmadd_ps(dot, dxv[at], _mm512_mul_ps(off, xsv[at])), acc[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) y[(long)(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+#define INSTANCE(MT)                                                                                               \
+    static void rows_##MT(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,              \
+                          const int8_t *xq, const __m512 *dxv, const __m512 *xsv, float *y, int R, int N, int K,   \
+                          int n0, int m0) {                                                                         \
+        if (R == 4) {                                                                                               \
+            if (fmt == Q8_0) dot_chunks(Q8_0, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);           \
+            else if (fmt == Q4_0) dot_chunks(Q4_0, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);      \
+            else dot_chunks(Q4_1, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);                       \
+        } else {                                                                                                    \
+            for (int r = 0; r < R; r++)                                                                             \
+                dot_chunks(fmt, codes, scales, mins, xq, dxv, xsv, y, MT, 1, N, K, n0 + r, m0);                      \
+        }                                                                                                           \
+    }
+INSTANCE(1) INSTANCE(2) INSTANCE(3) INSTANCE(4)
+
+typedef void (*rows_fn)(int, const uint8_t *, const uint16_t *, const uint16_t *, const int8_t *, const __m512 *,
+                        const __m512 *, float *, int, int, int, int, int);
+static const rows_fn ROWS_FN[5] = {0, rows_1, rows_2, rows_3, rows_4};
+
+static void products(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, const int8_t *xq,
+                     const float *dx, const float *xs, float *y, int M, int N, int K) {
+    int C = K / CHUNK, nb = K / QK;
+    __m512 dxv[M * C], xsv[M * C]; /* the activations' block factors, spread over the lanes once per call */
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int m = 0; m < M; m++)
+        for (int c = 0; c < C; c++) {
+            __m512 two = two_floats(dx + m * nb + 2 * c), sums = two_floats(xs + m * nb + 2 * c);
+            dxv[m * C + c] = _mm512_permutexvar_ps(spread, two);
+            xsv[m * C + c] = _mm512_mul_ps(_mm512_permutexvar_ps(spread, sums), _mm512_set1_ps(0.125f));
+        }
+    int blocks = (N + 3) / 4;
+    #pragma omp parallel for schedule(static, 16)
+    for (int b = 0; b < blocks; b++) {
+        int n0 = b * 4, R = N - n0 < 4 ? N - n0 : 4;
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            int mt = M - m0 < 4 ? M - m0 : 4;
+            ROWS_FN[mt](fmt, codes, scales, mins, xq, dxv, xsv, y, R, N, K, n0, m0);
+        }
+    }
+}
+
+#else /* portable: the same integer dot products, one block at a time */
+
+static void products(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, const int8_t *xq,
+                     const float *dx, const float *xs, float *y, int M, int N, int K) {
+    int nb = K / QK;
+    long rb = row_bytes(fmt, K);
+    #pragma omp parallel for schedule(static, 16)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (long)n * rb;
+        uint8_t u[K]; /* this row's codes, unpacked once for every row of x */
+        for (int k = 0; k < K; k++) u[k] = (uint8_t)code_at(fmt, row, K, k);
+        for (int m = 0; m < M; m++) {
+            const int8_t *xm = xq + (long)m * K;
+            float s = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                int dot = 0;
+                for (int i = 0; i < QK; i++) dot += (int)u[b * QK + i] * (int)xm[b * QK + i];
+                float d = half_to_float(scales[(long)n * nb + b]);
+                float mn = fmt == Q4_1 ? half_to_float(mins[(long)n * nb + b]) : 0.0f;
+                s += d * ((float)dot * dx[m * nb + b]) + offset_of(fmt, d, mn) * xs[m * nb + b];
+            }
+            y[(long)m * N + n] = s;
+        }
+    }
+}
+#endif
+
+/* y (M, N) float32 = x (M, K) float32 @ dequant(w)^T + bias (N) float32 or NULL, activations quantized to 8 bits
+ * per block.  Returns 0, or 2 for arguments out of range. */
+int kv_qlinear(const float *x, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, int fmt,
+               const float *bias, float *y, int M, int N, int K) {
+    if (M < 1 || M > MAX_M || N < 1 || K < CHUNK || K % CHUNK || fmt < Q8_0 || fmt > Q4_1) return 2;
+    if (fmt == Q4_1 && !mins) return 2;
+    int nb = K / QK;
+    int8_t xq[M * K];
+    float dx[M * nb], xs[M * nb];
+    quantize_rows(x, M, K, xq, dx, xs);
+    products(fmt, codes, scales, mins, xq, dx, xs, y, M, N, K);
+    if (bias)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) y[(long)m * N + n] += bias[n];
+    return 0;
+}
+
+/* rows[i] of w, dequantized to float32, into out (count, K): w = d * u + c exactly as stored.  idx NULL: the rows
+ * first .. first + count - 1.  Returns 0, or 2 for arguments out of range. */
+int kv_qdequant(const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, int fmt, const int64_t *idx,
+                long first, long count, int K, float *out) {
+    if (count < 0 || K < CHUNK || K % CHUNK || fmt < Q8_0 || fmt > Q4_1 || (fmt == Q4_1 && !mins)) return 2;
+    int nb = K / QK;
+    long rb = row_bytes(fmt, K);
+    #pragma omp parallel for schedule(static) if (count * (long)K > 65536)
+    for (long i = 0; i < count; i++) {
+        long n = idx ? idx[i] : first + i;
+        const uint8_t *row = codes + n * rb;
+        float *o = out + i * K, d[nb], c[nb];
+        for (int b = 0; b < nb; b++) {
+            d[b] = half_to_float(scales[n * nb + b]);
+            c[b] = offset_of(fmt, d[b], fmt == Q4_1 ? half_to_float(mins[n * nb + b]) : 0.0f);
+        }
+        if (fmt == Q8_0) {
+            for (int k = 0; k < K; k++) o[k] = d[k / QK] * (float)row[k] + c[k / QK];
+            continue;
+        }
+        for (int g = 0; g * 128 < K; g++) { /* a group: element j in the low nibble of byte j, j + half in the high */
+            int half = (K - g * 128 < 128 ? K - g * 128 : 128) / 2, k0 = g * 128;
+            for (int j = 0; j < half; j++) {
+                uint8_t byte = row[g * 64 + j];
+                int lo = k0 + j, hi = k0 + half + j;
+                o[lo] = d[lo / QK] * (float)(byte & 15) + c[lo / QK];
+                o[hi] = d[hi / QK] * (float)(byte >> 4) + c[hi / QK];
+            }
+        }
+    }
+    return 0;
+}
