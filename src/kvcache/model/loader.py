@@ -22,8 +22,8 @@ from ..paths import SHIPPED_MODEL_DIR
 from .config import ModelConfig, read_json_object, usable_token_ids
 from .gguf import GGMLTensor, cat_rows
 from .hf_config import config_file
-from .tokenizer import Tokenizer
 from .qweight import FORMATS
+from .tokenizer import Tokenizer
 from .transformer import Transformer
 from .weight_formats import KEEP, WeightPlan, describe, plan_for, quantized_weights
 

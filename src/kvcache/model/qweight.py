@@ -63,6 +63,10 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
+
+
 @dataclass(eq=False)
 class QuantWeight:
     """An (N, K) matrix in a GGUF weight format: ``codes`` (uint8; float16 values for F16), ``scales`` and
@@ -90,8 +94,7 @@ class QuantWeight:
         else:
             qs = blocks[..., 4:] if fmt == "Q4_1" else blocks[..., 2:]  # byte j: element j low, j + 16 high
             codes = _pack_nibbles(np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k))
-        as_tensor = (lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)))
-        return cls(fmt, shape, as_tensor(codes), as_tensor(scales), as_tensor(mins))
+        return cls(fmt, shape, _tensor(codes), _tensor(scales), _tensor(mins))
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, fmt: str) -> QuantWeight:

@@ -204,7 +204,8 @@ class Transformer(nn.Module):
             if isinstance(module, (QuantLinear, QuantEmbedding)):
                 key, fmt, size = id(module.qweight), module.qweight.fmt, module.qweight.nbytes
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                key, fmt, size = id(module.weight), str(module.weight.dtype).removeprefix("torch."), module.weight.nbytes
+                weight = module.weight
+                key, fmt, size = id(weight), str(weight.dtype).removeprefix("torch."), weight.nbytes
             else:
                 continue
             if key not in seen:
