@@ -6,8 +6,9 @@ from __future__ import annotations
 KV_HELP = "the KV cache: a spec such as int8, int4, int4:group=32,residual=128,rotate=1 (kvcache caches)"
 MODEL_HELP = "a Hugging Face folder, a .gguf file or a model name (kvcache models); default: the shipped model"
 RANDOM_SHAPES = ("gpt2-small", "llama-135m")  # --random: random-weight models of these shapes
-DTYPE_HELP = ("the dtype the model computes in: auto (the file's own where this CPU runs it natively), float32, "
-              "bfloat16, float16, float64 (default: float32)")
+DTYPE_HELP = ("the dtype the model computes in: auto (the file's own formats where this CPU runs them natively), "
+              "float32, bfloat16, float16, float64; or a weight format with float32 activations: Q8_0, Q4_0, Q4_1, "
+              "F16 (default: float32)")
 
 
 class UsageError(Exception):
@@ -26,8 +27,9 @@ def load_errors() -> tuple[type[BaseException], ...]:
 def check_dtype(dtype: str) -> None:
     """A --dtype value, checked before the (slow) model load."""
     from .model.loader import model_dtype
+    from .model.qweight import format_name
 
-    if dtype.strip().lower() != "auto":
+    if dtype.strip().lower() != "auto" and not format_name(dtype):
         try:
             model_dtype(dtype)
         except ValueError as exc:
@@ -41,7 +43,7 @@ def load_user_model(model_dir: str | None, dtype: str = "float32"):
     from .model.loader import load_model
 
     model = load_for_user(load_model, model_dir, dtype)
-    if dtype.strip().lower() == "auto":
+    if dtype.strip().lower() not in ("float32", "fp32", "float"):
         print(f"kvcache: {model.source} computes in {model.load_note}", file=sys.stderr)
     return model
 

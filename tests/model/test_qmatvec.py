@@ -77,7 +77,7 @@ def call(lib, x, q, bias=None):
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", QUANTIZED)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 40])
 @pytest.mark.parametrize("n, k", [(1, 64), (7, 192), (37, 576), (130, 1536)])
 def test_the_kernel_computes_its_arithmetic_to_float32_rounding(fmt, rows, n, k):
     g = torch.Generator().manual_seed(rows * 100 + n + k)
@@ -96,7 +96,7 @@ def test_out_of_range_arguments_are_refused():
     lib, q = qweight.library(), QuantWeight.quantize(weights(4, 64), "Q4_1")
     x, out = torch.randn(17, 64), torch.empty(17, 4)
     args = (q.codes.data_ptr(), q.scales.data_ptr(), q.mins.data_ptr())
-    assert lib.kv_qlinear(x.data_ptr(), *args, 3, None, out.data_ptr(), 17, 4, 64) == 2  # 17 rows
+    assert lib.kv_qlinear(x.data_ptr(), *args, 3, None, out.data_ptr(), 0, 4, 64) == 2  # no rows
     assert lib.kv_qlinear(x.data_ptr(), *args, 3, None, out.data_ptr(), 1, 4, 96) == 2  # K not a multiple of 64
     assert lib.kv_qlinear(x.data_ptr(), *args, 9, None, out.data_ptr(), 1, 4, 64) == 2  # no such format
     assert lib.kv_qlinear(x.data_ptr(), args[0], args[1], None, 3, None, out.data_ptr(), 1, 4, 64) == 2  # no mins
@@ -140,12 +140,15 @@ def test_quant_linear_float_paths_equal_the_dequantized_matmul(fmt, rows, monkey
 
 
 @needs_kernel
-def test_quant_linear_decodes_with_the_integer_kernel():
+def test_quant_linear_runs_the_integer_kernel_and_a_row_in_a_batch_gets_its_single_row_result():
     q = QuantWeight.quantize(weights(64, 128), "Q8_0")
-    layer, x = QuantLinear(q), torch.randn(1, 1, 128)
+    layer, x = QuantLinear(q), torch.randn(1, 37, 128)
     with torch.no_grad():
-        assert torch.allclose(layer(x).double().reshape(1, 64), kernel_reference(x.reshape(1, 128), q),
+        batch = layer(x)
+        assert torch.allclose(batch.double().reshape(37, 64), kernel_reference(x.reshape(37, 128), q),
                               rtol=1e-5, atol=1e-4)
+        for i in (0, 15, 16, 36):
+            assert torch.equal(layer(x[:, i:i + 1]), batch[:, i:i + 1])
 
 
 def test_quant_embedding_looks_up_widened_rows():

@@ -267,7 +267,8 @@ def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str):
         name = DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower().removeprefix("torch."))
         if name not in MODEL_DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one kvcache computes in (accepted: auto, {accepted})")
+            raise ValueError(f"dtype {dtype!r} is not one kvcache computes in (accepted: auto, {accepted}; or a "
+                             f"weight format: {', '.join(FORMATS)})")
         return MODEL_DTYPES[name]
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or one of the names {accepted}; got {type(dtype).__name__}")

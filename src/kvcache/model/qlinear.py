@@ -1,11 +1,12 @@
-"""Linear layers and embeddings whose weights stay in a GGUF format (qweight.py): decode multiplies the blocks as
-they are, prefill widens them a slice at a time.
+"""Linear layers and embeddings whose weights stay in a GGUF format (qweight.py), multiplied as they are.
 
-Decoding (up to 16 rows) runs qmatvec.c's integer kernel on activations quantized to 8 bits per block, as
-llama.cpp does; ``float_activations`` keeps them in float32 instead (the weights widened, then a float matmul),
-which equals the dequantized-weight model to float rounding.  F16 weights take the float decode matmul
-(matvec.c widens them in registers).  Larger batches and prefill widen ``SLICE_FLOATS`` of weights at a time
-into float32 and multiply with PyTorch, so no float copy of the whole matrix is ever held.
+Quantized matrices run qmatvec.c's integer kernel on activations quantized to 8 bits per block, as llama.cpp
+does, for every row count: each row's result is the one it gets alone, so a batched engine step gives every
+sequence the tokens single-stream decoding gives it.  ``float_activations`` keeps activations in float32
+instead (the weights widened ``SLICE_FLOATS`` at a time, then PyTorch's matmul), which equals the
+dequantized-weight model to float rounding; it is also the path for autograd and machines without a compiler.
+F16 weights take the float decode matmul (matvec.c widens them in registers) for a few rows and the widened
+slices otherwise.  No float copy of a whole matrix is ever held.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ class QuantLinear(nn.Module):
         q = self.qweight
         rows = x.numel() // self.in_features if self.in_features else 0
         x = x.to(torch.float32)
-        if DECODE_KERNEL and 0 < rows <= matvec.MAX_ROWS and not torch.is_grad_enabled():
-            if q.fmt == "F16" and rows <= F16_CROSSOVER and matvec.library() is not None:
-                return matvec.linear(x, q.codes, self.bias)
-            if q.fmt != "F16" and not self.float_activations and qweight.library() is not None:
+        if rows > 0 and not torch.is_grad_enabled():
+            if q.fmt == "F16":
+                if DECODE_KERNEL and rows <= F16_CROSSOVER and matvec.library() is not None:
+                    return matvec.linear(x, q.codes, self.bias)
+            elif not self.float_activations and qweight.library() is not None:
                 return self._integer_product(x, rows)
         return self._sliced_product(x, rows)
 
@@ -67,8 +69,8 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], n)
 
     def _sliced_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """Widen a slice of output rows at a time and multiply it with PyTorch: prefill, large batches, autograd
-        (gradients reach ``x``; the weights have none), and the float-activation mode."""
+        """Widen a slice of output rows at a time and multiply it with PyTorch: the float-activation mode, F16
+        beyond a few rows, autograd (gradients reach ``x``; the weights have none)."""
         n, k = self.out_features, self.in_features
         flat = x.reshape(rows, k)
         step = max(16, SLICE_FLOATS // max(1, k))

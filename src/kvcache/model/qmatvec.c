@@ -10,7 +10,7 @@
  * element 64 + j in the high nibble (a last group of 64 elements: 32 bytes, j and 32 + j).  K must be a multiple
  * of 64.
  *
- * Decoding (M <= 16 rows) quantizes the activations as llama.cpp does, per block of 32: x = dx * xq with xq in
+ * Every product (decoding's few rows and prefill's many) quantizes the activations as llama.cpp does, per block of 32: x = dx * xq with xq in
  * -127..127.  Then one block's dot product is
  *     sum_i w_i x_i = d dx sum_i u_i xq_i + c (dx sum_i xq_i)
  * -- an unsigned-by-signed byte dot product, one VNNI instruction (vpdpbusd) per 64 elements and row of x, plus a
@@ -223,19 +223,24 @@ static void products(int fmt, const uint8_t *codes, const uint16_t *scales, cons
 #endif
 
 /* y (M, N) float32 = x (M, K) float32 @ dequant(w)^T + bias (N) float32 or NULL, activations quantized to 8 bits
- * per block.  Returns 0, or 2 for arguments out of range. */
+ * per block.  Any M: rows go MAX_M at a time (quantized into stack buffers of MAX_M rows), each row computed
+ * exactly as it would be alone, so a batch gives every row the result of a single-row call.  Returns 0, or 2 for
+ * arguments out of range. */
 int kv_qlinear(const float *x, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, int fmt,
                const float *bias, float *y, int M, int N, int K) {
-    if (M < 1 || M > MAX_M || N < 1 || K < CHUNK || K % CHUNK || fmt < Q8_0 || fmt > Q4_1) return 2;
+    if (M < 1 || N < 1 || K < CHUNK || K % CHUNK || fmt < Q8_0 || fmt > Q4_1) return 2;
     if (fmt == Q4_1 && !mins) return 2;
     int nb = K / QK;
-    int8_t xq[M * K];
-    float dx[M * nb], xs[M * nb];
-    quantize_rows(x, M, K, xq, dx, xs);
-    products(fmt, codes, scales, mins, xq, dx, xs, y, M, N, K);
+    int8_t xq[MAX_M * K];
+    float dx[MAX_M * nb], xs[MAX_M * nb];
+    for (int m0 = 0; m0 < M; m0 += MAX_M) {
+        int mt = M - m0 < MAX_M ? M - m0 : MAX_M;
+        quantize_rows(x + (long)m0 * K, mt, K, xq, dx, xs);
+        products(fmt, codes, scales, mins, xq, dx, xs, y + (long)m0 * N, mt, N, K);
+    }
     if (bias)
-        for (int m = 0; m < M; m++)
-            for (int n = 0; n < N; n++) y[(long)m * N + n] += bias[n];
+        for (long m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) y[m * N + n] += bias[n];
     return 0;
 }
 
