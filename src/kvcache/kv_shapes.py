@@ -32,6 +32,8 @@ class ModelShape:
     qk_rope_head_dim: int | None = None
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    # the elements of the weight matrices (projections, MLP, embedding, untied head), when a config.json gave them
+    matrix_elements: int | None = None
 
     def __post_init__(self) -> None:
         for attr in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
@@ -165,7 +167,24 @@ def shape_from_config(config: Mapping[str, Any] | str | Path, name: str | None =
     if name is None:
         name = data.get("_name_or_path") or default_name or data.get("model_type") or "custom"
     return ModelShape(name=str(name), num_layers=g.num_layers, num_heads=g.num_heads, num_kv_heads=g.num_kv_heads,
-                      head_dim=g.head_dim, hidden_size=g.hidden_size, max_positions=g.max_positions, **g.latent)
+                      head_dim=g.head_dim, hidden_size=g.hidden_size, max_positions=g.max_positions, **g.latent,
+                      matrix_elements=None if g.latent else matrix_elements(data, g))
+
+
+def matrix_elements(data: Mapping[str, Any], g) -> int | None:
+    """Weight-matrix elements of a dense GPT-2 or Llama-family config (None for mixtures of experts, or when the
+    config lacks the MLP width or vocabulary): what a weight format's bytes per element multiply."""
+    if any(k in data for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return None
+    gpt2 = "n_embd" in data
+    hidden, vocab = g.hidden_size, data.get("vocab_size")
+    inner = data.get("n_inner") or 4 * hidden if gpt2 else data.get("intermediate_size")
+    if not isinstance(vocab, int) or not isinstance(inner, int):
+        return None
+    q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + (2 if gpt2 else 3) * hidden * inner
+    tied = data.get("tie_word_embeddings", gpt2)
+    return g.num_layers * per_layer + vocab * hidden * (1 if tied else 2)
 
 
 def resolve_model(model: str | Path | ModelShape | Mapping[str, Any]) -> ModelShape:

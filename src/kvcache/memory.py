@@ -336,6 +336,9 @@ def format_report(report: MemoryReport) -> str:
         + ("(layers x latent x tokens x batch)" if s is not None and s.is_latent
            else "(2 x K/V x layers x kv_heads x head_dim x tokens x batch)"),
     ]
+    if s is not None and s.matrix_elements is not None:
+        lines.append(f"  weights      : {format_weight_bytes(s.matrix_elements)} ({s.matrix_elements:,} matrix "
+                     "elements; load_model dtype / --dtype)")
     lines.append(f"  in a KV tier : {report.bytes_per_token:>17,} B per token, stored as the pool holds it "
                  "(--kv-disk / --kv-store chunks add a ~2 KB header each)")
     if report.expanded_bytes_per_token is not None:
@@ -344,6 +347,22 @@ def format_report(report: MemoryReport) -> str:
                      f"{s.qk_rope_head_dim}) and V ({s.v_head_dim}) of {s.num_heads} heads were cached: "
                      f"{e / report.bytes_per_token:.1f}x the latent cache")
     return "\n".join(lines)
+
+
+# bytes per weight element of each weight format kvcache runs (GGUF's: blocks of 32 with fp16 scales)
+WEIGHT_FORMAT_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "F16": 2, "Q8_0": 34 / 32, "Q4_1": 20 / 32,
+                                         "Q4_0": 18 / 32}
+
+
+def weight_bytes(matrix_elements: int) -> dict[str, int]:
+    """The bytes of a model's weight matrices in each weight format (norms and biases not counted)."""
+    return {fmt: round(matrix_elements * per) for fmt, per in WEIGHT_FORMAT_BYTES.items()}
+
+
+def format_weight_bytes(matrix_elements: int | None) -> str:
+    if matrix_elements is None:
+        return "n/a (needs a dense model's config.json)"
+    return ", ".join(f"{fmt} {human_bytes_si(n)}" for fmt, n in weight_bytes(matrix_elements).items())
 
 
 def format_presets(dtype: str = "fp16") -> str:

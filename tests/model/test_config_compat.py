@@ -300,8 +300,10 @@ def test_auto_keeps_the_files_dtype_where_the_cpu_runs_it(tmp_path, monkeypatch,
         monkeypatch.setattr(loader, "native_bf16", lambda native=native: native)
         model = load_model(tmp_path, dtype="auto")
         assert model.dtype == want and words in model.load_note
-    assert loader.auto_dtype("F16")[0] == torch.float32 and "widened" in loader.auto_dtype("float16")[1]
-    assert "Q8_0, dequantized" in loader.auto_dtype("Q8_0")[1]
+    assert loader.auto_dtype("F16")[0] == torch.float32 and "run natively" in loader.auto_dtype("F16")[1]
+    assert "kept as F16" in loader.auto_dtype("float16")[1]
+    assert "run natively" in loader.auto_dtype("Q8_0")[1]
+    assert "Q6_K, dequantized" in loader.auto_dtype("Q6_K")[1]
     assert loader.gguf_format({"a.weight": "Q8_0", "b.weight": "Q8_0", "norm.weight": "F32"}) == "Q8_0"
 
 

@@ -34,10 +34,14 @@ def read_bandwidth(mbytes: int = 512, repeats: int = 7) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: all matrices; embedding tables only when tied to the head."""
+    """Bytes of weights one decode step reads: all matrices, in whatever format they are held; embedding tables
+    only when tied to the head (a lookup reads one row)."""
     tied = model.config.tie_word_embeddings
-    return sum(p.nbytes for name, p in model.named_parameters()  # shared (tied) tensors are listed once
-               if name != "pos_embed.weight" and (tied or name != "embed.weight"))
+    floats = sum(p.nbytes for name, p in model.named_parameters()  # shared (tied) tensors are listed once
+                 if name != "pos_embed.weight" and (tied or name != "embed.weight"))
+    held = {id(m.qweight): m.qweight.nbytes for name, m in model.named_modules()  # GGUF formats (qlinear.py)
+            if hasattr(m, "qweight") and (tied or name != "embed")}
+    return floats + sum(held.values())
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

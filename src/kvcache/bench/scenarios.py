@@ -79,7 +79,7 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         print("\n" + decode.format_decode_table(rows))
         formats = decode.bench_formats(steps=4 if quick else 32, context=32 if quick else 256)
         if real:
-            formats += decode.bench_formats(decode.REAL)
+            formats += decode.bench_formats(decode.REAL, decode.REAL_FORMATS)
         print("\n" + decode.format_formats_table(formats))
         if plot and not quick:
             shown = decode.REAL if real else "tiny-llama"

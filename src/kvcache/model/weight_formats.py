@@ -73,6 +73,14 @@ def quantized_weights(model: nn.Module, state: dict, plan: WeightPlan) -> tuple[
     return held, kept_float
 
 
+def quantize_model(model: nn.Module, fmt: str, float_activations: bool = False) -> int:
+    """Hold the matrices of a loaded float model in ``fmt`` (in place); returns how many stay float."""
+    state = {name: module.weight.detach() for name, module in matrix_modules(model).items()}
+    held, kept_float = quantized_weights(model, state, WeightPlan(fmt))
+    model.hold_quantized(held, float_activations)
+    return kept_float
+
+
 def plan_for(dtype: str | torch.dtype) -> WeightPlan | None:
     """The plan a weight-format ``dtype`` names (``"Q8_0"``, ``"q4_1"``...), or None for a compute dtype."""
     if isinstance(dtype, str) and format_name(dtype):
