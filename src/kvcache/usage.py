@@ -10,6 +10,9 @@ DTYPE_HELP = ("the dtype the model computes in: auto (the file's own formats whe
               "float32, bfloat16, float16, float64; or a weight format with float32 activations: Q8_0, Q4_0, Q4_1, "
               "F16 (default: float32)")
 
+FLOAT_ACTIVATIONS_HELP = ("quantized weights (Q8_0, Q4_0, Q4_1): multiply float32 activations, equal to the "
+                          "dequantized model, instead of the faster 8-bit ones")
+
 
 class UsageError(Exception):
     """A bad request from the user: reported on one line, exit status 2."""
@@ -36,13 +39,13 @@ def check_dtype(dtype: str) -> None:
             raise UsageError(f"--dtype: {exc}") from None
 
 
-def load_user_model(model_dir: str | None, dtype: str = "float32"):
-    """The model --model and --dtype name; with --dtype auto, a line on stderr says what it computes in."""
+def load_user_model(model_dir: str | None, dtype: str = "float32", float_activations: bool = False):
+    """The model --model and --dtype name; for any --dtype but float32 a line on stderr says what it computes in."""
     import sys
 
     from .model.loader import load_model
 
-    model = load_for_user(load_model, model_dir, dtype)
+    model = load_for_user(load_model, model_dir, dtype, True, float_activations)
     if dtype.strip().lower() not in ("float32", "fp32", "float"):
         print(f"kvcache: {model.source} computes in {model.load_note}", file=sys.stderr)
     return model

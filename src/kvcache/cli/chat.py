@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
-    model = load_user_model(args.model, args.dtype)
+    model = load_user_model(args.model, args.dtype, args.float_activations)
     try:
         session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens, kv_cache=args.kv_cache,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         text = quality.read_text_file(args.text) if args.text else None
     except OSError as exc:
         raise UsageError(str(exc)) from exc
-    model = load_user_model(args.model, args.dtype)
+    model = load_user_model(args.model, args.dtype, args.float_activations)
     if any(parse_spec(spec)[0] == "window" for spec in args.kv_cache or []):
         return _run_stream(args, model, text)
     try:

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.chat and ids is not None:
         raise UsageError("--chat takes a text message, not --ids")
     build_proposer = _proposer(args)  # a bad spec fails before the (slow) model load
-    model = random_model(args.random) if args.random else load_user_model(args.model, args.dtype)
+    model = (random_model(args.random) if args.random else
+             load_user_model(args.model, args.dtype, args.float_activations))
     ids = ids if ids is not None else _encode(model, args)
     decoder = Detokenizer(model.tokenizer)
     proposer = build_proposer() if build_proposer else None

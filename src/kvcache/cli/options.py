@@ -6,6 +6,7 @@ import argparse
 
 from ..usage import (
     DTYPE_HELP,
+    FLOAT_ACTIVATIONS_HELP,
     KV_HELP,
     MODEL_HELP,
     RANDOM_SHAPES,
@@ -22,6 +23,7 @@ __all__ = ["KV_HELP", "MODEL_HELP", "RANDOM_SHAPES", "UsageError", "add_dtype", 
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    parser.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
 
 
 def parse_ids(text: str) -> list[int]:

@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = nn.Parameter(torch.zeros(weight.shape[0]), requires_grad=False) if bias else None
         self.float_activations = float_activations
+        self._call = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -44,7 +45,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.qweight
         rows = x.numel() // self.in_features if self.in_features else 0
-        x = x.to(torch.float32)
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
         if rows > 0 and not torch.is_grad_enabled():
             if q.fmt == "F16":
                 if DECODE_KERNEL and rows <= F16_CROSSOVER and matvec.library() is not None:
@@ -56,17 +58,19 @@ class QuantLinear(nn.Module):
     __call__ = forward  # no module hooks on the decode path (see linear.Linear)
 
     def _integer_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        q, n, k = self.qweight, self.out_features, self.in_features
-        flat = x.reshape(rows, k).contiguous()
-        out = torch.empty(rows, n)
-        scales, mins = q.scales.data_ptr(), None if q.mins is None else q.mins.data_ptr()
-        status = qweight.library().kv_qlinear(flat.data_ptr(), q.codes.data_ptr(), scales, mins,
-                                              qweight.FORMAT_CODES[q.fmt],
-                                              None if self.bias is None else self.bias.data_ptr(),
-                                              out.data_ptr(), rows, n, k)
-        if status != 0:
-            raise ValueError(f"kv_qlinear refused {rows} rows x a {q.fmt} matrix of shape {q.shape}")
-        return out.view(*x.shape[:-1], n)
+        if self._call is None:  # the kernel's arguments that never change, bound once (a share of every token)
+            q = self.qweight
+            self._call = (qweight.library().kv_qlinear, q.codes.data_ptr(), q.scales.data_ptr(),
+                          None if q.mins is None else q.mins.data_ptr(), qweight.FORMAT_CODES[q.fmt])
+        kernel, codes, scales, mins, fmt = self._call
+        n, k = self.out_features, self.in_features
+        flat = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty(*x.shape[:-1], n)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        if kernel(flat.data_ptr(), codes, scales, mins, fmt, bias, out.data_ptr(), rows, n, k) != 0:
+            raise ValueError(f"kv_qlinear refused {rows} rows x a {self.qweight.fmt} matrix of shape "
+                             f"{self.qweight.shape}")
+        return out
 
     def _sliced_product(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """Widen a slice of output rows at a time and multiply it with PyTorch: the float-activation mode, F16

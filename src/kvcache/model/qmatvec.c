@@ -100,52 +100,59 @@ static inline __m512i chunk_codes(int fmt, const uint8_t *row, int K, int c) {
     return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
 }
 
-/* two fp16 values (blocks 2c and 2c + 1) spread over lanes 0-7 and 8-15 */
-static inline __m512 pair_of(const uint16_t *h) {
-    uint32_t two;
-    memcpy(&two, h, 4);
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
+/* 16 fp16 values from p (fewer at the end of a row: the rest are zero), widened */
+static inline __m512 sixteen_halves(const uint16_t *p, int count) {
+    __mmask16 mask = count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
-static inline __m512 two_floats(const float *p) {
-    int64_t bits;
-    memcpy(&bits, p, 8);
-    return _mm512_castps128_ps512(_mm_castsi128_ps(_mm_cvtsi64_si128(bits)));
+static inline __m512 sixteen_floats(const float *p, int count) {
+    __mmask16 mask = count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
+    return _mm512_maskz_loadu_ps(mask, p);
 }
 
-/* outputs n0 .. n0 + R - 1 for MT rows of x.  dxv[m][c]: the two blocks' dx over the lanes; xsv[m][c]: their
- * dx * sum(xq) divided by 8 (eight lanes add up to the block's), so that per lane
- *   acc += d * (dot * dx) + c * xs / 8  with c = off * d (Q8_0, Q4_0) or m (Q4_1). */
+/* Outputs n0 .. n0 + R - 1 for rows m0 .. m0 + MT - 1 of x, 16 blocks (8 chunks) at a time.  Per 16 blocks and
+ * output: the weight scales widened once, times each row's dx (one multiply), and the offset term of all 16
+ * blocks in one fused multiply-add (c * dx * sum(xq): -128 d or -8 d against the sums, or Q4_1's minimums).
+ * Per chunk and row: vpdpbusd, a conversion, a permute that spreads the two blocks' scale over their lanes, and
+ * one fused multiply-add. */
 static inline __attribute__((always_inline)) void dot_chunks(int fmt, const uint8_t *codes, const uint16_t *scales,
-                                                             const uint16_t *mins, const int8_t *xq, const __m512 *dxv,
-                                                             const __m512 *xsv, float *y, int MT, int R, int N, int K,
+                                                             const uint16_t *mins, const int8_t *xq, const float *dx,
+                                                             const float *xs, float *y, int MT, int R, int N, int K,
                                                              int n0, int m0) {
-    int C = K / CHUNK, nb = K / QK;
+    int nb = K / QK;
     long rb = row_bytes(fmt, K);
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();
-    const __m512 off = _mm512_set1_ps(fmt == Q8_0 ? -128.0f : -8.0f);
-    for (int c = 0; c < C; c++) {
+    const float off = fmt == Q8_0 ? -128.0f : -8.0f;
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        int count = nb - b0 < 16 ? nb - b0 : 16;
+        __m512 xd[4], xsum[4];
+        for (int m = 0; m < MT; m++) {
+            xd[m] = sixteen_floats(dx + (long)(m0 + m) * nb + b0, count);
+            xsum[m] = sixteen_floats(xs + (long)(m0 + m) * nb + b0, count);
+            if (fmt != Q4_1) xsum[m] = _mm512_mul_ps(xsum[m], _mm512_set1_ps(off));
+        }
         for (int r = 0; r < R; r++) {
             long n = n0 + r;
-            __m512i u = chunk_codes(fmt, codes + n * rb, K, c);
-            __m512 d = pair_of(scales + n * nb + 2 * c);
-            if (fmt == Q4_1) {
-                __m512 mn = pair_of(mins + n * nb + 2 * c);
+            __m512 d = sixteen_halves(scales + n * nb + b0, count);
+            __m512 c = fmt == Q4_1 ? sixteen_halves(mins + n * nb + b0, count) : d;
+            __m512 dd[4];
+            for (int m = 0; m < MT; m++) {
+                acc[r][m] = _mm512_fmadd_ps(c, xsum[m], acc[r][m]);
+                dd[m] = _mm512_mul_ps(d, xd[m]);
+            }
+            for (int j = 0; j < count / 2; j++) {
+                int ch = b0 / 2 + j;
+                __m512i u = chunk_codes(fmt, codes + n * rb, K, ch);
+                const __m512i spread = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+                                                        2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j,
+                                                        2 * j, 2 * j, 2 * j, 2 * j);
                 for (int m = 0; m < MT; m++) {
-                    __m512i xv = _mm512_loadu_si512(xq + (long)(m0 + m) * K + (long)c * CHUNK);
+                    __m512i xv = _mm512_loadu_si512(xq + (long)(m0 + m) * K + (long)ch * CHUNK);
                     __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
-                    long at = (long)(m0 + m) * C + c;
-                    acc[r][m] = _mm512_fmadd_ps(mn, xsv[at], _mm512_fmadd_ps(d, _mm512_mul_ps(dot, dxv[at]), acc[r][m]));
-                }
-            } else {
-                for (int m = 0; m < MT; m++) {
-                    __m512i xv = _mm512_loadu_si512(xq + (long)(m0 + m) * K + (long)c * CHUNK);
-                    __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv));
-                    long at = (long)(m0 + m) * C + c;
-                    acc[r][m] = _mm512_fmadd_ps(d, _mm512_fmadd_ps(dot, dxv[at], _mm512_mul_ps(off, xsv[at])), acc[r][m]);
+                    acc[r][m] = _mm512_fmadd_ps(dot, _mm512_permutexvar_ps(spread, dd[m]), acc[r][m]);
                 }
             }
         }
@@ -156,41 +163,32 @@ static inline __attribute__((always_inline)) void dot_chunks(int fmt, const uint
 
 #define INSTANCE(MT)                                                                                               \
     static void rows_##MT(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,              \
-                          const int8_t *xq, const __m512 *dxv, const __m512 *xsv, float *y, int R, int N, int K,   \
+                          const int8_t *xq, const float *dx, const float *xs, float *y, int R, int N, int K,         \
                           int n0, int m0) {                                                                         \
         if (R == 4) {                                                                                               \
-            if (fmt == Q8_0) dot_chunks(Q8_0, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);           \
-            else if (fmt == Q4_0) dot_chunks(Q4_0, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);      \
-            else dot_chunks(Q4_1, codes, scales, mins, xq, dxv, xsv, y, MT, 4, N, K, n0, m0);                       \
+            if (fmt == Q8_0) dot_chunks(Q8_0, codes, scales, mins, xq, dx, xs, y, MT, 4, N, K, n0, m0);             \
+            else if (fmt == Q4_0) dot_chunks(Q4_0, codes, scales, mins, xq, dx, xs, y, MT, 4, N, K, n0, m0);        \
+            else dot_chunks(Q4_1, codes, scales, mins, xq, dx, xs, y, MT, 4, N, K, n0, m0);                         \
         } else {                                                                                                    \
             for (int r = 0; r < R; r++)                                                                             \
-                dot_chunks(fmt, codes, scales, mins, xq, dxv, xsv, y, MT, 1, N, K, n0 + r, m0);                      \
+                dot_chunks(fmt, codes, scales, mins, xq, dx, xs, y, MT, 1, N, K, n0 + r, m0);                        \
         }                                                                                                           \
     }
 INSTANCE(1) INSTANCE(2) INSTANCE(3) INSTANCE(4)
 
-typedef void (*rows_fn)(int, const uint8_t *, const uint16_t *, const uint16_t *, const int8_t *, const __m512 *,
-                        const __m512 *, float *, int, int, int, int, int);
+typedef void (*rows_fn)(int, const uint8_t *, const uint16_t *, const uint16_t *, const int8_t *, const float *,
+                        const float *, float *, int, int, int, int, int);
 static const rows_fn ROWS_FN[5] = {0, rows_1, rows_2, rows_3, rows_4};
 
 static void products(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, const int8_t *xq,
                      const float *dx, const float *xs, float *y, int M, int N, int K) {
-    int C = K / CHUNK, nb = K / QK;
-    __m512 dxv[M * C], xsv[M * C]; /* the activations' block factors, spread over the lanes once per call */
-    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (int m = 0; m < M; m++)
-        for (int c = 0; c < C; c++) {
-            __m512 two = two_floats(dx + m * nb + 2 * c), sums = two_floats(xs + m * nb + 2 * c);
-            dxv[m * C + c] = _mm512_permutexvar_ps(spread, two);
-            xsv[m * C + c] = _mm512_mul_ps(_mm512_permutexvar_ps(spread, sums), _mm512_set1_ps(0.125f));
-        }
     int blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static, 16)
+    #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; b++) {
         int n0 = b * 4, R = N - n0 < 4 ? N - n0 : 4;
         for (int m0 = 0; m0 < M; m0 += 4) {
             int mt = M - m0 < 4 ? M - m0 : 4;
-            ROWS_FN[mt](fmt, codes, scales, mins, xq, dxv, xsv, y, R, N, K, n0, m0);
+            ROWS_FN[mt](fmt, codes, scales, mins, xq, dx, xs, y, R, N, K, n0, m0);
         }
     }
 }

@@ -10,12 +10,22 @@ import argparse
 import socket
 import threading
 
-from ..usage import DTYPE_HELP, KV_HELP, MODEL_HELP, RANDOM_SHAPES, UsageError, check_dtype, load_user_model
+from ..usage import (
+    DTYPE_HELP,
+    FLOAT_ACTIVATIONS_HELP,
+    KV_HELP,
+    MODEL_HELP,
+    RANDOM_SHAPES,
+    UsageError,
+    check_dtype,
+    load_user_model,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    parser.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
     parser.add_argument("--random", choices=RANDOM_SHAPES, default=None,
                         help="serve a random-weight model of this shape instead")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: "
@@ -99,7 +109,8 @@ def build_llm(args: argparse.Namespace):
     from ..model.shapes import random_model
 
     tiers = open_user_tiers(args)
-    model = random_model(args.random) if args.random else load_user_model(args.model, args.dtype)
+    model = (random_model(args.random) if args.random else
+             load_user_model(args.model, args.dtype, args.float_activations))
     try:
         return LLM(model, kv_memory=args.kv_memory, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                    max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
