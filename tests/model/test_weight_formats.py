@@ -103,3 +103,12 @@ def test_format_names_are_accepted_and_bad_ones_named():
     assert load_model(None, dtype="Q8_0").dtype == torch.float32  # the shipped model, every matrix in Q8_0
     with pytest.raises(ValueError, match="Q4_1"):
         model_dtype("q5_k")
+
+
+def test_a_held_model_exports_its_float_values(tmp_path):
+    from kvcache.model.export import save_hf_checkpoint
+
+    held = load_model(None, dtype="Q4_0", float_activations=True)
+    save_hf_checkpoint(held, tmp_path)
+    ids = [1, 5, 9, 33, 70]
+    torch.testing.assert_close(logits(load_model(tmp_path), ids), logits(held, ids), rtol=1e-4, atol=1e-4)

@@ -62,6 +62,9 @@ def hf_config(model: Transformer) -> dict[str, Any]:
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     c, s = model.config, model.state_dict()
+    for name, module in model.named_modules():  # matrices held in a GGUF format: their float32 values
+        if hasattr(module, "qweight"):
+            s[name + ".weight"] = module.weight
     if c.mla is not None:
         from .deepseek import export_state
 
