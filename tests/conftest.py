@@ -167,3 +167,18 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+def build_without_avx512(source, folder):
+    """``source`` (one of the package's C kernels) built with ``-mno-avx512f`` into ``folder``, loaded; skips the
+    test where this machine cannot build it (the AVX2 path checked against the native one)."""
+    import ctypes
+
+    from kvcache import native
+
+    target = folder / f"{source.stem}-avx2.so"
+    try:
+        native.build(source, target, [*native.FLAGS, "-mno-avx512f"])
+    except OSError as error:
+        pytest.skip(f"cannot build without AVX-512 here: {error}")
+    return ctypes.CDLL(str(target))

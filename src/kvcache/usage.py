@@ -14,6 +14,12 @@ FLOAT_ACTIVATIONS_HELP = ("quantized weights (Q8_0, Q4_0, Q4_1): multiply float3
                           "dequantized model, instead of the faster 8-bit ones")
 
 
+def add_dtype(parser) -> None:
+    """--dtype and --float-activations, for every command that loads a model."""
+    parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    parser.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
+
+
 class UsageError(Exception):
     """A bad request from the user: reported on one line, exit status 2."""
 

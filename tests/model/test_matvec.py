@@ -4,12 +4,10 @@ the crossover; models give the same logits and greedy tokens with it and without
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
-from kvcache import native
+from conftest import build_without_avx512
 from kvcache.generation.generate import generate
 from kvcache.model import linear, matvec
 from kvcache.model.shapes import random_model
@@ -52,12 +50,7 @@ def test_out_of_range_arguments_are_refused():
 
 @needs_kernel
 def test_the_avx2_build_agrees_with_the_native_one(tmp_path):
-    target = tmp_path / "matvec-avx2.so"
-    try:
-        native.build(matvec.SOURCE, target, [*native.FLAGS, "-mno-avx512f"])
-    except OSError as error:
-        pytest.skip(f"cannot build without AVX-512 here: {error}")
-    avx2 = ctypes.CDLL(str(target))
+    avx2 = build_without_avx512(matvec.SOURCE, tmp_path)
     avx2.kv_linear.argtypes = matvec.library().kv_linear.argtypes
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

@@ -5,15 +5,13 @@ float-activation, sliced and F16 paths equal the dequantized matmul."""
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
 
-from kvcache import native
+from conftest import build_without_avx512
 from kvcache.model import qweight
 from kvcache.model.qlinear import QuantEmbedding, QuantLinear
 from kvcache.model.qweight import FORMAT_CODES, QuantWeight
@@ -104,12 +102,7 @@ def test_out_of_range_arguments_are_refused():
 
 @needs_kernel
 def test_the_avx2_build_agrees_with_the_native_one(tmp_path):
-    target = tmp_path / "qmatvec-avx2.so"
-    try:
-        native.build(qweight.SOURCE, target, [*native.FLAGS, "-mno-avx512f"])
-    except OSError as error:
-        pytest.skip(f"cannot build without AVX-512 here: {error}")
-    avx2 = qweight.declare(ctypes.CDLL(str(target)))
+    avx2 = qweight.declare(build_without_avx512(qweight.SOURCE, tmp_path))
     for fmt in QUANTIZED:
         for rows, k in [(1, 576), (5, 192), (16, 1536)]:
             x, q = torch.randn(rows, k), QuantWeight.quantize(weights(45, k, rows), fmt)

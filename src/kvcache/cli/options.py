@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..usage import (
-    DTYPE_HELP,
-    FLOAT_ACTIVATIONS_HELP,
     KV_HELP,
     MODEL_HELP,
     RANDOM_SHAPES,
     UsageError,
+    add_dtype,
     check_dtype,
     load_errors,
     load_for_user,
@@ -19,11 +18,6 @@ from ..usage import (
 
 __all__ = ["KV_HELP", "MODEL_HELP", "RANDOM_SHAPES", "UsageError", "add_dtype", "check_dtype", "check_spec",
            "load_errors", "load_for_user", "load_user_model", "parse_ids"]
-
-
-def add_dtype(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
-    parser.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
 
 
 def parse_ids(text: str) -> list[int]:

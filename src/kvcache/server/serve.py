@@ -11,12 +11,11 @@ import socket
 import threading
 
 from ..usage import (
-    DTYPE_HELP,
-    FLOAT_ACTIVATIONS_HELP,
     KV_HELP,
     MODEL_HELP,
     RANDOM_SHAPES,
     UsageError,
+    add_dtype,
     check_dtype,
     load_user_model,
 )
@@ -24,8 +23,7 @@ from ..usage import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
-    parser.add_argument("--dtype", default="float32", help=DTYPE_HELP)
-    parser.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
+    add_dtype(parser)
     parser.add_argument("--random", choices=RANDOM_SHAPES, default=None,
                         help="serve a random-weight model of this shape instead")
     parser.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: "
