@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,13 @@ def cpu_flags() -> str:
     return ""
 
 
+def source_bytes(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "x.h"``, next to it): what a build depends on."""
+    text = source.read_bytes()
+    headers = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join((source.parent / h.decode()).read_bytes() for h in headers)
+
+
 def build(source: Path, target: Path, flags: list[str] = FLAGS) -> None:
     """Compile ``source`` into the shared library ``target`` (atomically); OSError naming what failed."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -63,7 +71,7 @@ def load(source: Path, what: str) -> ctypes.CDLL | None:
     _loaded[source] = None
     if os.environ.get("KVCACHE_NO_KERNEL") == "1":
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + cpu_flags().encode()).hexdigest()
+    digest = hashlib.sha256(source_bytes(source) + " ".join(FLAGS).encode() + cpu_flags().encode()).hexdigest()
     target = kernels_dir() / f"{source.stem}-{digest[:16]}.so"
     try:
         if not target.exists():

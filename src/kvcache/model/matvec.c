@@ -30,19 +30,7 @@ static inline vf load_f32(const float *p) {
     return v;
 }
 
-static inline float half_to_float(uint16_t h) {  /* IEEE binary16 -> float32, exact */
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        float v = (float)man * 0x1p-24f; /* zero or subnormal */
-        memcpy(&bits, &v, 4);
-        bits |= sign;
-    } else {
-        bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "half.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>

@@ -33,21 +33,7 @@ enum { Q8_0 = 1, Q4_0 = 2, Q4_1 = 3 };
 #define CHUNK 64 /* elements per 512-bit register of codes: two blocks */
 #define MAX_M 16
 
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        float v = ldexpf((float)man, -24); /* zero or subnormal */
-        memcpy(&bits, &v, 4);
-        bits |= sign;
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "half.h"
 
 static inline long row_bytes(int fmt, int K) { return fmt == Q8_0 ? K : K / 2; }
 
