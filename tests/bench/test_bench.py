@@ -12,9 +12,10 @@ from kvcache.cli import main
 
 def test_decode_per_weight_format_reports_bytes_and_bandwidth():
     rows = decode.bench_formats("tiny-llama", context=16, steps=2)
-    assert [r["format"] for r in rows] == ["float32", "bfloat16"]
-    fp32, bf16 = rows
-    assert 1.9 < fp32["mb_read"] / bf16["mb_read"] < 2.1  # half the bytes per weight and per cached value
+    assert [r["format"] for r in rows] == ["float32", "bfloat16", "F16", "Q8_0", "Q4_1", "Q4_0"]
+    fp32, bf16, f16, q8, q41, q40 = (r["mb_read"] for r in rows)
+    assert 1.9 < fp32 / bf16 < 2.1  # half the bytes per weight and per cached value
+    assert fp32 > f16 > q8 > q41 > q40  # the GGUF formats read their own sizes (their KV stays float32)
     for r in rows:
         assert r["tok_s"] > 0 and r["gb_s"] == pytest.approx(r["mb_read"] / 1e3 * r["tok_s"])
         assert 0 < r["of_bandwidth"] and r["read_bandwidth_gb_s"] > 0
