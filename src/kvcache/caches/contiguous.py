@@ -29,6 +29,7 @@ import torch
 from ..checks import check_int, is_int
 from ..model.attention import ATTENTION_DTYPE, attention
 from ..runtime import check_fits
+from . import kernels
 from .base import Cache, Option
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -145,6 +146,7 @@ class ContiguousKVCache(Cache):
                                  if not values_in_keys else None)
         self.lengths = [0] * num_layers  # per layer: a forward pass fills layers in order
         self.check_finite = check_finite
+        self._single_block = None
 
     def _values_of(self, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         """The value store: ``v``, or (values in keys) a view of the keys' first ``value_dim`` channels."""
@@ -243,7 +245,25 @@ class ContiguousKVCache(Cache):
                window: int | None = None) -> torch.Tensor:
         """Store k/v, then causal attention of q over the whole cached sequence (or its last ``window``)."""
         keys, values = self.update(layer, k, v)
+        if window is None and q.shape[0] == 1 and q.shape[2] == 1 and not self.values_in_keys:
+            out = self._decode_in_place(self._layer(layer), q, keys.shape[2])
+            if out is not None:
+                return out
         return attention(q, keys, values, window=window)
+
+    def _decode_in_place(self, layer: int, q: torch.Tensor, length: int) -> torch.Tensor | None:
+        """One sequence's one-token step read straight from the cache by the compiled paged kernel (the cache as
+        a single block): no matmul over a strided view, no softmax pass.  None where it does not apply."""
+        heads, kv_heads, dim = q.shape[1], self.k.shape[2], q.shape[3]
+        if q.dtype != torch.float32 or self.k.dtype != torch.float32 or not kernels.paged_usable(q, heads // kv_heads):
+            return None
+        if self._single_block is None:
+            self._single_block = torch.zeros(1, 1, dtype=torch.int32)  # block table, window start, sinks: all 0
+        zero = self._single_block
+        qg = q.reshape(1, kv_heads, heads // kv_heads, dim)
+        out = kernels.paged_decode(qg, dim ** -0.5, self.k[layer, 0], self.v[layer, 0], self.value_dim, zero,
+                                   self.capacity, torch.tensor([length], dtype=torch.int32), zero[0], zero[0])
+        return None if out is None else out.view(1, heads, 1, self.value_dim)
 
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)
