@@ -61,22 +61,6 @@ def test_the_avx2_build_agrees_with_the_native_one(tmp_path):
 
 
 @needs_kernel
-@pytest.mark.skipif(not (matvec.library() and matvec.library().bf16_dot), reason="no AVX512-BF16 on this CPU")
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 16])
-@pytest.mark.parametrize("n, k", [(7, 5), (37, 48), (64, 576), (130, 1000)])
-def test_the_native_bf16_dot_product_is_exact_to_float32_rounding(rows, n, k):
-    """bf16 activations times bf16 weights by vdpbf16ps: pairs of exact products, float32 sums."""
-    g = torch.Generator().manual_seed(rows * 1000 + n + k)
-    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
-    out = torch.empty(rows, n)
-    assert matvec.library().kv_linear(x.data_ptr(), w.data_ptr(), matvec.BF16_DOT, None, out.data_ptr(), rows, n,
-                                      k) == 0
-    want = reference(x, w, None)
-    bound = 1e-6 * (x.abs().double() @ w.abs().double().T).max().item() * max(1, k) ** 0.5 + 1e-6
-    assert (out.double() - want).abs().max().item() <= bound
-
-
-@needs_kernel
 def test_linear_takes_the_kernel_only_below_the_crossover():
     layer = linear.Linear(64, 32).eval()
     for rows, packed, dtype, expected in [(1, True, torch.float32, True), (2, True, torch.float32, False),

@@ -63,7 +63,7 @@ static inline float hsum(vf v) {
     return s;
 }
 
-enum { F32 = 0, BF16 = 1, F16 = 2, BF16_DOT = 3 }; /* BF16_DOT: bfloat16 weights and bfloat16 activations */
+enum { F32 = 0, BF16 = 1, F16 = 2 };
 
 static inline vf load_w(const void *w, int wt, long at) {
     return wt == BF16 ? load_bf16((const uint16_t *)w + at) : wt == F16 ? load_f16((const uint16_t *)w + at)
@@ -103,48 +103,11 @@ static inline __attribute__((always_inline)) void dot_rows(const float *x, const
     }
 }
 
-#ifdef __AVX512BF16__
-int kv_has_bf16_dot(void) { return 1; }
-
-/* bfloat16 x times bfloat16 weights with the CPU's own bf16 dot product (vdpbf16ps): 32 weights per instruction,
- * each pair of products exact and summed in float32 -- half the instructions of widening, so a bf16 model's
- * weights stream nearer the read bandwidth.  Same blocking as dot_rows. */
-static inline __attribute__((always_inline)) void dot_rows_bf16(const uint16_t *x, const uint16_t *w, float *y,
-                                                               int M, int R, int N, int K, int n0) {
-    __m512 acc[8][MAX_M];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    int kv = K / 32 * 32;
-    for (int k = 0; k < kv; k += 32) {
-        for (int r = 0; r < R; r++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (long)(n0 + r) * K + k);
-            for (int m = 0; m < M; m++)
-                acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k), wv);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        for (int m = 0; m < M; m++) {
-            float s = _mm512_reduce_add_ps(acc[r][m]);
-            for (int k = kv; k < K; k++) s += widen1(w, BF16, (long)(n0 + r) * K + k) * widen1(x, BF16, (long)m * K + k);
-            y[(long)m * N + n0 + r] = s;
-        }
-    }
-}
-#else
-int kv_has_bf16_dot(void) { return 0; }
-#endif
-
 /* A block of R outputs for MT rows of x: R * MT accumulators stay in registers (one row of x: 8 outputs at a
  * time, for more loads in flight; otherwise 4).  More than 4 rows of x go 4 at a time over the same block of
  * weights, which is then read from L1, not memory, after the first group. */
-#ifdef __AVX512BF16__
-#define BF16_DOT_CASE(MT, R) if (wt == BF16_DOT) dot_rows_bf16((const uint16_t *)x, w, y, MT, R, N, K, n0); else
-#else
-#define BF16_DOT_CASE(MT, R)
-#endif
 #define INSTANCE(MT, R)                                                                                   \
-    static void rows_##MT(const void *x, const void *w, int wt, float *y, int N, int K, int n0) {       \
-        BF16_DOT_CASE(MT, R)                                                                                \
+    static void rows_##MT(const float *x, const void *w, int wt, float *y, int N, int K, int n0) {      \
         if (wt == BF16) dot_rows(x, w, BF16, y, MT, R, N, K, n0);                                           \
         else if (wt == F16) dot_rows(x, w, F16, y, MT, R, N, K, n0);                                        \
         else dot_rows(x, w, F32, y, MT, R, N, K, n0);                                                       \
@@ -152,36 +115,32 @@ int kv_has_bf16_dot(void) { return 0; }
 INSTANCE(1, 8) INSTANCE(2, 4) INSTANCE(3, 4) INSTANCE(4, 4)
 #define BLOCK 8  /* outputs per task: rows_1 does 8; the others do two blocks of 4 */
 
-typedef void (*rows_fn)(const void *, const void *, int, float *, int, int, int);
+typedef void (*rows_fn)(const float *, const void *, int, float *, int, int, int);
 static const rows_fn ROWS_FN[5] = {0, rows_1, rows_2, rows_3, rows_4};
 
 /* outputs n0 .. n0 + BLOCK - 1 for every row of x */
-static void block(const void *x, const void *w, int wt, float *y, int M, int N, int K, int n0) {
+static void block(const float *x, const void *w, int wt, float *y, int M, int N, int K, int n0) {
     for (int m0 = 0; m0 < M; m0 += 4) {
         int mt = M - m0 < 4 ? M - m0 : 4;
-        const char *xm = (const char *)x + (long)m0 * K * (wt == BF16_DOT ? 2 : 4);
+        const float *xm = x + (long)m0 * K;
         float *ym = y + (long)m0 * N;
         if (mt == 1) ROWS_FN[1](xm, w, wt, ym, N, K, n0);
         else for (int n = n0; n < n0 + BLOCK; n += 4) ROWS_FN[mt](xm, w, wt, ym, N, K, n);
     }
 }
 
-static void dot_one(const void *x, const void *w, int wt, float *y, int M, int N, int K, int n) {
+static void dot_one(const float *x, const void *w, int wt, float *y, int M, int N, int K, int n) {
     for (int m = 0; m < M; m++) {
         float s = 0.0f;
-        for (int k = 0; k < K; k++)
-            s += wt == BF16_DOT ? widen1(w, BF16, (long)n * K + k) * widen1(x, BF16, (long)m * K + k)
-                                : widen1(w, wt, (long)n * K + k) * ((const float *)x)[(long)m * K + k];
+        for (int k = 0; k < K; k++) s += widen1(w, wt, (long)n * K + k) * x[(long)m * K + k];
         y[(long)m * N + n] = s;
     }
 }
 
-/* y (M, N) float32 = x (M, K) float32 @ w (N, K)^T (wt: 0 float32, 1 bfloat16, 2 float16) + bias (N) float32 or NULL;
- * wt 3: x and w bfloat16, multiplied by the CPU's bf16 dot product (where kv_has_bf16_dot()).
+/* y (M, N) float32 = x (M, K) float32 @ w (N, K)^T (wt: 0 float32, 1 bfloat16, 2 float16) + bias (N) float32 or NULL.
  * Returns 0, or 2 for arguments out of range. */
-int kv_linear(const void *x, const void *w, int wt, const float *bias, float *y, int M, int N, int K) {
-    if (M < 1 || M > MAX_M || N < 1 || K < 1 || wt < F32 || wt > BF16_DOT) return 2;
-    if (wt == BF16_DOT && !kv_has_bf16_dot()) return 2;
+int kv_linear(const float *x, const void *w, int wt, const float *bias, float *y, int M, int N, int K) {
+    if (M < 1 || M > MAX_M || N < 1 || K < 1) return 2;
     int blocks = N / BLOCK;
     #pragma omp parallel for schedule(static, 8)
     for (int b = 0; b < blocks; b++) block(x, w, wt, y, M, N, K, b * BLOCK);

@@ -3,9 +3,7 @@
 Decoding streams every weight once per token; oneDNN's small-M path streams them well below the machine's
 read bandwidth (docs/benchmarks.md), so ``Linear`` sends those products here.  Weights stay as they are
 (float32, bfloat16 or float16, PyTorch's row-major layout, no copy); a half weight is widened exactly and every
-product and sum is float32, the result rounded once to the model's dtype.  A bfloat16 model on a CPU with
-AVX512-BF16 multiplies its bf16 activations by the weights with ``vdpbf16ps`` (pairs of exact products summed
-in float32; bf16 subnormals count as zero), half the instructions of widening.  Past the measured crossover
+product and sum is float32, the result rounded once to the model's dtype.  Past the measured crossover
 (``CROSSOVER``) larger batches and prefill keep oneDNN.  Without a compiler the callers keep oneDNN for everything.
 """
 
@@ -21,7 +19,6 @@ from .. import native
 SOURCE = Path(__file__).with_name("matvec.c")
 MAX_ROWS = 16  # the kernel's own limit
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-BF16_DOT = 3  # bfloat16 weights times bfloat16 activations with the CPU's own bf16 dot product (AVX512-BF16)
 # Rows up to which the kernel is the faster one, measured on this project's machine (docs/benchmarks.md,
 # "The decode matmul"): one row for float32 weights that oneDNN has a blocked copy of, up to four otherwise
 # and for bfloat16.  Past that oneDNN's blocked matmul wins.
@@ -33,8 +30,7 @@ def library() -> ctypes.CDLL | None:
     if lib is not None and lib.kv_linear.argtypes is None:
         ptr, num = ctypes.c_void_p, ctypes.c_int
         lib.kv_linear.argtypes = [ptr, ptr, num, ptr, ptr, num, num, num]
-        lib.kv_linear.restype = lib.kv_has_bf16_dot.restype = ctypes.c_int
-        lib.bf16_dot = bool(lib.kv_has_bf16_dot())
+        lib.kv_linear.restype = ctypes.c_int
     return lib
 
 
@@ -51,13 +47,10 @@ def serves(x: torch.Tensor, weight: torch.Tensor, packed: bool = False) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` in float32 arithmetic, returned in ``x``'s dtype (callers check ``serves``)."""
     n, k = weight.shape
-    lib = library()
-    native_bf16 = weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and lib.bf16_dot
-    rows = x.reshape(-1, k)
-    rows = (rows if native_bf16 else rows.to(torch.float32)).contiguous()
+    rows = x.reshape(-1, k).to(torch.float32).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    status = lib.kv_linear(rows.data_ptr(), weight.data_ptr(), BF16_DOT if native_bf16 else WEIGHT_DTYPES[weight.dtype],
+    status = library().kv_linear(rows.data_ptr(), weight.data_ptr(), WEIGHT_DTYPES[weight.dtype],
                                  None if b is None else b.data_ptr(), out.data_ptr(), rows.shape[0], n, k)
     if status != 0:
         raise ValueError(f"kv_linear: {rows.shape[0]} rows x ({n}, {k}) is outside the kernel's range")
