@@ -232,22 +232,21 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype | str = torch.
     else:
         config = ModelConfig.from_file(source)
         if auto:
-            compute, note = auto_dtype(stored_format(source))
-            plan = WeightPlan("F16") if stored_format(source) == "float16" else None
+            stored = stored_format(source)
+            compute, note = auto_dtype(stored)
+            plan = WeightPlan("F16") if stored == "float16" else None
         else:
             note = "as asked"
         tensors = read_safetensors(source)
         tokenizer = Tokenizer.from_folder(source, _eos_ids(source, config))
-    if plan is not None:
-        plan.float_activations = float_activations
-    model, kept_float = _build(config, compute, tensors, plan)
+    model, kept_float = _build(config, compute, tensors, plan, float_activations)
     model.tokenizer = tokenizer
     model.source = str(source)
     quantized = any(fmt in FORMATS for fmt in model.weight_formats())
-    activations = " (float32 activations)" if float_activations or not quantized else (
+    activations = " (float32 activations)" if float_activations else (
         ", float32 activations, 8-bit in the quantized matmuls")
-    model.load_note = (f"{str(compute).removeprefix('torch.')} ({note})" if not quantized else
-                       f"weights {describe(model, kept_float)} ({note}){activations}")
+    model.load_note = (f"weights {describe(model, kept_float)} ({note}){activations}" if quantized else
+                       f"{str(compute).removeprefix('torch.')} ({note})")
     model = model.eval().requires_grad_(False)
     if pack:
         model.pack_weights()
@@ -340,13 +339,13 @@ def resolve_source(path: str | Path | None) -> Path:
 
 
 def _build(config: ModelConfig, dtype: torch.dtype, tensors: dict[str, torch.Tensor],
-           plan: WeightPlan | None = None) -> tuple[Transformer, int]:
+           plan: WeightPlan | None = None, float_activations: bool = False) -> tuple[Transformer, int]:
     """The model with the checkpoint's weights, matrices held as ``plan`` says; and how many it kept float."""
     with torch.device("meta"):
         model = Transformer(config)
     state = checkpoint_state(config, tensors)
     held, kept_float = quantized_weights(model, state, plan or WeightPlan())
-    model.hold_quantized(held, plan.float_activations if plan else False)
+    model.hold_quantized(held, float_activations)
     model = model.to_empty(device="cpu").to(dtype)
     if config.arch == "llama":  # buffers are not in the checkpoint: recompute after to_empty
         from .rope import rope_tables

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import matvec, qweight
-from .linear import DECODE_KERNEL
+from . import linear, matvec, qweight
 from .qweight import QuantWeight
 
 SLICE_FLOATS = 1 << 20  # weights widened per slice of a prefill matmul: 4 MB of float32, about an L2's worth
@@ -49,7 +48,7 @@ class QuantLinear(nn.Module):
             x = x.to(torch.float32)
         if rows > 0 and not torch.is_grad_enabled():
             if q.fmt == "F16":
-                if DECODE_KERNEL and rows <= F16_CROSSOVER and matvec.library() is not None:
+                if linear.DECODE_KERNEL and rows <= F16_CROSSOVER and matvec.library() is not None:
                     return matvec.linear(x, q.codes, self.bias)
             elif not self.float_activations and qweight.library() is not None:
                 return self._integer_product(x, rows)

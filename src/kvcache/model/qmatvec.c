@@ -10,19 +10,20 @@
  * element 64 + j in the high nibble (a last group of 64 elements: 32 bytes, j and 32 + j).  K must be a multiple
  * of 64.
  *
- * Every product (decoding's few rows and prefill's many) quantizes the activations as llama.cpp does, per block of 32: x = dx * xq with xq in
- * -127..127.  Then one block's dot product is
+ * Every product (decoding's few rows and prefill's many) quantizes the activations as llama.cpp does, per block
+ * of 32: x = dx * xq with xq in -127..127.  Then one block's dot product is
  *     sum_i w_i x_i = d dx sum_i u_i xq_i + c (dx sum_i xq_i)
  * -- an unsigned-by-signed byte dot product, one VNNI instruction (vpdpbusd) per 64 elements and row of x, plus a
  * per-block correction from the sums of xq computed once per call.  The hot loop is the chunk loop of dot_chunks:
- * per 64 codes one 64-byte load (two nibble masks for Q4), two fp16 scales widened, and per row of x a vpdpbusd, a
- * conversion and two fused multiply-adds.  It is bound by the weights' read bandwidth.  Outputs are split over the
- * OpenMP threads in static chunks; 4 outputs x up to 4 rows of x share each chunk while it is in registers, and
- * rows beyond 4 re-read the block from L1.
+ * per 64 codes one 64-byte load (two nibble masks for Q4), and per row of x a vpdpbusd, a conversion, a permute
+ * of the two blocks' scales and one fused multiply-add; scales are widened and the corrections added 16 blocks at
+ * a time.  For a large matrix it streams the weights at the read bandwidth; small ones are bound by the call.
+ * Outputs are split evenly over the OpenMP threads; 4 outputs x up to 4 rows of x share each chunk while it is in
+ * registers, and rows beyond 4 re-read the block from L1.
  *
  * Without AVX512-VNNI the same arithmetic runs as plain C the compiler vectorises (AVX2 or SSE); both give the
  * same integer dot products, so they agree to float rounding.  kv_qdequant widens rows to float32 (the
- * embedding lookup, prefill's blocked matmul, and the float-activation mode that matches the dequantized model).
+ * embedding lookup and the float-activation mode that matches the dequantized model).
  */
 #include <math.h>
 #include <stdint.h>

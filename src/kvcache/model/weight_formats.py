@@ -27,7 +27,6 @@ class WeightPlan:
     """What a model's matrices are held as: ``policy`` is None (float), KEEP, or one format for every matrix."""
 
     policy: str | None = None
-    float_activations: bool = False
 
     def gguf_keep(self) -> frozenset[str]:
         """The GGML types a GGUF reader should hand over still encoded."""
@@ -53,7 +52,7 @@ def quantized_weights(model: nn.Module, state: dict, plan: WeightPlan) -> tuple[
         return {}, 0
     tied = model.config.tie_word_embeddings
     held, kept_float = {}, 0
-    for name, _module in matrix_modules(model).items():
+    for name in matrix_modules(model):
         if name not in state or (tied and name == "lm_head.weight"):
             continue
         value = state[name]
