@@ -172,13 +172,26 @@ def redis_server(tmp_path):
 def build_without_avx512(source, folder):
     """``source`` (one of the package's C kernels) built with ``-mno-avx512f`` into ``folder``, loaded; skips the
     test where this machine cannot build it (the AVX2 path checked against the native one)."""
+    return build_with(source, folder, "avx2", ["-mno-avx512f"])
+
+
+def build_portable(source, folder):
+    """``source`` built with no vector extension past SSE2 (``-mno-avx``): the plain-C path an ARM or older x86
+    CPU takes, checked against the native one; skips where this machine cannot build it."""
+    return build_with(source, folder, "portable", ["-mno-avx"])
+
+
+def build_with(source, folder, name, extra_flags):
     import ctypes
+    import platform
 
     from kvcache import native
 
-    target = folder / f"{source.stem}-avx2.so"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the x86 vector-extension flags apply to x86 only")
+    target = folder / f"{source.stem}-{name}.so"
     try:
-        native.build(source, target, [*native.FLAGS, "-mno-avx512f"])
+        native.build(source, target, [*native.FLAGS, *extra_flags])
     except OSError as error:
-        pytest.skip(f"cannot build without AVX-512 here: {error}")
+        pytest.skip(f"cannot build the {name} variant here: {error}")
     return ctypes.CDLL(str(target))

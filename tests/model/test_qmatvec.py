@@ -1,7 +1,7 @@
 """GGUF weight formats held as they are (model/qweight.py, qmatvec.c, qlinear.py): the repacked blocks widen to
 exactly the values gguf.quants gives; the integer kernel equals a float64 evaluation of its own arithmetic
-(8-bit activations) to float32 rounding and stays near the float product; the AVX2 build agrees; QuantLinear's
-float-activation, sliced and F16 paths equal the dequantized matmul."""
+(8-bit activations) to float32 rounding and stays near the float product; the AVX2 and portable builds agree;
+QuantLinear's float-activation, sliced and F16 paths equal the dequantized matmul."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
 
-from conftest import build_without_avx512
+from conftest import build_portable, build_without_avx512
 from kvcache.model import qweight
 from kvcache.model.qlinear import QuantEmbedding, QuantLinear
 from kvcache.model.qweight import FORMAT_CODES, QuantWeight
@@ -101,8 +101,9 @@ def test_out_of_range_arguments_are_refused():
 
 
 @needs_kernel
-def test_the_avx2_build_agrees_with_the_native_one(tmp_path):
-    avx2 = qweight.declare(build_without_avx512(qweight.SOURCE, tmp_path))
+@pytest.mark.parametrize("variant", [build_without_avx512, build_portable], ids=["avx2", "portable"])
+def test_other_builds_agree_with_the_native_one(tmp_path, variant):
+    avx2 = qweight.declare(variant(qweight.SOURCE, tmp_path))
     for fmt in QUANTIZED:
         for rows, k in [(1, 576), (5, 192), (16, 1536)]:
             x, q = torch.randn(rows, k), QuantWeight.quantize(weights(45, k, rows), fmt)

@@ -21,9 +21,10 @@
  * Outputs are split evenly over the OpenMP threads; 4 outputs x up to 4 rows of x share each chunk while it is in
  * registers, and rows beyond 4 re-read the block from L1.
  *
- * Without AVX512-VNNI the same arithmetic runs as plain C the compiler vectorises (AVX2 or SSE); both give the
- * same integer dot products, so they agree to float rounding.  kv_qdequant widens rows to float32 (the
- * embedding lookup and the float-activation mode that matches the dequantized model).
+ * Without AVX512-VNNI, AVX2 does each 32-element block with vpmaddubsw + vpmaddwd (below); elsewhere the same
+ * arithmetic runs as plain C.  All three give the same integer dot products, so they agree to float rounding.
+ * kv_qdequant widens rows to float32 (the embedding lookup and the float-activation mode that matches the
+ * dequantized model).
  */
 #include <math.h>
 #include <stdint.h>
@@ -37,14 +38,6 @@ enum { Q8_0 = 1, Q4_0 = 2, Q4_1 = 3 };
 #include "half.h"
 
 static inline long row_bytes(int fmt, int K) { return fmt == Q8_0 ? K : K / 2; }
-
-/* the code of element k of a row */
-static inline int code_at(int fmt, const uint8_t *row, int K, int k) {
-    if (fmt == Q8_0) return row[k];
-    int g = k / 128, group = K - g * 128 < 128 ? K - g * 128 : 128, j = k - g * 128, half = group / 2;
-    uint8_t byte = row[g * 64 + (j < half ? j : j - half)];
-    return j < half ? byte & 15 : byte >> 4;
-}
 
 static inline float offset_of(int fmt, float d, float m) {
     return fmt == Q8_0 ? -128.0f * d : fmt == Q4_0 ? -8.0f * d : m;
@@ -180,7 +173,146 @@ static void products(int fmt, const uint8_t *codes, const uint16_t *scales, cons
     }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+/* AVX2 has no vpdpbusd: one block (32 elements, one 256-bit register) is vpmaddubsw (unsigned x signed bytes ->
+ * pairwise 16-bit sums) then vpmaddwd by ones (-> eight 32-bit sums).  A Q4 code is at most 15, so a pair sum is
+ * at most 2 * 15 * 127 and never saturates.  A Q8_0 code (u = q + 128, up to 255) could: for Q8_0 the kernel
+ * uses the signed q = u ^ 0x80 with llama.cpp's sign trick, |q| times sign(xq, q), at most 2 * 128 * 127, and
+ * leaves out the -128 d offset term -- the same integer sum_i q_i xq_i as the VNNI path's
+ * sum_i u_i xq_i - 128 sum_i xq_i, so both agree to float rounding.
+ *
+ * One output at a time, for up to 4 rows of x: first the row's block scales times each row's dx, 8 blocks per
+ * vector, into a small table (and the offset terms of all blocks into one accumulator); then the hot loop over the
+ * row's codes, per 32 codes one load (a shift and mask for Q4), per row of x a load of xq, vpmaddubsw, vpmaddwd, a
+ * conversion and a fused multiply-add by the block's broadcast scale, alternating two accumulators so that one
+ * multiply-add does not wait for the one before.  On AVX2 machines it is bound by those integer multiplies
+ * (one pipe) rather than by memory for Q4; a short tail of scales is read with masked loads (a copy through a
+ * buffer stalls on store forwarding). */
+
+static inline __m256i lanes_below(int count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 8 fp16 values from p, widened; fewer (an even count) at the end of a row, the rest zero */
+static inline __m256 eight_halves(const uint16_t *p, int count) {
+    if (count >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_cvtph_ps(_mm_maskload_epi32((const int *)p, _mm256_castsi256_si128(lanes_below(count / 2))));
+}
+
+static inline __m256 eight_floats(const float *p, int count) {
+    return count >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_below(count));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __m256i block_dot(int fmt, __m256i u, const int8_t *xq) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i pairs = fmt == Q8_0 ? _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(xv, u))
+                                : _mm256_maddubs_epi16(u, xv);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* y[m][n] for output n and rows m0 .. m0 + MT - 1 of x */
+static inline __attribute__((always_inline)) void dot_row(int fmt, const uint8_t *codes, const uint16_t *scales,
+                                                          const uint16_t *mins, const int8_t *xq, const float *dx,
+                                                          const float *xs, float *y, int MT, int N, int K, long n,
+                                                          int m0) {
+    int nb = K / QK;
+    const uint8_t *row = codes + n * row_bytes(fmt, K);
+    float dd[4][nb + 8]; /* (weight scale * dx) per row of x and block, padded for the last full-vector store */
+    __m256 acc[4][2];
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        int count = nb - b0 < 8 ? nb - b0 : 8;
+        __m256 d = eight_halves(scales + n * nb + b0, count);
+        __m256 c = fmt == Q4_1 ? eight_halves(mins + n * nb + b0, count) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        for (int m = 0; m < MT; m++) {
+            _mm256_storeu_ps(dd[m] + b0, _mm256_mul_ps(d, eight_floats(dx + (long)(m0 + m) * nb + b0, count)));
+            if (fmt != Q8_0)
+                acc[m][1] = _mm256_fmadd_ps(c, eight_floats(xs + (long)(m0 + m) * nb + b0, count), acc[m][1]);
+        }
+    }
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int b = 0; b < nb; b += 2) { /* two blocks per turn: 64 codes */
+        __m256i u0, u1;
+        if (fmt == Q8_0) {
+            const __m256i flip = _mm256_set1_epi8((char)0x80);
+            u0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + (long)b * QK)), flip);
+            u1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + (long)(b + 1) * QK)), flip);
+        } else { /* blocks b, b + 1 of their group: the low nibbles of its two halves, or the high (module header) */
+            int g = b / 4, full = K - g * 128 >= 128;
+            const uint8_t *group = row + (long)g * 64;
+            if (full) {
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)group);
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(group + 32));
+                if (b % 4) v0 = _mm256_srli_epi16(v0, 4), v1 = _mm256_srli_epi16(v1, 4);
+                u0 = _mm256_and_si256(v0, low);
+                u1 = _mm256_and_si256(v1, low);
+            } else { /* the last group of a row, 64 elements in 32 bytes */
+                __m256i v = _mm256_loadu_si256((const __m256i *)group);
+                u0 = _mm256_and_si256(v, low);
+                u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+        }
+        for (int m = 0; m < MT; m++) {
+            const int8_t *xm = xq + (long)(m0 + m) * K + (long)b * QK;
+            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(fmt, u0, xm)), _mm256_broadcast_ss(&dd[m][b]),
+                                        acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(fmt, u1, xm + QK)),
+                                        _mm256_broadcast_ss(&dd[m][b + 1]), acc[m][1]);
+        }
+    }
+    for (int m = 0; m < MT; m++) y[(long)(m0 + m) * N + n] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+#define INSTANCE(MT)                                                                                               \
+    static void rows_##MT(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins,              \
+                          const int8_t *xq, const float *dx, const float *xs, float *y, int N, int K, long n,       \
+                          int m0) {                                                                                 \
+        if (fmt == Q8_0) dot_row(Q8_0, codes, scales, mins, xq, dx, xs, y, MT, N, K, n, m0);                        \
+        else if (fmt == Q4_0) dot_row(Q4_0, codes, scales, mins, xq, dx, xs, y, MT, N, K, n, m0);                   \
+        else dot_row(Q4_1, codes, scales, mins, xq, dx, xs, y, MT, N, K, n, m0);                                    \
+    }
+INSTANCE(1) INSTANCE(2) INSTANCE(3) INSTANCE(4)
+
+typedef void (*rows_fn)(int, const uint8_t *, const uint16_t *, const uint16_t *, const int8_t *, const float *,
+                        const float *, float *, int, int, long, int);
+static const rows_fn ROWS_FN[5] = {0, rows_1, rows_2, rows_3, rows_4};
+
+static void products(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, const int8_t *xq,
+                     const float *dx, const float *xs, float *y, int M, int N, int K) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            int mt = M - m0 < 4 ? M - m0 : 4;
+            ROWS_FN[mt](fmt, codes, scales, mins, xq, dx, xs, y, N, K, n, m0);
+        }
+}
+
 #else /* portable: the same integer dot products, one block at a time */
+
+/* a row's codes, one byte each, in element order */
+static void unpack_row(int fmt, const uint8_t *row, int K, uint8_t *u) {
+    if (fmt == Q8_0) {
+        memcpy(u, row, K);
+        return;
+    }
+    for (int g = 0; g * 128 < K; g++) { /* a group: element j in the low nibble of byte j, j + half in the high */
+        int half = (K - g * 128 < 128 ? K - g * 128 : 128) / 2;
+        const uint8_t *bytes = row + g * 64;
+        uint8_t *lo = u + g * 128, *hi = lo + half;
+        for (int j = 0; j < half; j++) {
+            lo[j] = bytes[j] & 15;
+            hi[j] = bytes[j] >> 4;
+        }
+    }
+}
 
 static void products(int fmt, const uint8_t *codes, const uint16_t *scales, const uint16_t *mins, const int8_t *xq,
                      const float *dx, const float *xs, float *y, int M, int N, int K) {
@@ -190,7 +322,7 @@ static void products(int fmt, const uint8_t *codes, const uint16_t *scales, cons
     for (int n = 0; n < N; n++) {
         const uint8_t *row = codes + (long)n * rb;
         uint8_t u[K]; /* this row's codes, unpacked once for every row of x */
-        for (int k = 0; k < K; k++) u[k] = (uint8_t)code_at(fmt, row, K, k);
+        unpack_row(fmt, row, K, u);
         for (int m = 0; m < M; m++) {
             const int8_t *xm = xq + (long)m * K;
             float s = 0.0f;
