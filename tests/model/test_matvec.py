@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_without_avx512
+from conftest import build_portable, build_without_avx512
 from kvcache.generation.generate import generate
 from kvcache.model import linear, matvec
 from kvcache.model.shapes import random_model
@@ -49,11 +49,12 @@ def test_out_of_range_arguments_are_refused():
 
 
 @needs_kernel
-def test_the_avx2_build_agrees_with_the_native_one(tmp_path):
-    avx2 = build_without_avx512(matvec.SOURCE, tmp_path)
+@pytest.mark.parametrize("variant", [build_without_avx512, build_portable], ids=["avx2", "portable"])
+def test_other_builds_agree_with_the_native_one(tmp_path, variant):
+    avx2 = variant(matvec.SOURCE, tmp_path)
     avx2.kv_linear.argtypes = matvec.library().kv_linear.argtypes
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rows in (1, 3, 6):
             x, w = torch.randn(rows, 200, generator=g), torch.randn(45, 200, generator=g).to(dtype)
             torch.testing.assert_close(call(avx2, x, w, None), call(matvec.library(), x, w, None), rtol=1e-5,

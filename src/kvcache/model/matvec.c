@@ -6,18 +6,22 @@
  * vector loaded is used for all M rows while it sits in a register, and the rows of x (a few KiB) stay in
  * L1.  Outputs are split over the OpenMP threads in static chunks.
  *
- * The hot loop is the k loop of dot_rows: per 16 weights one load (a widening for bf16 and fp16) and one fused
- * multiply-add per row of x, 8 outputs at a time for one row (independent FMA chains, more loads in flight)
- * and 4 x 4 otherwise.  It is bound by memory for one row; with more rows oneDNN's blocked matmul overtakes
+ * The hot loop is the k loop of dot_rows: per vector of weights (16 floats, 8 on AVX2) one load (a widening for
+ * bf16 and fp16) and one fused multiply-add per row of x, 8 outputs at a time for one row (independent FMA
+ * chains, more loads in flight) and 4 x 4 otherwise.  It is bound by memory for one row; with more rows oneDNN's blocked matmul overtakes
  * it, so matvec.py only sends it the rows below the measured crossover.  Weights are float32, bfloat16 or
  * float16 (widened exactly to float32: products and sums are float32 in all three); x and y are float32, the
- * caller rounds y to the model's dtype.  Plain C99 with GCC vector extensions (one AVX-512 intrinsic for the
- * widening where the CPU has it): AVX-512 under -march=native, AVX2 or SSE otherwise.
+ * caller rounds y to the model's dtype.  Plain C99 with GCC vector extensions (an intrinsic for the widening
+ * where the CPU has one): AVX-512 under -march=native, AVX2 or SSE otherwise.
  */
 #include <stdint.h>
 #include <string.h>
 
-#define W 16  /* floats per vector */
+#ifdef __AVX512F__
+#define W 16 /* floats per vector: one register (two AVX2 registers per accumulator would spill at 8 outputs) */
+#else
+#define W 8
+#endif
 #define MAX_M 16
 
 typedef float vf __attribute__((vector_size(W * 4)));
@@ -40,6 +44,15 @@ static inline vf load_f16(const uint16_t *p) {
 static inline vf load_bf16(const uint16_t *p) {  /* one 32-byte load, widen, shift: bfloat16 is a float's top half */
     __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
     return (vf)_mm512_castsi512_ps(u);
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+static inline vf load_f16(const uint16_t *p) {
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static inline vf load_bf16(const uint16_t *p) {
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (vf)_mm256_castsi256_ps(u);
 }
 #else
 static inline vf load_bf16(const uint16_t *p) {
