@@ -148,8 +148,12 @@ def check_bad_input_leaves_the_cache_unchanged(model, spec):
         with pytest.raises((ValueError, TypeError, IndexError)):
             cache.select(rows)
     assert len(cache) == 30
-    fresh = make_cache(spec, model, capacity=8)
-    torch.testing.assert_close(feed(model, cache, ids[30:]), feed(model, fresh, ids)[:, 30:], atol=2e-4, rtol=2e-4)
+    # unchanged: it goes on exactly as a cache that never saw the bad calls (the same chunks, so even a lossy
+    # cache's codes are the same; against one 39-token feed a quantized cache could flip a code at a rounding
+    # boundary on a last-bit difference)
+    untouched = make_cache(spec, model, capacity=8)
+    feed(model, untouched, ids[:30])
+    assert torch.equal(feed(model, cache, ids[30:]), feed(model, untouched, ids[30:]))
 
 
 def check_sliding_window_attention(model, spec):

@@ -1,5 +1,5 @@
 """Build (once, with gcc) and load the C kernels shipped in the package: the decode attention kernels
-(caches/qattn.c) and the decode matmul (model/matvec.c).
+(caches/qattn.c), the decode matmuls (model/matvec.c, model/qmatvec.c) and a layer's glue (model/glue.c).
 
 A source is plain C99 + OpenMP, no PyTorch headers, so it compiles in about a second.  It is built for this
 CPU (``-march=native``) into ``<cache dir>/kernels/<name>-<hash>.so``, the hash covering the source, the flags

@@ -96,6 +96,30 @@ def test_quantized_bench_races_every_cache_on_the_same_model():
     assert caches[:3] == ["kvcache auto", "kvcache int8", "kvcache int4"] and "hf DynamicCache" in caches
     assert all(r["tok_s"] > 0 and r["kv_mb"] > 0 for r in rows)
     assert rows[0]["vs_kvcache_fp32"] == 1.0 and rows[1]["attention_gb_s"] > 0
+    weights = rows[0]["mb_read_per_step"] - rows[0]["kv_mb"]
+    assert weights > 1  # tiny-llama's matrices
+    for r in rows:
+        assert r["mb_read_per_step"] == pytest.approx(weights + r["kv_mb"])  # every weight once, plus its KV
+        assert r["gb_s"] == pytest.approx(r["mb_read_per_step"] / 1e3 * r["tok_s"])
+        assert r["of_bandwidth"] == pytest.approx(r["gb_s"] / r["read_bandwidth_gb_s"])
+    assert "of read bandwidth" in kv_quant.format_quantized_table(rows)
+
+
+def test_engine_quant_bench_reports_bytes_read_and_bandwidth():
+    from kvcache.bench import engine_quantized
+    from kvcache.bench.common import weight_bytes
+    from kvcache.model.shapes import random_model
+
+    model = random_model("tiny-llama")
+    rows = engine_quantized.bench_throughput(model, "tiny", sequences=2, context=64, steps=2, rounds=1)
+    assert [r["cache"] for r in rows] == ["auto", "int8", "int4"]
+    weights = weight_bytes(model) / 1e6
+    kv = [r["mb_read_per_step"] - weights for r in rows]
+    assert kv[0] > kv[1] > kv[2] > 0  # fp32 > int8 > int4 KV read per step, at the same context
+    for r in rows:
+        assert r["gb_s"] == pytest.approx(r["mb_read_per_step"] / 1e3 * r["decode_tok_s"] / 2)
+        assert r["of_bandwidth"] > 0 and r["read_bandwidth_gb_s"] > 0
+    assert "of read bandwidth" in engine_quantized.format_throughput_table(rows)
 
 
 def test_compression_bench_hides_one_line_and_scores_every_policy():

@@ -4,10 +4,13 @@ Throughput: ``sequences`` requests of ``context`` prompt tokens each are
 prefilled in one engine per cache (full precision, int8, int4; all alive in one
 process), then the engines decode in alternating rounds of ``steps`` steps --
 one token per sequence per step -- so that they share the machine's state.
-Reported: decode tok/s (median round) and the ratio to full precision, and the
-prefill time.  Capacity: how many ``context``-token sequences one ``kv_memory``
-budget holds for each cache (quantized blocks plus one full-precision staging
-block per sequence), checked by building the engine with that many sequences.
+Reported: decode tok/s (median round) and the ratio to full precision, the
+prefill time, and what a decode step reads -- every weight once plus every
+sequence's cached KV, at the pool's bytes per token -- as MB and as GB/s against
+the read bandwidth measured in the same process (decoding is bound by it).
+Capacity: how many ``context``-token sequences one ``kv_memory`` budget holds
+for each cache (quantized blocks plus one full-precision staging block per
+sequence), checked by building the engine with that many sequences.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import statistics
 
 from ..engine.llm import LLM, parse_bytes
 from ..engine.sequence import SamplingParams
-from .common import table, timed
+from .common import read_bandwidth, table, timed, weight_bytes
 
 SPECS = ("auto", "int8", "int4")
 
@@ -59,20 +62,26 @@ def bench_throughput(model, name: str, sequences: int = 16, context: int = 4096,
     new_tokens = sequences + steps * rounds + 8
     engines = {spec: _prefilled(model, spec, prompts, new_tokens) for spec in specs}
     rates: dict[str, list[float]] = {spec: [] for spec in specs}
+    cached: dict[str, list[int]] = {spec: [] for spec in specs}  # tokens every step attends over, per round
     for _ in range(rounds):
         for spec, (llm, _) in engines.items():
             before = sum(seq.num_output for seq in llm.scheduler.running)
+            cached[spec].append(sum(seq.num_computed for seq in llm.scheduler.running) + sequences * steps // 2)
             seconds, _ = timed(lambda: [llm.step() for _ in range(steps)])
             produced = sum(seq.num_output for seq in llm.scheduler.running) - before
             assert produced == sequences * steps, (spec, produced)  # every sequence decoded every step
             rates[spec].append(produced / seconds)
     base = statistics.median(rates[specs[0]])
+    bandwidth, weights = read_bandwidth(), weight_bytes(model)
     rows = []
     for spec, (llm, prefill_s) in engines.items():
         tok_s = statistics.median(rates[spec])
+        read = weights + statistics.mean(cached[spec]) * llm.kv_block_bytes / llm.block_size
         rows.append({"model": name, "cache": spec, "engine_spec": llm.kv_cache_spec, "sequences": sequences,
                      "context": context, "decode_tok_s": tok_s, "vs_fp": tok_s / base, "prefill_s": prefill_s,
-                     "kv_bytes": llm.cache.nbytes})
+                     "kv_bytes": llm.cache.nbytes, "mb_read_per_step": read / 1e6,
+                     "gb_s": read * tok_s / sequences / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
+                     "of_bandwidth": read * tok_s / sequences / bandwidth})
     return rows
 
 
@@ -107,10 +116,11 @@ def run(quick: bool) -> dict:
 
 def format_throughput_table(rows: list[dict]) -> str:
     return table(["model", "cache (engine spec)", "sequences x context", "decode tok/s", "vs full precision",
-                  "prefill (s)", "KV pool"],
+                  "prefill (s)", "KV pool", "MB read/step", "GB/s", "of read bandwidth"],
                  [[r["model"], f"`{r['engine_spec']}`", f"{r['sequences']} x {r['context']:,}",
                    f"{r['decode_tok_s']:.1f}", f"{r['vs_fp']:.2f}x", f"{r['prefill_s']:.1f}",
-                   f"{r['kv_bytes'] / 2**20:,.0f} MiB"] for r in rows])
+                   f"{r['kv_bytes'] / 2**20:,.0f} MiB", f"{r['mb_read_per_step']:,.0f}", f"{r['gb_s']:.1f}",
+                   f"{100 * r['of_bandwidth']:.0f}% of {r['read_bandwidth_gb_s']:.1f} GB/s"] for r in rows])
 
 
 def format_capacity_table(rows: list[dict]) -> str:

@@ -7,7 +7,9 @@ in alternating rounds (a few steps each, the same fixed token), so that they
 share the machine's state.  Reported per contender: decode tok/s and its ratio
 to kvcache's fp32 cache, the KV bytes held (what a decode step reads), and the
 attention alone (every layer's decode attention in turn, timed without the rest
-of the model), as microseconds per layer and effective GB/s of its KV bytes.
+of the model), as microseconds per layer and effective GB/s of its KV bytes, and
+what a whole step reads (every weight once plus the KV bytes) as GB/s against the
+read bandwidth measured in the same process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import torch
 
 from ..caches.registry import make_cache
-from .common import table, timed
+from .common import read_bandwidth, table, timed, weight_bytes
 
 OURS = ("auto", "int8", "int4")
 
@@ -59,6 +61,7 @@ def bench_quantized(lengths=(512, 2048, 4096, 8192), steps: int = 8, rounds: int
                     specs=OURS) -> list[dict]:
     hf, ours, name = _pair(quick)
     hf_caches = _transformers_caches(hf.config)
+    weights = weight_bytes(ours)  # the same weights in transformers' model
     rows = []
     for length in lengths:
         length = min(length, ours.config.max_positions - steps * rounds - 1)
@@ -80,12 +83,16 @@ def bench_quantized(lengths=(512, 2048, 4096, 8192), steps: int = 8, rounds: int
                 for label, (_, step) in contenders.items():
                     times[label].append(timed(step, steps)[0] / steps)
         base = statistics.median(times["kvcache auto"])
+        bandwidth = read_bandwidth()
         for label, (cache, _) in contenders.items():
             per_step = statistics.median(times[label])
             kv = _kv_bytes(cache, ours)
+            read = weights + kv
             attention_s = _attention_seconds(cache, ours) if label.startswith("kvcache") else None
             rows.append({"model": name, "context": length, "cache": label, "tok_s": 1 / per_step,
-                         "vs_kvcache_fp32": base / per_step, "kv_mb": kv / 1e6,
+                         "vs_kvcache_fp32": base / per_step, "kv_mb": kv / 1e6, "mb_read_per_step": read / 1e6,
+                         "gb_s": read / per_step / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
+                         "of_bandwidth": read / per_step / bandwidth,
                          "attention_us": None if attention_s is None else attention_s * 1e6,
                          "attention_gb_s": None if attention_s is None else kv / ours.config.num_layers / attention_s
                          / 1e9})
@@ -152,7 +159,9 @@ def _attention_seconds(cache, model, repeats: int = 10) -> float:
 
 def format_quantized_table(rows: list[dict]) -> str:
     return table(["context", "cache", "decode tok/s", "vs kvcache fp32", "KV MB held", "attention us/layer",
-                  "attention GB/s"],
+                  "attention GB/s", "MB read/step", "step GB/s", "of read bandwidth"],
                  [[r["context"], r["cache"], f"{r['tok_s']:.1f}", f"{r['vs_kvcache_fp32']:.2f}x", f"{r['kv_mb']:.1f}",
                    "" if r["attention_us"] is None else f"{r['attention_us']:.0f}",
-                   "" if r["attention_gb_s"] is None else f"{r['attention_gb_s']:.1f}"] for r in rows])
+                   "" if r["attention_gb_s"] is None else f"{r['attention_gb_s']:.1f}",
+                   f"{r['mb_read_per_step']:,.0f}", f"{r['gb_s']:.1f}",
+                   f"{100 * r['of_bandwidth']:.0f}% of {r['read_bandwidth_gb_s']:.1f} GB/s"] for r in rows])

@@ -21,7 +21,9 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from . import glue
 from .activations import activation
 from .attention import attention
 from .config import ModelConfig
@@ -65,7 +67,9 @@ class Attention(nn.Module):
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)
         qk = qkv[..., :self.qk_size].view(batch, seq, heads + kv_heads, dim)
-        if rope is not None:  # queries and keys rotated in one go
+        if rope is not None and glue.serves(qkv) and qkv.is_contiguous() and rope.cos_heads_last.dtype == qkv.dtype:
+            glue.rope_in_place(qkv, heads + kv_heads, dim, rope.cos_heads_last, rope.sin_heads_last)
+        elif rope is not None:  # queries and keys rotated in one go
             qk = rope.rotate_heads_last(qk)
         q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
         v = qkv[..., self.qk_size:].view(batch, seq, kv_heads, dim).transpose(1, 2)
@@ -91,6 +95,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
+        if self.gated and self.act is F.silu and glue.serves(h):
+            return self.down(glue.silu_mul(h))
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             return self.down(self.act(gate) * up)
@@ -112,6 +118,15 @@ def make_mlp(config: ModelConfig, layer: int) -> nn.Module:
 class RMSNorm(nn.RMSNorm):
     __call__ = nn.RMSNorm.forward  # twice per layer per token: skip nn.Module's hook machinery (see Linear)
 
+    def compiled(self, x: torch.Tensor) -> bool:
+        """True when :meth:`add_and_norm` runs compiled (glue.c) for ``x``."""
+        return self.weight is not None and self.weight.dtype == x.dtype and glue.serves(x)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, norm(h))`` with ``h = x + delta``, in one compiled call (callers check :meth:`compiled`)."""
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return glue.rmsnorm(x, self.weight, eps, delta)
+
 
 class LayerNorm(nn.LayerNorm):
     __call__ = nn.LayerNorm.forward
@@ -132,6 +147,10 @@ class Block(nn.Module):
         self.mlp = make_mlp(config, layer)
 
     def forward(self, x: torch.Tensor, rope, cache: AttentionCache | None) -> torch.Tensor:
+        if isinstance(self.attn_norm, RMSNorm) and self.attn_norm.compiled(x) and self.mlp_norm.compiled(x):
+            _, normed = self.attn_norm.add_and_norm(x)  # the residual adds fused into the norms after them
+            x, normed = self.mlp_norm.add_and_norm(x, self.attn(normed, rope, cache))
+            return x + self.mlp(normed)
         x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
