@@ -35,7 +35,7 @@ def test_rmsnorm_with_and_without_the_residual_add(rows, dim):
         assert torch.equal(glue.rmsnorm(x[:, i:i + 1], w, 1e-5, delta[:, i:i + 1])[1], y[:, i:i + 1])
 
 
-def rope_tables(positions, dim, batch=None):
+def synthetic_rope(positions, dim, batch=None):
     angles = torch.arange(positions).float()[:, None] * (0.7 ** torch.arange(dim // 2).float())[None]
     angles = torch.cat((angles, angles), -1)
     cos, sin = angles.cos(), angles.sin()
@@ -50,7 +50,7 @@ def rope_tables(positions, dim, batch=None):
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 5), (1, 80)])
 def test_rope_in_place_equals_rotate_heads_last(batch_tables, batch, seq):
     heads, kv_heads, dim = 4, 2, 16
-    rope = rope_tables(seq, dim, batch if batch_tables else None)
+    rope = synthetic_rope(seq, dim, batch if batch_tables else None)
     qkv = randn(batch, seq, (heads + 2 * kv_heads) * dim, seed=seq)
     qk = qkv[..., :(heads + kv_heads) * dim].view(batch, seq, heads + kv_heads, dim)
     want = rope.rotate_heads_last(qk)

@@ -67,7 +67,7 @@ class Attention(nn.Module):
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)
         qk = qkv[..., :self.qk_size].view(batch, seq, heads + kv_heads, dim)
-        if rope is not None and glue.serves(qkv) and qkv.is_contiguous() and rope.cos_heads_last.dtype == qkv.dtype:
+        if rope is not None and glue.serves(qkv) and qkv.is_contiguous():  # the tables are in x's dtype already
             glue.rope_in_place(qkv, heads + kv_heads, dim, rope.cos_heads_last, rope.sin_heads_last)
         elif rope is not None:  # queries and keys rotated in one go
             qk = rope.rotate_heads_last(qk)
@@ -89,13 +89,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.arch == "llama"
         self.act = activation(config.hidden_act)
+        self.silu_gated = self.gated and self.act is F.silu  # glue.silu_mul's case
         width = 2 * config.intermediate_size if self.gated else config.intermediate_size
         self.up = Linear(config.hidden_size, width, bias=bool(config.mlp_bias))
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=bool(config.mlp_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        if self.gated and self.act is F.silu and glue.serves(h):
+        if self.silu_gated and glue.serves(h):
             return self.down(glue.silu_mul(h))
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
@@ -145,9 +146,10 @@ class Block(nn.Module):
         self.attn = make_attention(config, layer)
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config, layer)
+        self.rms_norms = isinstance(self.attn_norm, RMSNorm)  # both norms are: they can run compiled (glue.c)
 
     def forward(self, x: torch.Tensor, rope, cache: AttentionCache | None) -> torch.Tensor:
-        if isinstance(self.attn_norm, RMSNorm) and self.attn_norm.compiled(x) and self.mlp_norm.compiled(x):
+        if self.rms_norms and self.attn_norm.compiled(x):  # the two norms' weights share the model's dtype
             _, normed = self.attn_norm.add_and_norm(x)  # the residual adds fused into the norms after them
             x, normed = self.mlp_norm.add_and_norm(x, self.attn(normed, rope, cache))
             return x + self.mlp(normed)
