@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvcache.caches.prefill_view as prefill_view
 from kvcache import native
 from kvcache.caches import kernels
 from kvcache.caches.quant_ops import (
@@ -133,7 +134,13 @@ def test_decode_equals_the_emulation(config, kernel):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_chunked_forward_gives_every_query_its_decode_view(config):
+@pytest.mark.parametrize("query_chunk,fused", [(256, True), (16, True), (7, False)])
+def test_chunked_forward_gives_every_query_its_decode_view(monkeypatch, config, query_chunk, fused):
+    """Whatever the pieces a prompt comes in and however a long piece's queries are split (the banded view's
+    query chunks, with and without the fused flash kernel), every query reads what its decode read."""
+    monkeypatch.setattr(prefill_view, "CHUNK", query_chunk)
+    if not fused:
+        monkeypatch.setattr(prefill_view, "_FLASH", None)
     k, v, q = randn(1, 2, 150, 32, seed=1), randn(1, 2, 150, 32, seed=2), randn(1, 4, 150, 32, seed=3)
     cache = QuantizedKVCache(1, 2, 32, capacity=16, **config)
     pieces = [(0, 1), (1, 40), (40, 41), (41, 107), (107, 150)]

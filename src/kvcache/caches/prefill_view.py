@@ -10,6 +10,11 @@ work is two plain problems instead of one masked one over both key sets:
 
 The two softmax partials are merged through their maxima and sums.  Where the fused kernel is missing (or
 the dtype is not float32), one masked SDPA over both key sets computes the same thing.
+
+``banded_view_attention`` is the general view (full-precision sinks, a residual of recent tokens, any
+quantization block) for long prompts: queries go in chunks, and a chunk's queries split their keys into the
+dequantized tokens all of them read (the fused kernel, no mask) and a small band -- the dequantized tokens
+only some read, the full-precision ones -- with a chunk-sized mask.  Memory stays linear in the prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+CHUNK = 256  # queries per step of banded_view_attention: its band's scores are CHUNK x (CHUNK + residual + sinks)
 
 
 def view_masks(s: int, n: int, block_size: int, quantized: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -81,3 +87,50 @@ def _own_block(q: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, s: int, 
     m = m.reshape(1, heads, width)[:, :, lead:lead + n]
     total = e.sum(-1).reshape(1, heads, width)[:, :, lead:lead + n]
     return out, m, total
+
+
+def banded_view_attention(q: torch.Tensor, q_pos: torch.Tensor, seen: torch.Tensor, dq_k: torch.Tensor | None,
+                          dq_v: torch.Tensor | None, fp_k: torch.Tensor, fp_v: torch.Tensor, fp_pos: torch.Tensor,
+                          sinks: int) -> torch.Tensor:
+    """Causal attention of q (B, heads, n, d), unscaled, at positions ``q_pos`` (n,) where query i reads the
+    first ``seen[i]`` dequantized tokens (dq_k/dq_v (B, kv_heads, Q, d): positions sinks, sinks + 1, ...;
+    ``seen`` non-decreasing) and the full-precision rows (fp_k/fp_v (B, kv_heads, F, d) at ascending positions
+    ``fp_pos``) up to its own position that are sinks or lie beyond its dequantized ones."""
+    n = q.shape[2]
+    seen_at, pos_at = seen.tolist(), q_pos.tolist()
+    sink_cols = int(torch.searchsorted(fp_pos, sinks))
+    flash = _FLASH is not None and q.dtype == torch.float32
+    out = torch.empty_like(q)
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        full, last = seen_at[a], seen_at[b - 1]  # every query of the chunk reads dequantized tokens [0, full)
+        lo = max(sink_cols, int(torch.searchsorted(fp_pos, sinks + full)))
+        hi = int(torch.searchsorted(fp_pos, pos_at[b - 1], right=True))
+        cols = torch.cat((fp_pos[:sink_cols], fp_pos[lo:hi]))
+        band_k = [fp_k[:, :, :sink_cols], fp_k[:, :, lo:hi]]
+        band_v = [fp_v[:, :, :sink_cols], fp_v[:, :, lo:hi]]
+        if last > full:
+            band_k.insert(0, dq_k[:, :, full:last])
+            band_v.insert(0, dq_v[:, :, full:last])
+        query_pos, query_seen = q_pos[a:b, None], seen[a:b, None]
+        col = cols[None, :]
+        fp_allowed = (col <= query_pos) & ((col < sinks) | (col >= sinks + query_seen))
+        allowed = torch.cat((torch.arange(full, last)[None, :] < query_seen, fp_allowed), 1)
+        mask = _additive(allowed, q.dtype)
+        keys, values = torch.cat(band_k, 2), torch.cat(band_v, 2)
+        if flash:
+            band_out, band_lse = _FLASH(q[:, :, a:b], keys, values, 0.0, False, attn_mask=mask[None, None])
+            if full == 0:
+                out[:, :, a:b] = band_out
+                continue
+            full_out, full_lse = _FLASH(q[:, :, a:b], dq_k[:, :, :full], dq_v[:, :, :full], 0.0, False)
+            m = torch.maximum(band_lse, full_lse)
+            w_band, w_full = torch.exp(band_lse - m).unsqueeze(-1), torch.exp(full_lse - m).unsqueeze(-1)
+            out[:, :, a:b] = (band_out * w_band + full_out * w_full) / (w_band + w_full)
+        else:
+            if full:
+                keys, values = torch.cat((dq_k[:, :, :full], keys), 2), torch.cat((dq_v[:, :, :full], values), 2)
+                mask = torch.cat((mask.new_zeros(b - a, full), mask), 1)
+            out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask,
+                                                            enable_gqa=q.shape[1] != keys.shape[1])
+    return out

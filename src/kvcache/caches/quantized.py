@@ -40,7 +40,7 @@ from ..runtime import check_fits
 from . import kernels
 from .base import Cache, Option
 from .contiguous import batch_index_tensor, check_kv, check_layer
-from .prefill_view import prefill_attention, view_masks
+from .prefill_view import banded_view_attention, prefill_attention, view_masks
 from .quant_ops import (
     TILE,
     QuantFormat,
@@ -203,8 +203,11 @@ class QuantizedKVCache(Cache):
             return out.view(batch, heads, 1, dim)
         if n > 1 and self._pool_layout():
             return self._prefill_view(layer, q, start, n, qc, fp_end)
+        if n > 1:
+            return self._banded_prefill(layer, q, start, n, qc, fp_end)
         parts = [] if qc == 0 else [self._stored_partial(layer, qg, qc)]
-        parts.append(self._fp_partial(layer, qg, start, n, qc, fp_end))
+        parts.append(softmax_partial(torch.matmul(qg, self.fp_k[layer, :, :, :fp_end].transpose(-1, -2)),
+                                     self.fp_v[layer, :, :, :fp_end]))
         return merge_partials(parts).reshape(batch, heads, n, dim).to(q.dtype)
 
 
@@ -219,22 +222,39 @@ class QuantizedKVCache(Cache):
         fills) and their own block in full precision: what the engine's pool computes for it."""
         bs = self.block
         quantized = (start + n - 1) // bs * bs
-        dq_k = dq_v = None
-        if quantized:
-            keys, values = [], []
-            if qc:
-                k_q, v_q = dequantize_rows(self.store.rows(layer, qc), self.key_fmt, self.value_fmt, q.dtype)
-                keys.append(k_q)
-                values.append(v_q)
-            if quantized > qc:
-                codes = self._quantize_range(layer, qc, quantized)
-                keys.append(dequantize(codes["kc"], codes["ks"], codes["ko"], self.key_fmt, q.dtype))
-                values.append(dequantize(codes["vc"], codes["vs"], codes["vo"], self.value_fmt, q.dtype))
-            dq_k, dq_v = torch.cat(keys, 2), torch.cat(values, 2)
+        dq_k, dq_v = self._dequantized(layer, qc, quantized, q.dtype)
         masks = view_masks(start, n, bs, quantized, q.dtype)
         self.lengths[layer] = start + n
         return prefill_attention(q, dq_k, dq_v, self.fp_k[layer, :, :, :fp_end], self.fp_v[layer, :, :, :fp_end],
                                  start, bs, masks)
+
+    def _banded_prefill(self, layer: int, q: torch.Tensor, start: int, n: int, qc: int, fp_end: int) -> torch.Tensor:
+        """A multi-token forward with sinks or a residual: query ``p`` reads the tokens a decode at ``p`` had
+        quantized dequantized, the rest in full precision (prefill_view.banded_view_attention)."""
+        q_pos = torch.arange(start, start + n)
+        seen = torch.clamp(q_pos - self.sinks - self.residual, min=0) // self.block * self.block
+        seen = torch.clamp(seen, min=qc)
+        dq_k, dq_v = self._dequantized(layer, qc, int(seen[-1]), q.dtype)
+        fp_pos = torch.arange(fp_end)
+        fp_pos = torch.where(fp_pos < self.sinks, fp_pos, fp_pos + qc)
+        return banded_view_attention(q, q_pos, seen, dq_k, dq_v, self.fp_k[layer, :, :, :fp_end],
+                                     self.fp_v[layer, :, :, :fp_end], fp_pos, self.sinks)
+
+    def _dequantized(self, layer: int, qc: int, upto: int, dtype: torch.dtype):
+        """Quantized-region tokens [0, upto) dequantized, (keys, values) or (None, None): the ``qc`` stored
+        ones, then those this pass quantizes from the buffer (codes computed, not yet stored)."""
+        if not upto:
+            return None, None
+        keys, values = [], []
+        if qc:
+            k_q, v_q = dequantize_rows(self.store.rows(layer, qc), self.key_fmt, self.value_fmt, dtype)
+            keys.append(k_q)
+            values.append(v_q)
+        if upto > qc:
+            codes = self._quantize_range(layer, qc, upto)
+            keys.append(dequantize(codes["kc"], codes["ks"], codes["ko"], self.key_fmt, dtype))
+            values.append(dequantize(codes["vc"], codes["vs"], codes["vo"], self.value_fmt, dtype))
+        return torch.cat(keys, 2), torch.cat(values, 2)
 
     def _store_new(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         """Quantize what a decode at ``start`` would have, write k/v (rotated) to the buffer: (qcount, buffer end)."""
@@ -284,37 +304,6 @@ class QuantizedKVCache(Cache):
 
     def _stored_partial(self, layer: int, qg: torch.Tensor, qc: int):
         return quantized_partial(qg, self.store.rows(layer, qc), self.key_fmt, self.value_fmt)
-
-    def _fp_partial(self, layer: int, qg: torch.Tensor, start: int, n: int, qc: int, fp_end: int):
-        """Partial over the full-precision buffer (sinks, residual, new tokens) with the decode-equivalent view."""
-        keys, values = self.fp_k[layer, :, :, :fp_end], self.fp_v[layer, :, :, :fp_end]
-        scores = torch.matmul(qg, keys.transpose(-1, -2))
-        if n == 1:
-            return softmax_partial(scores, values)
-        group_q = qg.shape[2] // n
-        key_pos = torch.arange(fp_end)
-        key_pos = torch.where(key_pos < min(self.sinks, start + n), key_pos, key_pos + qc)
-        query_pos = torch.arange(start, start + n)
-        causal = (key_pos[None, :] <= query_pos[:, None]).repeat(group_q, 1)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        last = max(qc, self._qcount(start + n - 1))
-        if last == qc:
-            return softmax_partial(scores, values)
-        # queries later in this pass would, decoding, already read tokens [qc, last) quantized
-        first = min(self.sinks, start + n)  # buffer index of quantized position sinks + qc
-        codes = self._quantize_range(layer, qc, last)
-        dq_k = dequantize(codes["kc"], codes["ks"], codes["ko"], self.key_fmt, qg.dtype)
-        dq_v = dequantize(codes["vc"], codes["vs"], codes["vo"], self.value_fmt, qg.dtype)
-        bound = torch.tensor([max(qc, self._qcount(p)) for p in range(start, start + n)]) - qc
-        use_dq = (torch.arange(last - qc)[None, :] < bound[:, None]).repeat(group_q, 1)
-        span = slice(first, first + last - qc)
-        scores[..., span] = torch.where(use_dq, torch.matmul(qg, dq_k.transpose(-1, -2)), scores[..., span])
-        m = scores.amax(-1, keepdim=True)
-        e = torch.exp(scores - m)
-        e_dq = e[..., span] * use_dq
-        e_fp = e.clone()
-        e_fp[..., span] = e[..., span] * ~use_dq
-        return torch.matmul(e_fp, values) + torch.matmul(e_dq, dq_v), m, e.sum(-1, keepdim=True)
 
     # --- quantizing tokens that leave the residual ---------------------------
     def _quantize_range(self, layer: int, qc: int, target: int) -> dict[str, torch.Tensor]:
