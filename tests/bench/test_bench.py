@@ -105,6 +105,15 @@ def test_quantized_bench_races_every_cache_on_the_same_model():
     assert "of read bandwidth" in kv_quant.format_quantized_table(rows)
 
 
+def test_quantized_prefill_bench_times_every_cache_against_fp32():
+    from kvcache.bench import kv_quant
+
+    rows = kv_quant.bench_prefill(lengths=(48,), rounds=1, quick=True)
+    assert [r["cache"] for r in rows] == ["auto", "int8", "int4"] and rows[0]["vs_fp32"] == 1.0
+    assert all(r["prefill_s"] > 0 and r["tok_s"] == pytest.approx(48 / r["prefill_s"]) for r in rows)
+    assert "time vs fp32 cache" in kv_quant.format_prefill_table(rows)
+
+
 def test_engine_quant_bench_reports_bytes_read_and_bandwidth():
     from kvcache.bench import engine_quantized
     from kvcache.bench.common import weight_bytes

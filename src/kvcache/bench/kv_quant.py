@@ -10,6 +10,9 @@ attention alone (every layer's decode attention in turn, timed without the rest
 of the model), as microseconds per layer and effective GB/s of its KV bytes, and
 what a whole step reads (every weight once plus the KV bytes) as GB/s against the
 read bandwidth measured in the same process.
+
+``bench_prefill`` times the other half of long context: one whole prompt in a single forward pass into a fresh
+cache of each kind (what ``generate`` does with a prompt), alternating rounds, against the fp32 cache.
 """
 
 from __future__ import annotations
@@ -99,6 +102,36 @@ def bench_quantized(lengths=(512, 2048, 4096, 8192), steps: int = 8, rounds: int
         print(format_quantized_table(rows[-len(contenders):]).split("\n", 2)[2], flush=True)
         del contenders
     return rows
+
+
+def bench_prefill(lengths=(2048, 8192), rounds: int = 2, quick: bool = False, specs=OURS) -> list[dict]:
+    """Seconds to prefill one prompt of each length in one forward pass, per cache spec (median of ``rounds``
+    alternating rounds), and the ratio to the fp32 cache ("auto")."""
+    _, ours, name = _pair(quick)
+    rows = []
+    for length in lengths:
+        length = min(length, ours.config.max_positions - 1)
+        prompt = torch.tensor([[random.Random(length).randrange(ours.config.vocab_size) for _ in range(length)]])
+        times = {spec: [] for spec in specs}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for spec in specs:
+                    cache = make_cache(spec, ours, capacity=length + 1)
+                    times[spec].append(timed(lambda c=cache: ours(prompt, cache=c, logits_index=slice(-1, None)))[0])
+                    del cache
+        base = statistics.median(times[specs[0]])
+        for spec in specs:
+            seconds = statistics.median(times[spec])
+            rows.append({"model": name, "prompt": length, "cache": spec, "prefill_s": seconds,
+                         "tok_s": length / seconds, "vs_fp32": seconds / base})
+        print(format_prefill_table(rows[-len(specs):]).split("\n", 2)[2], flush=True)
+    return rows
+
+
+def format_prefill_table(rows: list[dict]) -> str:
+    return table(["prompt tokens", "cache", "prefill s", "prompt tok/s", "time vs fp32 cache"],
+                 [[r["prompt"], r["cache"], f"{r['prefill_s']:.2f}", f"{r['tok_s']:.0f}", f"{r['vs_fp32']:.2f}x"]
+                  for r in rows])
 
 
 def _stepper(forward):

@@ -121,6 +121,10 @@ def run_scenario(name: str, quick: bool, plot: str | None) -> object:
         rows = kv_quant.bench_quantized(lengths=(64, 256) if quick else (512, 2048, 4096, 8192),
                                          steps=2 if quick else 8, rounds=2 if quick else 4, quick=quick)
         print("\n" + kv_quant.format_quantized_table(rows))
+        prefill = kv_quant.bench_prefill(lengths=(64, 256) if quick else (2048, 8192), rounds=1 if quick else 2,
+                                         quick=quick)
+        print("\n" + kv_quant.format_prefill_table(prefill))
+        rows = {"decode": rows, "prefill": prefill}
     else:  # a module whose run(quick) prints its own tables
         rows = importlib.import_module(f".{SELF_REPORTING[name]}", __package__).run(quick)
     print(flush=True)
