@@ -92,6 +92,9 @@ static inline __attribute__((always_inline)) v8f to_floats(v8u c) {
 static inline v8f to_floats(v8u c) { return __builtin_convertvector(__builtin_convertvector(c, v8i), v8f); }
 #endif
 #define TO_FLOATS(c) to_floats(c)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include "paged_avx512.h"
+#endif
 
 /* codes of one value row -> floats.  int4 comes out permuted within each run of 16 channels (the 8 even
  * channels, then the 8 odd ones); run_item un-permutes its output once at the end. */
@@ -460,6 +463,24 @@ static inline __attribute__((always_inline)) void paged_item(const float *qin, f
     float scores[G * CHUNK], q[G * D];
     for (int i = 0; i < G * D; i++) q[i] = qin[i] * scale;
     const float *kh = k + (size_t)h * slots * D, *vh = v + (size_t)h * slots * vstride;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    if (D % 16 == 0 && VD % 16 == 0) { /* paged_avx512.h: the same two passes with register-blocked loops */
+        for (int i = i0; i < i1;) {
+            const int pos = i < s0 ? i : start + (i - s0), blk = pos / bs, off = pos - blk * bs;
+            int run = bs - off, left = (i < s0 ? s0 : i1) - i;
+            run = run < left ? run : left;
+            run = run < i1 - i ? run : i1 - i;
+            const float *key = kh + ((size_t)table[blk] * bs + off) * D;
+            prefetch_next(kh, D, table, bs, s0, start, i + run, i1);
+            for (int t = 0; t < run; t += 16)
+                score16(q, key + (size_t)t * D, run - t < 16 ? run - t : 16, G, D, scores, n, i - i0 + t);
+            i += run;
+        }
+        for (int g = 0; g < G; g++) softmax_part(scores + (size_t)g * n, n, part + (size_t)g * (VD + 2));
+        values_avx512(vh, vstride, table, bs, s0, start, i0, i1, scores, n, G, VD, part);
+        return;
+    }
+#endif
     for (int pass = 0; pass < 2; pass++) {  /* pass 0: scores; pass 1: values */
         if (pass == 1)
             for (int g = 0; g < G; g++) {
